@@ -1,0 +1,292 @@
+"""The store's operations, free of I/O, shared by EventStore and AsyncEventStore.
+
+Each operation is a generator: it validates its input (raising before any
+connection is taken), yields the statements to run, receives their rows and
+returns the result. The sync and async stores differ only in how they run a
+statement, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, LiteralString
+
+import psycopg
+from pydantic import BaseModel
+
+from aura_pg._resources import named_queries
+from aura_pg.errors import (
+    AuraPgError,
+    ConcurrencyError,
+    EventValidationError,
+    IdempotencyConflict,
+)
+from aura_pg.models import (
+    START,
+    AppendedEvent,
+    AppendResult,
+    Checkpoint,
+    Direction,
+    ExpectedVersion,
+    NewEvent,
+    Page,
+    Payload,
+    RecordedEvent,
+    StreamState,
+)
+
+MAX_STREAM_ID_LENGTH: Final = 200
+MAX_TYPE_LENGTH: Final = 200
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+_MAX_VERSION: Final = 2**63 - 1
+
+# Postgres' [[:cntrl:]] in a UTF-8 database: C0, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A NUL escape in JSON text (not an escaped backslash followed by "u0000"):
+# jsonb cannot store it.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+_QUERIES: Final = named_queries("queries/store.sql")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: LiteralString
+    params: Mapping[str, Any]
+
+
+Rows = list[tuple[Any, ...]]
+Operation = Generator[Statement, Rows, Any]
+
+
+def _check_name(what: str, value: object, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise EventValidationError(f"{what} must be a str, not {type(value).__name__}")
+    if not 1 <= len(value) <= max_length:
+        raise EventValidationError(
+            f"{what} must have 1 to {max_length} characters, not {len(value)}"
+        )
+    if _CONTROL.search(value):
+        raise EventValidationError(f"{what} {value!r} contains control characters")
+    return value
+
+
+def _encode_payload(what: str, value: Payload, max_bytes: int) -> str:
+    if isinstance(value, BaseModel):
+        text = value.model_dump_json()
+    elif isinstance(value, Mapping):
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise EventValidationError(f"{what} is not JSON-serialisable: {exc}") from None
+    else:
+        raise EventValidationError(
+            f"{what} must be a mapping or a pydantic model (a JSON object), "
+            f"not {type(value).__name__}"
+        )
+    # Cheap bound first: a UTF-8 character takes at most 4 bytes.
+    if len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
+        raise EventValidationError(
+            f"{what} is {len(text.encode())} bytes, over the limit of {max_bytes}"
+        )
+    if "\\u0000" in text and _JSON_NUL.search(text):
+        raise EventValidationError(f"{what} contains a NUL character, which jsonb cannot store")
+    return text
+
+
+def encode_batch(events: Sequence[NewEvent], max_payload_bytes: int) -> str:
+    """Validate a batch and encode it as the JSON array aura.append_events takes."""
+    if not events:
+        raise EventValidationError("an append needs at least one event")
+    parts: list[str] = []
+    keys: set[str] = set()
+    ids: set[uuid.UUID] = set()
+    for index, event in enumerate(events, start=1):
+        if not isinstance(event, NewEvent):
+            raise EventValidationError(
+                f"event {index} must be a NewEvent, not {type(event).__name__}"
+            )
+        _check_name(f"event {index} type", event.type, MAX_TYPE_LENGTH)
+        key = event.key
+        if event.idempotency_key is not None:
+            _check_name(f"event {index} idempotency_key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
+        if key in keys:
+            raise EventValidationError(f"idempotency key {key!r} repeats within the batch")
+        if event.event_id in ids:
+            raise EventValidationError(f"event id {event.event_id} repeats within the batch")
+        keys.add(key)
+        ids.add(event.event_id)
+        data = _encode_payload(f"event {index} data", event.data, max_payload_bytes)
+        metadata = (
+            "{}"
+            if event.metadata is None
+            else _encode_payload(f"event {index} metadata", event.metadata, max_payload_bytes)
+        )
+        parts.append(
+            f'{{"event_id":"{event.event_id}","type":{json.dumps(event.type)},'
+            f'"idempotency_key":{json.dumps(key)},"data":{data},"metadata":{metadata}}}'
+        )
+    return "[" + ",".join(parts) + "]"
+
+
+def expected_version_param(expected: ExpectedVersion) -> str:
+    if isinstance(expected, StreamState):
+        return expected.value
+    if isinstance(expected, bool) or not isinstance(expected, int):
+        raise EventValidationError(
+            "expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an int, "
+            f"not {type(expected).__name__}"
+        )
+    if not 0 <= expected <= _MAX_VERSION:
+        raise EventValidationError(f"expected_version must be >= 0, not {expected}")
+    return str(expected)
+
+
+def _as_batch(events: NewEvent | Iterable[NewEvent]) -> Sequence[NewEvent]:
+    if isinstance(events, NewEvent):
+        return (events,)
+    if isinstance(events, str | bytes | Mapping):
+        raise EventValidationError("events must be a NewEvent or an iterable of NewEvent")
+    return tuple(events)
+
+
+def append(
+    stream_id: str,
+    events: NewEvent | Iterable[NewEvent],
+    expected_version: ExpectedVersion,
+    max_payload_bytes: int,
+) -> Operation:
+    _check_name("stream_id", stream_id, MAX_STREAM_ID_LENGTH)
+    expected = expected_version_param(expected_version)
+    batch = encode_batch(_as_batch(events), max_payload_bytes)
+    rows = yield Statement(
+        _QUERIES["append_events"],
+        {"stream_id": stream_id, "events": batch, "expected_version": expected},
+    )
+    return AppendResult(
+        stream_id=stream_id,
+        events=tuple(AppendedEvent(row[0], row[1], row[2]) for row in rows),
+        duplicate=bool(rows[0][3]),
+    )
+
+
+def _recorded(row: Sequence[Any]) -> RecordedEvent:
+    return RecordedEvent(
+        global_position=row[0],
+        transaction_id=int(row[1]),
+        event_id=row[2],
+        stream_id=row[3],
+        version=row[4],
+        type=row[5],
+        data=row[6],
+        metadata=row[7],
+        idempotency_key=row[8],
+        recorded_at=row[9],
+    )
+
+
+def _check_limit(limit: object, *, optional: bool) -> None:
+    if limit is None and optional:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, not {limit!r}")
+
+
+def _types_param(types: Iterable[str] | None) -> list[str] | None:
+    if types is None:
+        return None
+    if isinstance(types, str):
+        raise ValueError("types must be an iterable of event type names, not one str")
+    names = [_check_name("event type filter", t, MAX_TYPE_LENGTH) for t in types]
+    if not names:
+        raise ValueError("types must name at least one event type (None reads all types)")
+    return names
+
+
+def read_all(
+    after: Checkpoint | None, limit: int, types: Iterable[str] | None
+) -> Operation:
+    _check_limit(limit, optional=False)
+    position = after if after is not None else START
+    if not isinstance(position, Checkpoint):
+        raise ValueError(f"after must be a Checkpoint or None, not {type(position).__name__}")
+    rows = yield Statement(
+        _QUERIES["read_all"],
+        {
+            "after_transaction_id": str(position.transaction_id),
+            "after_position": position.global_position,
+            "limit": limit,
+            "types": _types_param(types),
+        },
+    )
+    events = tuple(_recorded(row[2:]) for row in rows if row[2] is not None)
+    checkpoint = events[-1].checkpoint if events else position
+    horizon_tx, horizon_position = rows[0][0], rows[0][1]
+    if len(events) < limit and horizon_tx is not None:
+        # Everything below the horizon has been looked at: skip past events
+        # a type filter left out, so the next read does not scan them again.
+        checkpoint = max(checkpoint, Checkpoint(int(horizon_tx), horizon_position))
+    return Page(events=events, checkpoint=checkpoint)
+
+
+def read_stream(
+    stream_id: str, from_version: int | None, direction: Direction, limit: int | None
+) -> Operation:
+    _check_name("stream_id", stream_id, MAX_STREAM_ID_LENGTH)
+    if not isinstance(direction, Direction):
+        raise ValueError(f"direction must be FORWARDS or BACKWARDS, not {direction!r}")
+    backwards = direction is Direction.BACKWARDS
+    if from_version is None:
+        from_version = _MAX_VERSION if backwards else 1
+    if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 0:
+        raise ValueError(f"from_version must be an int >= 0, not {from_version!r}")
+    _check_limit(limit, optional=True)
+    rows = yield Statement(
+        _QUERIES["read_stream"],
+        {
+            "stream_id": stream_id,
+            "from_version": min(from_version, _MAX_VERSION),
+            "limit": limit,
+            "backwards": backwards,
+        },
+    )
+    return [_recorded(row) for row in rows]
+
+
+def stream_version(stream_id: str) -> Operation:
+    _check_name("stream_id", stream_id, MAX_STREAM_ID_LENGTH)
+    rows = yield Statement(_QUERIES["stream_version"], {"stream_id": stream_id})
+    return int(rows[0][0])
+
+
+def _expected_from_text(text: str) -> ExpectedVersion:
+    return int(text) if text.isdigit() else StreamState(text)
+
+
+def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | None:
+    """The typed error for a database error the store raises on purpose."""
+    diag = exc.diag
+    stream_id = str(statement.params.get("stream_id", "?"))
+    state = exc.sqlstate
+    if state == "AU001":
+        detail = json.loads(diag.message_detail or "{}")
+        return ConcurrencyError(
+            detail.get("stream_id", stream_id),
+            _expected_from_text(str(detail.get("expected", "any"))),
+            int(detail.get("actual", -1)),
+        )
+    if state == "AU002":
+        detail = json.loads(diag.message_detail or "{}")
+        return IdempotencyConflict(detail.get("stream_id", stream_id), diag.message_primary or str(exc))
+    if state in ("AU003", "23514", "22P05"):
+        return EventValidationError(diag.message_primary or str(exc))
+    if state == "23505" and diag.constraint_name == "events_event_id_key":
+        return IdempotencyConflict(
+            stream_id, f"an event with this id was recorded before: {diag.message_detail}"
+        )
+    return None

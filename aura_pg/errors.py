@@ -1,0 +1,40 @@
+"""Typed errors raised by the event store."""
+
+from __future__ import annotations
+
+
+class AuraPgError(Exception):
+    """Base class of every error aura-pg raises on purpose."""
+
+
+class EventValidationError(AuraPgError, ValueError):
+    """The input is invalid; nothing was written.
+
+    Raised before the database is touched where Python can tell, and mapped
+    from the database's own checks (SQLSTATE AU003, CHECK constraints).
+    """
+
+
+class ConcurrencyError(AuraPgError):
+    """The stream was not at the expected version; nothing was written."""
+
+    def __init__(self, stream_id: str, expected: str | int, actual: int) -> None:
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, not at the expected {expected}"
+        )
+
+
+class IdempotencyConflict(AuraPgError):
+    """An idempotency key (or event id) was recorded before with other content,
+    or a batch mixes recorded and new keys; nothing was written."""
+
+    def __init__(self, stream_id: str, message: str) -> None:
+        self.stream_id = stream_id
+        super().__init__(message)
+
+
+class MigrationError(AuraPgError):
+    """The database schema is missing or not at the version this code needs."""

@@ -1,0 +1,105 @@
+"""Schema migrations: alembic revisions that run the SQL files under ``sql/``."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import LiteralString, cast
+
+import psycopg
+import sqlalchemy
+from alembic import command, context
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from aura_pg._resources import migrations_path, sql_text
+from aura_pg.errors import MigrationError
+
+VERSION_TABLE_SCHEMA = "aura"
+
+
+def run_sql_files(relative_paths: Sequence[str]) -> None:
+    """Run SQL files from ``sql/`` inside the current migration.
+
+    Called from revision scripts. The files are sent as they are, without
+    parameter parsing, so an operator reads exactly what runs; with
+    ``--sql`` they are printed instead.
+    """
+    for relative_path in relative_paths:
+        text = sql_text(relative_path)
+        if context.is_offline_mode():
+            context.get_context().impl.static_output(f"-- sql/{relative_path}\n{text}\n")
+        else:
+            # The psycopg connection itself: with no parameters it parses no
+            # placeholders, so '%' in plpgsql RAISE formats stays as written.
+            driver = context.get_bind().connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            driver.execute(cast(LiteralString, text))
+
+
+def _config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    return config
+
+
+def _engine(conninfo: str) -> sqlalchemy.Engine:
+    # The libpq connection string goes to psycopg untouched (any form libpq
+    # accepts, PG* variables included); SQLAlchemy only drives alembic.
+    return sqlalchemy.create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: psycopg.connect(conninfo),
+        poolclass=sqlalchemy.pool.NullPool,
+    )
+
+
+def upgrade(conninfo: str, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` (all of them by default)."""
+    config = _config()
+    engine = _engine(conninfo)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def upgrade_sql(revision: str = "head") -> str:
+    """The SQL that ``upgrade`` would run on an empty database, for a DBA."""
+    config = _config()
+    buffer = io.StringIO()
+    config.output_buffer = buffer
+    command.upgrade(config, revision, sql=True)
+    return buffer.getvalue()
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    if head is None:
+        raise MigrationError("no migrations found")
+    return head
+
+
+def current_revision(conninfo: str) -> str | None:
+    """The revision the database is at, None when never migrated."""
+    engine = _engine(conninfo)
+    try:
+        with engine.connect() as connection:
+            migration = MigrationContext.configure(
+                connection, opts={"version_table_schema": VERSION_TABLE_SCHEMA}
+            )
+            return migration.get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def check_current(conninfo: str) -> None:
+    """Raise MigrationError unless the database is at the newest revision."""
+    current, head = current_revision(conninfo), head_revision()
+    if current != head:
+        raise MigrationError(
+            f"database schema is at revision {current or 'none'}, this code needs {head}: "
+            "run `aura-pg migrate`"
+        )

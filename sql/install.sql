@@ -1,0 +1,13 @@
+-- Installs the aura-pg schema into the current database, as the migrations
+-- do. From psql:  \i sql/install.sql
+-- Prefer `aura-pg migrate`, which records the schema version.
+\set ON_ERROR_STOP on
+BEGIN;
+\ir schema.sql
+\ir tables/streams.sql
+\ir tables/events.sql
+\ir triggers/events_append_only.sql
+\ir functions/append_events.sql
+\ir functions/read.sql
+\ir views/read_horizon_status.sql
+COMMIT;

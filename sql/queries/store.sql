@@ -1,0 +1,24 @@
+-- Statements the Python EventStore sends. Each starts at a "-- name:" line;
+-- the store loads this file once at import.
+
+-- name: append_events
+SELECT event_id, version, global_position, duplicate
+FROM aura.append_events(%(stream_id)s, %(events)s::jsonb, %(expected_version)s);
+
+-- name: read_all
+-- The horizon and the page come from one statement, hence one snapshot.
+SELECT h.transaction_id::text, h.global_position,
+       e.global_position, e.transaction_id::text, e.event_id, e.stream_id, e.version,
+       e.type, e.data, e.metadata, e.idempotency_key, e.recorded_at
+FROM aura.read_horizon() AS h
+LEFT JOIN LATERAL aura.read_all(%(after_transaction_id)s::xid8, %(after_position)s,
+                                %(limit)s, %(types)s::text[]) AS e ON true
+ORDER BY e.transaction_id, e.global_position;
+
+-- name: read_stream
+SELECT e.global_position, e.transaction_id::text, e.event_id, e.stream_id, e.version,
+       e.type, e.data, e.metadata, e.idempotency_key, e.recorded_at
+FROM aura.read_stream(%(stream_id)s, %(from_version)s, %(limit)s, %(backwards)s) AS e;
+
+-- name: stream_version
+SELECT aura.stream_version(%(stream_id)s);

@@ -1,0 +1,136 @@
+"""The database enforces its rules itself, for callers that bypass Python
+(psql, other languages): the append function validates and the table has
+CHECK constraints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+from aura_pg import EventStore
+
+
+def call_append(conn: psycopg.Connection[Any], stream: Any, events: Any, expected: Any = "any") -> Any:
+    return conn.execute(
+        "SELECT * FROM aura.append_events(%s, %s::jsonb, %s)",
+        (stream, None if events is None else json.dumps(events), expected),
+    ).fetchall()
+
+
+@pytest.mark.parametrize(
+    ("stream", "events", "expected", "message"),
+    [
+        ("", [{"type": "T", "data": {}}], "any", "invalid stream id"),
+        ("x" * 201, [{"type": "T", "data": {}}], "any", "invalid stream id"),
+        ("a\nb", [{"type": "T", "data": {}}], "any", "invalid stream id"),
+        (None, [{"type": "T", "data": {}}], "any", "invalid stream id"),
+        ("s", [], "any", "non-empty JSON array"),
+        ("s", {"type": "T"}, "any", "non-empty JSON array"),
+        ("s", None, "any", "non-empty JSON array"),
+        ("s", [{"type": "T", "data": {}}], "-1", "invalid expected version"),
+        ("s", [{"type": "T", "data": {}}], "soon", "invalid expected version"),
+        ("s", [{"type": "T", "data": {}}], None, "invalid expected version"),
+        ("s", [1], "any", "event 1: must be a JSON object"),
+        ("s", [{"data": {}}], "any", "type must be a string"),
+        ("s", [{"type": "", "data": {}}], "any", "type must have 1 to 200"),
+        ("s", [{"type": "T\x07", "data": {}}], "any", "control characters"),
+        ("s", [{"type": "T", "data": [1]}], "any", "data must be a JSON object"),
+        ("s", [{"type": "T"}], "any", "data must be a JSON object"),
+        ("s", [{"type": "T", "data": {}, "metadata": 3}], "any", "metadata must be"),
+        ("s", [{"type": "T", "data": {}, "idempotency_key": 7}], "any", "must be a string"),
+        ("s", [{"type": "T", "data": {}, "idempotency_key": ""}], "any", "1 to 255"),
+        ("s", [{"type": "T", "data": {}, "event_id": "nope"}], "any", "must be a UUID"),
+        (
+            "s",
+            [{"type": "T", "data": {}, "idempotency_key": "k"}] * 2,
+            "any",
+            "keys repeat within the batch",
+        ),
+        (
+            "s",
+            [
+                {"type": "T", "data": {}, "idempotency_key": key,
+                 "event_id": "6f1c2a59-4a59-4b8e-9c11-0f3c1d2e3f40"}
+                for key in ("a", "b")
+            ],  # fmt: skip
+            "any",
+            "event ids repeat within the batch",
+        ),
+    ],
+)
+def test_append_function_rejects_bad_input(
+    store: EventStore, stream: Any, events: Any, expected: Any, message: str
+) -> None:
+    with store.pool.connection() as conn:
+        with pytest.raises(psycopg.Error, match=message) as info:
+            call_append(conn, stream, events, expected)
+        assert info.value.sqlstate == "AU003"
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (0,)
+
+
+def test_payload_limit_setting_in_sql(store: EventStore) -> None:
+    with store.pool.connection() as conn:
+        conn.execute("SET aura.max_payload_bytes = 50")
+        call_append(conn, "s", [{"type": "T", "data": {"x": "y" * 10}}])
+        with pytest.raises(psycopg.Error, match="over the limit of 50"):
+            call_append(conn, "s", [{"type": "T", "data": {"x": "y" * 60}}])
+
+
+def test_append_from_sql_defaults_key_to_event_id_and_hashes_it(store: EventStore) -> None:
+    with store.pool.connection() as conn:
+        ((event_id, version, _position, duplicate),) = call_append(
+            conn, "s-1", [{"type": "T", "data": {}}], "no_stream"
+        )
+        assert (version, duplicate) == (1, False)
+        key, digest = conn.execute(
+            "SELECT idempotency_key, idempotency_hash FROM aura.events WHERE event_id = %s",
+            (event_id,),
+        ).fetchone() or (None, None)
+    assert key == str(event_id)
+    assert bytes(digest) == hashlib.sha256(f"s-1:{event_id}".encode()).digest()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("stream_id", "''"),
+        ("stream_id", "E'a\\tb'"),
+        ("type", "''"),
+        ("version", "0"),
+        ("data", "'[1]'::jsonb"),
+        ("metadata", "'\"x\"'::jsonb"),
+        ("idempotency_key", "repeat('k', 256)"),
+        ("idempotency_hash", "'\\x00'::bytea"),
+    ],
+)
+def test_table_check_constraints(store: EventStore, column: str, value: str) -> None:
+    values = {
+        "event_id": "gen_random_uuid()",
+        "stream_id": "'s'",
+        "version": "1",
+        "type": "'T'",
+        "data": "'{}'::jsonb",
+        "metadata": "'{}'::jsonb",
+        "idempotency_key": "'k'",
+        "idempotency_hash": "sha256('s:k')",
+    }
+    values[column] = value
+    statement = (
+        f"INSERT INTO aura.events ({', '.join(values)}) VALUES ({', '.join(values.values())})"
+    )
+    with store.pool.connection() as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(statement)  # type: ignore[arg-type]
+        conn.rollback()
+        values[column] = {
+            "stream_id": "'s'", "type": "'T'", "version": "1", "data": "'{}'::jsonb",
+            "metadata": "'{}'::jsonb", "idempotency_key": "'k'",
+            "idempotency_hash": "sha256('s:k')",
+        }[column]  # fmt: skip
+        ok = f"INSERT INTO aura.events ({', '.join(values)}) VALUES ({', '.join(values.values())})"
+        conn.execute(ok)  # type: ignore[arg-type]
