@@ -53,6 +53,11 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 _QUERIES: Final = named_queries("queries/store.sql")
 
+# Event types come from a small vocabulary: remember the valid ones so the
+# hot path checks each name once per process (bounded, in case it is not small).
+_VALID_TYPES: set[str] = set()
+_VALID_TYPES_MAX: Final = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class Statement:
@@ -76,34 +81,45 @@ def _check_name(what: str, value: object, max_length: int) -> str:
     return value
 
 
-def _encode_payload(what: str, value: Payload, max_bytes: int) -> str:
+def _payload_object(what: str, value: Payload) -> dict[str, Any]:
     if isinstance(value, BaseModel):
-        text = value.model_dump_json()
-    elif isinstance(value, Mapping):
-        try:
-            text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise EventValidationError(f"{what} is not JSON-serialisable: {exc}") from None
-    else:
-        raise EventValidationError(
-            f"{what} must be a mapping or a pydantic model (a JSON object), "
-            f"not {type(value).__name__}"
-        )
-    # Cheap bound first: a UTF-8 character takes at most 4 bytes.
-    if len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
-        raise EventValidationError(
-            f"{what} is {len(text.encode())} bytes, over the limit of {max_bytes}"
-        )
-    if "\\u0000" in text and _JSON_NUL.search(text):
+        dumped: dict[str, Any] = value.model_dump(mode="json")
+        return dumped
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise EventValidationError(
+        f"{what} must be a mapping or a pydantic model (a JSON object), not {type(value).__name__}"
+    )
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _check_payload_text(what: str, value: dict[str, Any], max_bytes: int) -> None:
+    """Precise checks of one payload; only run when the whole batch is suspect."""
+    try:
+        text = _dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise EventValidationError(f"{what} is not JSON-serialisable: {exc}") from None
+    size = len(text.encode())
+    if size > max_bytes:
+        raise EventValidationError(f"{what} is {size} bytes, over the limit of {max_bytes}")
+    if _JSON_NUL.search(text):
         raise EventValidationError(f"{what} contains a NUL character, which jsonb cannot store")
-    return text
 
 
 def encode_batch(events: Sequence[NewEvent], max_payload_bytes: int) -> str:
-    """Validate a batch and encode it as the JSON array aura.append_events takes."""
+    """Validate a batch and encode it as the JSON array aura.append_events takes.
+
+    The batch is serialised once; payloads are examined one by one only when
+    that fails or the batch is big enough that one of them could be too large.
+    """
     if not events:
         raise EventValidationError("an append needs at least one event")
-    parts: list[str] = []
+    items: list[dict[str, Any]] = []
     keys: set[str] = set()
     ids: set[uuid.UUID] = set()
     for index, event in enumerate(events, start=1):
@@ -111,7 +127,10 @@ def encode_batch(events: Sequence[NewEvent], max_payload_bytes: int) -> str:
             raise EventValidationError(
                 f"event {index} must be a NewEvent, not {type(event).__name__}"
             )
-        _check_name(f"event {index} type", event.type, MAX_TYPE_LENGTH)
+        if event.type not in _VALID_TYPES:
+            _check_name(f"event {index} type", event.type, MAX_TYPE_LENGTH)
+            if len(_VALID_TYPES) < _VALID_TYPES_MAX:
+                _VALID_TYPES.add(event.type)
         key = event.key
         if event.idempotency_key is not None:
             _check_name(f"event {index} idempotency_key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
@@ -121,17 +140,30 @@ def encode_batch(events: Sequence[NewEvent], max_payload_bytes: int) -> str:
             raise EventValidationError(f"event id {event.event_id} repeats within the batch")
         keys.add(key)
         ids.add(event.event_id)
-        data = _encode_payload(f"event {index} data", event.data, max_payload_bytes)
-        metadata = (
-            "{}"
-            if event.metadata is None
-            else _encode_payload(f"event {index} metadata", event.metadata, max_payload_bytes)
+        items.append(
+            {
+                "event_id": str(event.event_id),
+                "type": event.type,
+                "idempotency_key": key,
+                "data": _payload_object(f"event {index} data", event.data),
+                "metadata": {}
+                if event.metadata is None
+                else _payload_object(f"event {index} metadata", event.metadata),
+            }
         )
-        parts.append(
-            f'{{"event_id":"{event.event_id}","type":{json.dumps(event.type)},'
-            f'"idempotency_key":{json.dumps(key)},"data":{data},"metadata":{metadata}}}'
-        )
-    return "[" + ",".join(parts) + "]"
+    try:
+        text = _dumps(items)
+    except (TypeError, ValueError):
+        text = ""
+    # A UTF-8 character takes at most 4 bytes: a short batch cannot hold an
+    # oversized payload, and most batches skip the per-payload checks.
+    if not text or len(text) * 4 > max_payload_bytes or "\\u0000" in text:
+        for index, item in enumerate(items, start=1):
+            _check_payload_text(f"event {index} data", item["data"], max_payload_bytes)
+            _check_payload_text(f"event {index} metadata", item["metadata"], max_payload_bytes)
+    if not text:
+        raise EventValidationError("the batch is not JSON-serialisable")
+    return text
 
 
 def expected_version_param(expected: ExpectedVersion) -> str:
@@ -208,9 +240,7 @@ def _types_param(types: Iterable[str] | None) -> list[str] | None:
     return names
 
 
-def read_all(
-    after: Checkpoint | None, limit: int, types: Iterable[str] | None
-) -> Operation:
+def read_all(after: Checkpoint | None, limit: int, types: Iterable[str] | None) -> Operation:
     _check_limit(limit, optional=False)
     position = after if after is not None else START
     if not isinstance(position, Checkpoint):
@@ -282,8 +312,10 @@ def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | N
         )
     if state == "AU002":
         detail = json.loads(diag.message_detail or "{}")
-        return IdempotencyConflict(detail.get("stream_id", stream_id), diag.message_primary or str(exc))
-    if state in ("AU003", "23514", "22P05"):
+        return IdempotencyConflict(
+            detail.get("stream_id", stream_id), diag.message_primary or str(exc)
+        )
+    if state in ("AU003", "23514", "22P05", "22P02"):
         return EventValidationError(diag.message_primary or str(exc))
     if state == "23505" and diag.constraint_name == "events_event_id_key":
         return IdempotencyConflict(

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aura_pg.models import ExpectedVersion
+
 
 class AuraPgError(Exception):
     """Base class of every error aura-pg raises on purpose."""
@@ -18,7 +23,7 @@ class EventValidationError(AuraPgError, ValueError):
 class ConcurrencyError(AuraPgError):
     """The stream was not at the expected version; nothing was written."""
 
-    def __init__(self, stream_id: str, expected: str | int, actual: int) -> None:
+    def __init__(self, stream_id: str, expected: ExpectedVersion, actual: int) -> None:
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual

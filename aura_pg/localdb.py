@@ -93,6 +93,15 @@ class LocalCluster:
         self._own(self.data_dir.parent)
         self._own(self.data_dir)
         self._own(self.socket_dir)
+        if self._as_root:
+            reachable = subprocess.run(
+                self._command("test", "-w", str(self.data_dir)), capture_output=True, check=False
+            )
+            if reachable.returncode != 0:
+                raise RuntimeError(
+                    f"the {SERVER_USER} user cannot write to {self.data_dir}: every directory "
+                    "above it must be searchable by others (chmod o+x), e.g. use one under /tmp"
+                )
         self._run(
             str(self.bindir / "initdb"),
             "-D", str(self.data_dir),
@@ -149,7 +158,9 @@ class LocalCluster:
 
     def stop(self, mode: str = "fast") -> None:
         if self.initialized and self.is_running():
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+            self._run(
+                str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"
+            )
 
     def destroy(self) -> None:
         """Stop the server and delete the cluster's files."""

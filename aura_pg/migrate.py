@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import LiteralString, cast
 
 import psycopg
 import sqlalchemy
@@ -34,8 +33,9 @@ def run_sql_files(relative_paths: Sequence[str]) -> None:
             # The psycopg connection itself: with no parameters it parses no
             # placeholders, so '%' in plpgsql RAISE formats stays as written.
             driver = context.get_bind().connection.driver_connection
-            assert isinstance(driver, psycopg.Connection)
-            driver.execute(cast(LiteralString, text))
+            if not isinstance(driver, psycopg.Connection):
+                raise MigrationError("aura-pg migrations run on a psycopg connection")
+            driver.execute(text)
 
 
 def _config() -> Config:

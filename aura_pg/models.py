@@ -114,7 +114,9 @@ class Checkpoint:
             tx, pos = text.split("/")
             checkpoint = cls(int(tx), int(pos))
         except ValueError:
-            raise ValueError(f"not a checkpoint: {text!r} (expected 'TRANSACTION/POSITION')") from None
+            raise ValueError(
+                f"not a checkpoint: {text!r} (expected 'TRANSACTION/POSITION')"
+            ) from None
         if checkpoint.transaction_id < 0 or checkpoint.global_position < 0:
             raise ValueError(f"not a checkpoint: {text!r} (negative)")
         return checkpoint

@@ -27,10 +27,22 @@ def _translated(exc: psycopg.Error, statement: ops.Statement) -> Exception:
     return ops.translate_error(exc, statement) or exc
 
 
+def _autocommit_pool(pool_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pool options with autocommit connections, unless the caller chose.
+
+    Every store operation is one statement, atomic on its own: autocommit
+    saves the BEGIN and COMMIT round trips of an explicit transaction.
+    """
+    connection_kwargs = {"autocommit": True, **pool_kwargs.get("kwargs", {})}
+    return {**pool_kwargs, "kwargs": connection_kwargs}
+
+
 class _StoreSettings:
     def __init__(self, max_payload_bytes: int) -> None:
-        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or (
-            max_payload_bytes < 1
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or (max_payload_bytes < 1)
         ):
             raise ValueError(f"max_payload_bytes must be a positive int, not {max_payload_bytes!r}")
         self.max_payload_bytes = max_payload_bytes
@@ -67,7 +79,11 @@ class EventStore(_StoreSettings):
         **pool_kwargs: Any,
     ) -> Self:
         pool: ConnectionPool[Any] = ConnectionPool(
-            conninfo, min_size=min_size, max_size=max_size, open=False, **pool_kwargs
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            **_autocommit_pool(pool_kwargs),
         )
         pool.open(wait=True)
         return cls(pool, max_payload_bytes=max_payload_bytes, owns_pool=True)
@@ -80,7 +96,10 @@ class EventStore(_StoreSettings):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -135,9 +154,7 @@ class EventStore(_StoreSettings):
         )
         return events
 
-    def stream_version(
-        self, stream_id: str, *, conn: psycopg.Connection[Any] | None = None
-    ) -> int:
+    def stream_version(self, stream_id: str, *, conn: psycopg.Connection[Any] | None = None) -> int:
         """The stream's current version; 0 when it has no events."""
         version: int = self._run(ops.stream_version(stream_id), conn)
         return version
@@ -209,7 +226,11 @@ class AsyncEventStore(_StoreSettings):
         **pool_kwargs: Any,
     ) -> Self:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            conninfo, min_size=min_size, max_size=max_size, open=False, **pool_kwargs
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            **_autocommit_pool(pool_kwargs),
         )
         await pool.open(wait=True)
         return cls(pool, max_payload_bytes=max_payload_bytes, owns_pool=True)
@@ -222,7 +243,10 @@ class AsyncEventStore(_StoreSettings):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 

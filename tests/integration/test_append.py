@@ -94,9 +94,7 @@ def test_pydantic_payloads_are_stored_as_json(store: EventStore) -> None:
         (1, False, False),
     ],
 )
-def test_expected_version(
-    store: EventStore, expected: Any, stream_exists: bool, ok: bool
-) -> None:
+def test_expected_version(store: EventStore, expected: Any, stream_exists: bool, ok: bool) -> None:
     if stream_exists:
         store.append("s", [event(1), event(2)])
     before = count_events(store)

@@ -1,0 +1,80 @@
+"""The aura-pg command in a subprocess, as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+from aura_pg.localdb import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def aura_pg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aura_pg.cli", *args],
+        capture_output=True, text=True, check=check, cwd=REPO_ROOT, timeout=300,
+    )  # fmt: skip
+
+
+def test_migrate_check_and_smoke(empty_dsn: str) -> None:
+    check = aura_pg("migrate", "--check", "--dsn", empty_dsn, check=False)
+    assert check.returncode == 1
+    assert "run `aura-pg migrate`" in check.stderr
+
+    done = aura_pg("migrate", "--dsn", empty_dsn)
+    assert "schema at revision 0001" in done.stdout
+    assert aura_pg("migrate", "--check", "--dsn", empty_dsn).returncode == 0
+
+    smoke = json.loads(aura_pg("smoke", "--dsn", empty_dsn).stdout)
+    assert smoke["appended_versions"] == [1, 2]
+    assert smoke["retry_was_duplicate"] is True
+    assert smoke["retry_positions_equal"] is True
+    assert smoke["stream_version"] == 2
+    with psycopg.connect(empty_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (2,)
+
+
+def test_migrate_sql_needs_no_database() -> None:
+    printed = aura_pg("migrate", "--sql", "--dsn", "host=/nonexistent")
+    assert "CREATE TABLE aura.events" in printed.stdout
+
+
+def test_dsn_from_environment(empty_dsn: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aura_pg.cli", "migrate"],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+        env={"AURA_PG_DSN": empty_dsn, "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert "schema at revision 0001" in result.stdout
+
+
+def test_db_start_status_stop_destroy() -> None:
+    # Not pytest's tmp_path: the server runs as the postgres user, which
+    # cannot enter a root-only directory.
+    workdir = Path(tempfile.mkdtemp(prefix="aura-pg-cli-"))
+    workdir.chmod(0o755)
+    data_dir = workdir / "cluster" / "data"
+    args = ["--data-dir", str(data_dir), "--port", str(free_port())]
+    started = aura_pg("db", "start", *args)
+    try:
+        dsn = started.stdout.strip()
+        with psycopg.connect(dsn) as conn:
+            preload = conn.execute("SHOW shared_preload_libraries").fetchone()
+        assert preload == ("timescaledb",)
+        assert aura_pg("db", "status", *args).stdout.startswith("running")
+        aura_pg("db", "start", *args)  # already running: nothing to do
+        aura_pg("db", "stop", *args)
+        stopped = aura_pg("db", "status", *args, check=False)
+        assert stopped.returncode == 3
+        assert stopped.stdout.startswith("stopped")
+    finally:
+        aura_pg("db", "destroy", *args)
+    assert not data_dir.exists()
+    shutil.rmtree(workdir)

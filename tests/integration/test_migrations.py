@@ -1,0 +1,125 @@
+"""Migrations: alembic runs the SQL files; the chain, the psql manifest and
+the DBA's printed SQL all build the same schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from aura_pg import MigrationError, migrate
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CATALOG_QUERY = """
+SELECT 'column', c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+       || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+       || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+       || CASE WHEN a.attidentity <> '' THEN ' identity ' || a.attidentity::text ELSE '' END
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE n.nspname = 'aura' AND a.attnum > 0 AND NOT a.attisdropped
+  AND c.relkind IN ('r', 'v', 'p') AND c.relname <> 'alembic_version'
+UNION ALL
+SELECT 'constraint', conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'aura'::regnamespace
+  AND conrelid <> coalesce(to_regclass('aura.alembic_version'), 0)
+UNION ALL
+SELECT 'index', pg_get_indexdef(i.indexrelid)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+WHERE c.relnamespace = 'aura'::regnamespace AND c.relname <> 'alembic_version_pkc'
+UNION ALL
+SELECT 'function', p.oid::regprocedure || ' ' || md5(pg_get_functiondef(p.oid))
+FROM pg_proc p WHERE p.pronamespace = 'aura'::regnamespace
+UNION ALL
+SELECT 'trigger', pg_get_triggerdef(t.oid)
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+WHERE c.relnamespace = 'aura'::regnamespace AND NOT t.tgisinternal
+UNION ALL
+SELECT 'view', c.relname || ' ' || md5(pg_get_viewdef(c.oid))
+FROM pg_class c WHERE c.relnamespace = 'aura'::regnamespace AND c.relkind = 'v'
+UNION ALL
+SELECT 'comment', coalesce(obj_description(c.oid), '') || ' on ' || c.relname
+FROM pg_class c WHERE c.relnamespace = 'aura'::regnamespace AND c.relkind IN ('r', 'v')
+  AND c.relname <> 'alembic_version'
+ORDER BY 1, 2
+"""
+
+
+def catalog(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(CATALOG_QUERY).fetchall()
+
+
+def psql(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-q", dsn, *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+
+
+def test_migrate_brings_an_empty_database_to_head(empty_dsn: str) -> None:
+    assert migrate.current_revision(empty_dsn) is None
+    with pytest.raises(MigrationError, match="run `aura-pg migrate`"):
+        migrate.check_current(empty_dsn)
+    migrate.upgrade(empty_dsn)
+    assert migrate.current_revision(empty_dsn) == migrate.head_revision()
+    migrate.check_current(empty_dsn)
+    before = catalog(empty_dsn)
+    migrate.upgrade(empty_dsn)  # nothing left to do
+    assert catalog(empty_dsn) == before
+
+
+def test_migration_chain_psql_manifest_and_printed_sql_build_the_same_schema(
+    dsn: str, empty_dsn: str, pg_server: Any
+) -> None:
+    migrated = catalog(dsn)
+    assert len(migrated) > 30
+    psql(empty_dsn, "-f", str(REPO_ROOT / "sql" / "install.sql"))
+    assert catalog(empty_dsn) == migrated
+
+    printed = migrate.upgrade_sql()
+    name = "aura_printed_sql"
+    admin = f"host={pg_server.host} port={pg_server.port} user={pg_server.user} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")  # type: ignore[arg-type]
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    target = admin.replace("dbname=postgres", f"dbname={name}")
+    try:
+        psql(target, "-c", printed)
+        assert catalog(target) == migrated
+        assert migrate.current_revision(target) == migrate.head_revision()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
+def test_concurrent_migrations_queue_instead_of_failing(empty_dsn: str) -> None:
+    # Separate processes, as when several deploys start at once.
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "aura_pg.cli", "migrate", "--dsn", empty_dsn],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outcomes = [(run.communicate(timeout=120), run.returncode) for run in runs]
+    assert [code for _, code in outcomes] == [0] * 4, outcomes
+    assert migrate.current_revision(empty_dsn) == migrate.head_revision()
+
+
+def test_printed_sql_is_one_transaction_with_the_version_row() -> None:
+    printed = migrate.upgrade_sql()
+    assert printed.lstrip().startswith("BEGIN;")
+    assert printed.rstrip().endswith("COMMIT;")
+    assert "CREATE OR REPLACE FUNCTION aura.append_events" in printed
+    assert "INSERT INTO aura.alembic_version (version_num) VALUES ('0001')" in printed

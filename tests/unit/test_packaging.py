@@ -1,0 +1,29 @@
+"""The wheel ships the SQL, the migrations and the projections."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+from hatchling.builders.wheel import WheelBuilder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_contains_sql_and_migrations(tmp_path: Path) -> None:
+    os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
+    builder = WheelBuilder(str(REPO_ROOT))
+    (wheel,) = list(builder.build(directory=str(tmp_path), versions=["standard"]))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "aura_pg/_sql/install.sql",
+        "aura_pg/_sql/functions/append_events.sql",
+        "aura_pg/_sql/queries/store.sql",
+        "aura_pg/_migrations/env.py",
+        "aura_pg/_migrations/versions/0001_event_store_core.py",
+        "aura_pg/py.typed",
+        "aura_pg/store.py",
+    ):
+        assert expected in names, expected
+    assert not any(name.startswith(("tests/", "load/")) for name in names)
