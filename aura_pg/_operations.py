@@ -195,15 +195,23 @@ def append(
 ) -> Operation:
     _check_name("stream_id", stream_id, MAX_STREAM_ID_LENGTH)
     expected = expected_version_param(expected_version)
-    batch = encode_batch(_as_batch(events), max_payload_bytes)
+    batch = _as_batch(events)
     rows = yield Statement(
         _QUERIES["append_events"],
-        {"stream_id": stream_id, "events": batch, "expected_version": expected},
+        {
+            "stream_id": stream_id,
+            "events": encode_batch(batch, max_payload_bytes),
+            "expected_version": expected,
+        },
     )
+    duplicate = bool(rows[0][2])
     return AppendResult(
         stream_id=stream_id,
-        events=tuple(AppendedEvent(row[0], row[1], row[2]) for row in rows),
-        duplicate=bool(rows[0][3]),
+        events=tuple(
+            AppendedEvent(row[3] if duplicate else event.event_id, row[0], row[1])
+            for event, row in zip(batch, rows, strict=True)
+        ),
+        duplicate=duplicate,
     )
 
 

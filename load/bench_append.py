@@ -16,6 +16,7 @@ production durability settings (fsync on, synchronous_commit on).
 
     python load/bench_append.py                    # full run: 3 rounds of 5 s per cell
     python load/bench_append.py --duration 1 --writers 1 4 --batch 1
+    python load/bench_append.py --commit async      # CPU cost, without flush noise
     python load/bench_append.py --dsn "host=... dbname=..." --json out.json
 """
 
@@ -268,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=3, help="repeats per cell (median kept)")
+    parser.add_argument(
+        "--commit",
+        choices=["durable", "async"],
+        default="durable",
+        help="local cluster: durable commits (fsync, synchronous_commit on: the default), or "
+        "synchronous_commit=off, which takes the disk's flush time (and its noise) out and "
+        "compares the CPU cost of the three paths",
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -279,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         cluster = LocalCluster(
             workdir / "data",
             port=free_port(),
-            settings={"shared_buffers": "'512MB'", "max_wal_size": "'4GB'"},
+            settings={
+                "shared_buffers": "'512MB'",
+                "max_wal_size": "'4GB'",
+                "synchronous_commit": "on" if args.commit == "durable" else "off",
+            },
         )
         cluster.start()
         dsn = cluster.dsn()

@@ -6,7 +6,7 @@ BEGIN;
 \ir schema.sql
 \ir tables/streams.sql
 \ir tables/events.sql
-\ir triggers/events_append_only.sql
+\ir triggers/append_only.sql
 \ir functions/append_events.sql
 \ir functions/read.sql
 \ir views/read_horizon_status.sql

@@ -21,7 +21,7 @@ def upgrade() -> None:
             "schema.sql",
             "tables/streams.sql",
             "tables/events.sql",
-            "triggers/events_append_only.sql",
+            "triggers/append_only.sql",
             "functions/append_events.sql",
             "functions/read.sql",
             "views/read_horizon_status.sql",

@@ -2,7 +2,10 @@
 -- the store loads this file once at import.
 
 -- name: append_events
-SELECT event_id, version, global_position, duplicate
+-- Rows come in batch order. New events keep the ids the client sent, so
+-- only a duplicate's (original) ids travel back: parsing UUIDs costs more
+-- on the client than anything else in the result.
+SELECT version, global_position, duplicate, CASE WHEN duplicate THEN event_id END
 FROM aura.append_events(%(stream_id)s, %(events)s::jsonb, %(expected_version)s);
 
 -- name: read_all

@@ -237,6 +237,16 @@ def test_events_table_refuses_update_delete_truncate(store: EventStore) -> None:
     assert count_events(store) == 1
 
 
+def test_streams_cannot_be_removed(store: EventStore) -> None:
+    store.append("s", event(1))
+    with store.pool.connection() as conn:
+        for statement in ("DELETE FROM aura.streams", "TRUNCATE aura.streams CASCADE"):
+            with pytest.raises(psycopg.Error, match="append-only") as info, conn.transaction():
+                conn.execute(statement)  # type: ignore[arg-type]
+            assert info.value.sqlstate == "AU004"
+    assert store.stream_version("s") == 1
+
+
 def test_payload_limit_is_configurable(dsn: str) -> None:
     with EventStore.connect(dsn, max_payload_bytes=100) as small:
         small.append("s", NewEvent("T", {"text": "x" * 50}))
