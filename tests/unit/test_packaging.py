@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
+import pytest
 from hatchling.builders.wheel import WheelBuilder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_wheel_contains_sql_and_migrations(tmp_path: Path) -> None:
-    os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
+def test_wheel_contains_sql_and_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     builder = WheelBuilder(str(REPO_ROOT))
     (wheel,) = list(builder.build(directory=str(tmp_path), versions=["standard"]))
     names = set(zipfile.ZipFile(wheel).namelist())
