@@ -54,12 +54,19 @@ CREATE OR REPLACE FUNCTION aura.read_stream(
 ) RETURNS SETOF aura.events
 LANGUAGE sql STABLE
 AS $$
-    SELECT e.*
-    FROM aura.events e
-    WHERE e.stream_id = p_stream_id
-      AND CASE WHEN p_backwards THEN e.version <= p_from_version ELSE e.version >= p_from_version END
-    ORDER BY CASE WHEN p_backwards THEN -e.version ELSE e.version END
-    LIMIT p_limit
+    -- One branch per direction, so each is an index range scan on
+    -- (stream_id, version) that stops after p_limit rows.
+    (SELECT e.*
+     FROM aura.events e
+     WHERE NOT p_backwards AND e.stream_id = p_stream_id AND e.version >= p_from_version
+     ORDER BY e.version
+     LIMIT p_limit)
+    UNION ALL
+    (SELECT e.*
+     FROM aura.events e
+     WHERE p_backwards AND e.stream_id = p_stream_id AND e.version <= p_from_version
+     ORDER BY e.version DESC
+     LIMIT p_limit)
 $$;
 
 -- The stream's current version; 0 when the stream has no events.
