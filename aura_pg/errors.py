@@ -43,3 +43,20 @@ class IdempotencyConflict(AuraPgError):
 
 class MigrationError(AuraPgError):
     """The database schema is missing or not at the version this code needs."""
+
+
+class CatalogError(AuraPgError, ValueError):
+    """A projection catalog entry is invalid; the message names the entry."""
+
+
+class ProjectionError(AuraPgError):
+    """A projection operation was refused (SQLSTATE AU005 or AU007)."""
+
+
+class UnknownProjection(ProjectionError):
+    """No projection (or dead letter) of that name or id exists (AU005)."""
+
+
+class StaleCheckpoint(ProjectionError):
+    """The projection's checkpoint is not where the caller expected (AU006):
+    another owner or an operator moved it. Nothing was applied."""

@@ -26,7 +26,7 @@ apt_update_once() {
 
 need_pkgs=()
 for pkg in "postgresql-${PG_MAJOR}" "postgresql-client-${PG_MAJOR}" "postgresql-server-dev-${PG_MAJOR}" \
-           cmake make gcc dpkg-dev libssl-dev; do
+           cmake make gcc dpkg-dev libssl-dev nats-server; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
     need_pkgs+=("$pkg")
   fi

@@ -10,4 +10,10 @@ BEGIN;
 \ir functions/append_events.sql
 \ir functions/read.sql
 \ir views/read_horizon_status.sql
+\ir tables/projections.sql
+\ir tables/outbox.sql
+\ir triggers/notify_events.sql
+\ir functions/projections.sql
+\ir functions/outbox.sql
+\ir views/projection_status.sql
 COMMIT;

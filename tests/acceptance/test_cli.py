@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from aura_pg import migrate
 from aura_pg.localdb import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ def test_migrate_check_and_smoke(empty_dsn: str) -> None:
     assert "run `aura-pg migrate`" in check.stderr
 
     done = aura_pg("migrate", "--dsn", empty_dsn)
-    assert "schema at revision 0001" in done.stdout
+    assert f"schema at revision {migrate.head_revision()}" in done.stdout
     assert aura_pg("migrate", "--check", "--dsn", empty_dsn).returncode == 0
 
     smoke = json.loads(aura_pg("smoke", "--dsn", empty_dsn).stdout)
@@ -37,6 +38,7 @@ def test_migrate_check_and_smoke(empty_dsn: str) -> None:
     assert smoke["retry_was_duplicate"] is True
     assert smoke["retry_positions_equal"] is True
     assert smoke["stream_version"] == 2
+    assert smoke["stream_summary_row"] == [2, 2, "DEBATE_ARGUMENT_ADDED"]
     with psycopg.connect(empty_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (2,)
 
@@ -52,7 +54,7 @@ def test_dsn_from_environment(empty_dsn: str) -> None:
         capture_output=True, text=True, check=True, cwd=REPO_ROOT,
         env={"AURA_PG_DSN": empty_dsn, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
-    assert "schema at revision 0001" in result.stdout
+    assert f"schema at revision {migrate.head_revision()}" in result.stdout
 
 
 def test_db_start_status_stop_destroy() -> None:

@@ -123,3 +123,5 @@ def test_printed_sql_is_one_transaction_with_the_version_row() -> None:
     assert printed.rstrip().endswith("COMMIT;")
     assert "CREATE OR REPLACE FUNCTION aura.append_events" in printed
     assert "INSERT INTO aura.alembic_version (version_num) VALUES ('0001')" in printed
+    assert "CREATE OR REPLACE FUNCTION aura.project_batch" in printed
+    assert f"SET version_num='{migrate.head_revision()}'" in printed

@@ -22,6 +22,10 @@ def test_wheel_contains_sql_and_migrations(tmp_path: Path, monkeypatch: pytest.M
         "aura_pg/_sql/queries/store.sql",
         "aura_pg/_migrations/env.py",
         "aura_pg/_migrations/versions/0001_event_store_core.py",
+        "aura_pg/_migrations/versions/0002_projections_outbox.py",
+        "aura_pg/_sql/queries/projector.sql",
+        "aura_pg/_projections/catalog.yaml",
+        "aura_pg/_projections/stream_summary.sql",
         "aura_pg/py.typed",
         "aura_pg/store.py",
     ):

@@ -1,0 +1,203 @@
+"""Operating projections: status, pause, resume, reset, replay, dead
+letters, and the blue/green rebuild. Each is a thin call of the SQL
+function of the same name, so psql users and the CLI do the same thing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from aura_pg._resources import named_queries
+from aura_pg.catalog import ProjectionSpec
+from aura_pg.projector import (
+    ProjectionRunner,
+    ProjectorSettings,
+    connect,
+    register_projections,
+    translate_projection_error,
+)
+
+
+def _queries() -> dict[str, Any]:
+    return named_queries("queries/projector.sql")
+
+
+def _call(dsn: str, query: str, params: dict[str, Any]) -> Any:
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(query, params).fetchone()
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        typed = translate_projection_error(exc)
+        if typed is not None:
+            raise typed from None
+        raise
+    return row[0] if row else None
+
+
+def status(dsn: str) -> list[dict[str, Any]]:
+    """The rows of ``aura.projection_status``."""
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        return conn.execute(_queries()["status"]).fetchall()
+
+
+def pause(dsn: str, name: str) -> str:
+    return str(_call(dsn, _queries()["pause"], {"name": name}))
+
+
+def resume(dsn: str, name: str) -> str:
+    return str(_call(dsn, _queries()["resume"], {"name": name}))
+
+
+def reset(dsn: str, name: str) -> str:
+    return str(_call(dsn, _queries()["reset"], {"name": name}))
+
+
+def replay_stream(dsn: str, name: str, stream_id: str, from_version: int = 1) -> int:
+    return int(
+        _call(
+            dsn,
+            _queries()["replay_stream"],
+            {"name": name, "stream_id": stream_id, "from_version": from_version},
+        )
+    )
+
+
+def dead_letters(dsn: str, projection: str | None = None) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        return conn.execute(_queries()["dead_letters"], {"projection": projection}).fetchall()
+
+
+def retry_dead_letter(dsn: str, dead_letter_id: int) -> str:
+    return str(_call(dsn, _queries()["retry_dead_letter"], {"id": dead_letter_id}))
+
+
+def skip_dead_letter(dsn: str, dead_letter_id: int, note: str | None = None) -> str:
+    return str(_call(dsn, _queries()["skip_dead_letter"], {"id": dead_letter_id, "note": note}))
+
+
+@dataclass(frozen=True)
+class RebuildProgress:
+    applied: int
+    remaining: int
+    events_per_second: float
+    elapsed: float
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if self.events_per_second <= 0:
+            return None
+        return self.remaining / self.events_per_second
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    name: str
+    events_applied: int
+    seconds: float
+
+
+async def rebuild(
+    dsn: str,
+    spec: ProjectionSpec,
+    settings: ProjectorSettings | None = None,
+    *,
+    progress: Callable[[RebuildProgress], None] | None = None,
+    progress_interval: float = 1.0,
+    stop: asyncio.Event | None = None,
+) -> RebuildResult | None:
+    """Rebuild a projection blue/green: build ``NAME__rebuild`` from the
+    first event while the live model keeps serving, then swap it in
+    atomically (``aura.finish_rebuild``). Resumes an interrupted rebuild.
+    Returns None when stopped before the swap (the shadow stays, to resume).
+    """
+    settings = settings or ProjectorSettings(listen=False, poll_interval=0.2)
+    stop = stop or asyncio.Event()
+    started = time.monotonic()
+    async with await connect(dsn, settings, f"rebuild {spec.name}") as conn:
+        await register_projections(conn, [spec])
+        cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
+        row = await cur.fetchone()
+        assert row is not None
+        shadow = str(row[0])
+
+    swapped = asyncio.Event()
+    applied_in_swap = 0
+
+    async def finish(runner_conn: psycopg.AsyncConnection[Any]) -> bool:
+        nonlocal applied_in_swap
+        try:
+            cur = await runner_conn.execute(
+                _queries()["finish_rebuild"], {"name": spec.name, "owner": settings.owner}
+            )
+            swap_row = await cur.fetchone()
+            applied_in_swap = int(swap_row[0]) if swap_row else 0
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            # A failing event in the tail: the runner's own retry and
+            # dead-letter path deals with it, then we try again.
+            return False
+        swapped.set()
+        return True
+
+    runner = ProjectionRunner(
+        dsn,
+        shadow,
+        settings,
+        dead_letter_queue=spec.error_handling.dead_letter_queue,
+        on_caught_up=finish,
+    )
+    runner_stop = asyncio.Event()
+
+    async def watch() -> None:
+        async with await connect(dsn, settings, f"rebuild {spec.name} progress") as watch_conn:
+            last_applied, last_time = 0, time.monotonic()
+            rate = 0.0
+            while not runner_stop.is_set():
+                await asyncio.sleep(progress_interval)
+                with contextlib.suppress(psycopg.Error):
+                    cur = await watch_conn.execute(_queries()["events_behind"], {"name": shadow})
+                    behind = await cur.fetchone()
+                    if behind is None:
+                        continue
+                    remaining, applied = int(behind[0]), int(behind[1])
+                    now = time.monotonic()
+                    if now > last_time and applied >= last_applied:
+                        current = (applied - last_applied) / (now - last_time)
+                        rate = current if rate == 0 else 0.5 * rate + 0.5 * current
+                    last_applied, last_time = applied, now
+                    if progress is not None:
+                        progress(RebuildProgress(applied, remaining, rate, now - started))
+
+    async def relay_stop() -> None:
+        await stop.wait()
+        runner_stop.set()
+
+    watcher = asyncio.create_task(watch()) if progress is not None else None
+    stopper = asyncio.create_task(relay_stop())
+    try:
+        await runner.run(runner_stop)
+    finally:
+        runner_stop.set()
+        stopper.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.gather(stopper, *([watcher] if watcher else []), return_exceptions=True)
+    if not swapped.is_set():
+        return None
+    return RebuildResult(
+        spec.name, runner.events_applied + applied_in_swap, time.monotonic() - started
+    )
+
+
+def abort_rebuild(dsn: str, name: str) -> str:
+    return str(_call(dsn, _queries()["abort_rebuild"], {"name": name}))

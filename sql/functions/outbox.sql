@@ -1,0 +1,82 @@
+-- Outbox routes: appended events of the route's types are copied into
+-- aura.outbox in the append transaction, so an event reaches its external
+-- system if and only if it was recorded.
+--
+--   SELECT aura.add_outbox_route('decisions_to_nats', 'nats', 'aura.decisions',
+--                                ARRAY['DECISION_APPROVED', 'DECISION_REJECTED']);
+
+CREATE OR REPLACE FUNCTION aura.capture_outbox() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO aura.outbox (sink, topic, message_id, payload, headers, global_position)
+    SELECT r.sink, r.topic, e.event_id,
+           jsonb_build_object('event_id', e.event_id, 'stream_id', e.stream_id,
+                              'version', e.version, 'type', e.type, 'data', e.data,
+                              'metadata', e.metadata, 'global_position', e.global_position,
+                              'recorded_at', e.recorded_at),
+           jsonb_build_object('event_type', e.type, 'stream_id', e.stream_id),
+           e.global_position
+    FROM new_events e
+    JOIN aura.outbox_routes r ON r.event_types IS NULL OR e.type = ANY (r.event_types)
+    ORDER BY e.global_position
+    ON CONFLICT (sink, topic, message_id) DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+
+-- Adds or replaces a route, and creates the capturing trigger on first use.
+CREATE OR REPLACE FUNCTION aura.add_outbox_route(
+    p_name text, p_sink text, p_topic text, p_event_types text[] DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_event_types IS NOT NULL AND cardinality(p_event_types) = 0 THEN
+        RAISE EXCEPTION 'outbox route %: event_types must be NULL (all) or name at least one type',
+            quote_literal(p_name) USING ERRCODE = 'AU007';
+    END IF;
+    INSERT INTO aura.outbox_routes (name, event_types, sink, topic)
+    VALUES (p_name, p_event_types, p_sink, p_topic)
+    ON CONFLICT (name) DO UPDATE
+        SET event_types = excluded.event_types, sink = excluded.sink, topic = excluded.topic;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'aura.events'::regclass AND tgname = 'events_capture_outbox') THEN
+        CREATE TRIGGER events_capture_outbox
+            AFTER INSERT ON aura.events
+            REFERENCING NEW TABLE AS new_events
+            FOR EACH STATEMENT EXECUTE FUNCTION aura.capture_outbox();
+    END IF;
+    RETURN p_name;
+END;
+$$;
+
+-- Removes a route; the trigger goes with the last one.
+CREATE OR REPLACE FUNCTION aura.remove_outbox_route(p_name text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM aura.outbox_routes r WHERE r.name = p_name;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM aura.outbox_routes) THEN
+        DROP TRIGGER IF EXISTS events_capture_outbox ON aura.events;
+    END IF;
+    RETURN true;
+END;
+$$;
+
+-- Writes one message to the outbox in the caller's transaction: for
+-- projection handlers that emit messages with their batch. Returns false
+-- when (sink, topic, message_id) is already there.
+CREATE OR REPLACE FUNCTION aura.publish_to_outbox(
+    p_sink text, p_topic text, p_message_id uuid, p_payload jsonb,
+    p_headers jsonb DEFAULT '{}'::jsonb, p_global_position bigint DEFAULT NULL
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO aura.outbox (sink, topic, message_id, payload, headers, global_position)
+    VALUES (p_sink, p_topic, p_message_id, p_payload, coalesce(p_headers, '{}'::jsonb),
+            p_global_position)
+    ON CONFLICT (sink, topic, message_id) DO NOTHING;
+    RETURN FOUND;
+END;
+$$;

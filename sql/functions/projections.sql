@@ -1,0 +1,683 @@
+-- The projection engine in SQL. A projection's read model lives in its own
+-- schema, created by running its definition SQL (projections/NAME.sql) with
+-- that schema first on the search_path; its handler is a function there:
+--
+--   per_event:  handler(e aura.events)          called once per event, in order
+--   set_based:  handler(events aura.events[])   called once per batch
+--
+-- Handlers use unqualified names for their own tables: they run with their
+-- schema first on the search_path, which is how a rebuild runs the same
+-- SQL into a shadow schema.
+--
+-- Errors (SQLSTATE):
+--   AU005  no such projection or dead letter
+--   AU006  the checkpoint is not where the caller expected: another owner
+--          (or an operator) moved it; reload and carry on
+--   AU007  invalid projection definition or operation
+
+-- The projection's row, locked; AU005 when there is none.
+CREATE OR REPLACE FUNCTION aura.lock_projection(p_name text) RETURNS aura.projection_checkpoints
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row aura.projection_checkpoints;
+BEGIN
+    SELECT * INTO v_row FROM aura.projection_checkpoints c WHERE c.name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown projection %', coalesce(quote_literal(p_name), 'NULL')
+            USING ERRCODE = 'AU005';
+    END IF;
+    RETURN v_row;
+END;
+$$;
+
+-- AU006 unless the projection is at the checkpoint the caller holds.
+CREATE OR REPLACE FUNCTION aura.check_checkpoint(
+    p_row aura.projection_checkpoints, p_transaction_id xid8, p_position bigint
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (p_row.transaction_id, p_row.global_position) IS DISTINCT FROM (p_transaction_id, p_position) THEN
+        RAISE EXCEPTION 'projection % is at checkpoint %/%, not at %/%: it was moved by another owner or an operator',
+            quote_literal(p_row.name), p_row.transaction_id, p_row.global_position,
+            p_transaction_id, p_position
+            USING ERRCODE = 'AU006',
+                  DETAIL = json_build_object(
+                      'projection', p_row.name,
+                      'checkpoint', p_row.transaction_id::text || '/' || p_row.global_position,
+                      'expected', p_transaction_id::text || '/' || p_position)::text;
+    END IF;
+END;
+$$;
+
+-- Runs a projection's handler over events (in order) in its schema.
+CREATE OR REPLACE FUNCTION aura.apply_handler(
+    p_schema text, p_handler text, p_kind text, p_events aura.events[]
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_search_path text := current_setting('search_path');
+BEGIN
+    PERFORM set_config('search_path', format('%I, public', p_schema), true);
+    IF p_kind = 'set_based' THEN
+        EXECUTE format('SELECT %I.%I($1)', p_schema, p_handler) USING p_events;
+    ELSE
+        -- unnest yields the array in order, and the handler runs per row as
+        -- the scan produces it.
+        EXECUTE format('SELECT %I.%I(u) FROM unnest($1) AS u', p_schema, p_handler)
+            USING p_events;
+    END IF;
+    PERFORM set_config('search_path', v_search_path, true);
+END;
+$$;
+
+-- Creates a read model's schema from its definition SQL and checks that the
+-- handlers it names exist with the right signature.
+CREATE OR REPLACE FUNCTION aura.install_projection_schema(
+    p_schema text, p_definition_sql text, p_handler text, p_kind text, p_forget_handler text
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_search_path text := current_setting('search_path');
+    v_signature   text;
+BEGIN
+    EXECUTE format('CREATE SCHEMA %I', p_schema);
+    PERFORM set_config('search_path', format('%I, public', p_schema), true);
+    EXECUTE p_definition_sql;
+    PERFORM set_config('search_path', v_search_path, true);
+    v_signature := format('%I.%I(%s)', p_schema, p_handler,
+                          CASE p_kind WHEN 'set_based' THEN 'aura.events[]' ELSE 'aura.events' END);
+    IF to_regprocedure(v_signature) IS NULL THEN
+        RAISE EXCEPTION 'the definition of % does not create the handler %', p_schema, v_signature
+            USING ERRCODE = 'AU007',
+                  HINT = 'per_event handlers take (aura.events), set_based ones (aura.events[])';
+    END IF;
+    IF p_forget_handler IS NOT NULL
+       AND to_regprocedure(format('%I.%I(text)', p_schema, p_forget_handler)) IS NULL THEN
+        RAISE EXCEPTION 'the definition of % does not create the forget handler %.%(text)',
+            p_schema, p_schema, p_forget_handler
+            USING ERRCODE = 'AU007';
+    END IF;
+END;
+$$;
+
+-- Creates or updates a projection from its catalog entry; returns
+-- 'created', 'unchanged' or 'changed'. Settings (batch size, retries,
+-- circuit breaker) apply at once. A changed definition (SQL, handler,
+-- event types, schema) never alters a live read model: it is kept in
+-- next_definition until aura.begin_rebuild / the swap puts it in place.
+CREATE OR REPLACE FUNCTION aura.register_projection(
+    p_name                      text,
+    p_description               text,
+    p_schema                    text,
+    p_handler                   text,
+    p_handler_kind              text,
+    p_event_types               text[],
+    p_forget_handler            text,
+    p_definition_sql            text,
+    p_batch_size                integer,
+    p_max_retries               integer,
+    p_retry_base_ms             integer,
+    p_retry_max_ms              integer,
+    p_circuit_failure_threshold integer,
+    p_circuit_recovery_seconds  integer
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_definition jsonb := jsonb_build_object(
+        'schema_name', p_schema, 'handler', p_handler, 'handler_kind', p_handler_kind,
+        'event_types', to_jsonb(p_event_types), 'forget_handler', p_forget_handler,
+        'definition_sql', p_definition_sql);
+    v_hash text := md5(v_definition::text);
+    v_row  aura.projection_checkpoints;
+BEGIN
+    IF p_name IS NULL OR p_name !~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*$' OR char_length(p_name) > 40 THEN
+        RAISE EXCEPTION 'invalid projection name %: lower-case letters, digits and single underscores, at most 40',
+            coalesce(quote_literal(p_name), 'NULL') USING ERRCODE = 'AU007';
+    END IF;
+    IF p_schema IS NULL OR p_schema !~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*$' OR char_length(p_schema) > 40
+       OR p_schema IN ('aura', 'public', 'pg_catalog', 'information_schema') THEN
+        RAISE EXCEPTION 'invalid schema % for projection %', coalesce(quote_literal(p_schema), 'NULL'), p_name
+            USING ERRCODE = 'AU007';
+    END IF;
+    IF p_handler_kind IS NULL OR p_handler_kind NOT IN ('per_event', 'set_based') THEN
+        RAISE EXCEPTION 'invalid handler kind % for projection %: per_event or set_based',
+            coalesce(quote_literal(p_handler_kind), 'NULL'), p_name USING ERRCODE = 'AU007';
+    END IF;
+    PERFORM pg_advisory_xact_lock(1635087457, hashtext('register:' || p_name));
+    SELECT * INTO v_row FROM aura.projection_checkpoints c WHERE c.name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM aura.install_projection_schema(p_schema, p_definition_sql, p_handler,
+                                               p_handler_kind, p_forget_handler);
+        INSERT INTO aura.projection_checkpoints (
+            name, description, schema_name, handler, handler_kind, event_types, forget_handler,
+            definition_sql, definition_hash, batch_size, max_retries, retry_base_ms,
+            retry_max_ms, circuit_failure_threshold, circuit_recovery_seconds)
+        VALUES (p_name, coalesce(p_description, ''), p_schema, p_handler, p_handler_kind,
+                p_event_types, p_forget_handler, p_definition_sql, v_hash, p_batch_size,
+                p_max_retries, p_retry_base_ms, p_retry_max_ms, p_circuit_failure_threshold,
+                p_circuit_recovery_seconds);
+        RETURN 'created';
+    END IF;
+    UPDATE aura.projection_checkpoints c
+       SET description = coalesce(p_description, ''),
+           batch_size = p_batch_size, max_retries = p_max_retries,
+           retry_base_ms = p_retry_base_ms, retry_max_ms = p_retry_max_ms,
+           circuit_failure_threshold = p_circuit_failure_threshold,
+           circuit_recovery_seconds = p_circuit_recovery_seconds,
+           next_definition = CASE WHEN v_hash = c.definition_hash THEN NULL
+                                  ELSE v_definition || jsonb_build_object('definition_hash', v_hash) END,
+           updated_at = now()
+     WHERE c.name = p_name;
+    RETURN CASE WHEN v_hash = v_row.definition_hash THEN 'unchanged' ELSE 'changed' END;
+END;
+$$;
+
+-- Applies the next batch of a projection and advances its checkpoint, in
+-- the caller's transaction. The caller names the checkpoint it holds; if
+-- the projection is elsewhere (another owner, an operator), AU006 and
+-- nothing is applied. Returns how many events were applied, the new
+-- checkpoint, whether the projection has caught up, and its status.
+-- Paused projections and open circuits apply nothing; once an open
+-- circuit's recovery time has passed, one event is tried (half-open).
+--
+--   SELECT * FROM aura.project_batch('stream_summary', '0', 0);
+CREATE OR REPLACE FUNCTION aura.project_batch(
+    p_name                    text,
+    p_expected_transaction_id xid8,
+    p_expected_position       bigint,
+    p_owner                   text    DEFAULT NULL,
+    p_limit                   integer DEFAULT NULL
+) RETURNS TABLE (applied integer, transaction_id xid8, global_position bigint,
+                 caught_up boolean, status text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_row     aura.projection_checkpoints;
+    v_locked  aura.projection_checkpoints;
+    v_limit   integer;
+    v_events  aura.events[];
+    v_count   integer;
+    v_last    aura.events;
+    v_horizon_tx  xid8;
+    v_horizon_pos bigint;
+    v_tx      xid8;
+    v_pos     bigint;
+BEGIN
+    SELECT * INTO v_row FROM aura.projection_checkpoints c WHERE c.name = p_name;
+    IF NOT FOUND THEN
+        PERFORM aura.lock_projection(p_name);  -- raises AU005
+    END IF;
+    PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    IF v_row.status = 'paused'
+       OR v_row.circuit_state = 'open' AND v_row.circuit_open_until > clock_timestamp() THEN
+        RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status;
+        RETURN;
+    END IF;
+    v_limit := coalesce(p_limit, v_row.batch_size);
+    IF v_limit < 1 THEN
+        RAISE EXCEPTION 'batch limit must be at least 1, not %', v_limit USING ERRCODE = 'AU007';
+    END IF;
+    IF v_row.circuit_state <> 'closed' THEN
+        v_limit := 1;  -- half-open: one event decides
+    END IF;
+
+    -- One statement, hence one snapshot: the batch and the horizon agree.
+    SELECT b.events, b.n, h.transaction_id, h.global_position
+      INTO v_events, v_count, v_horizon_tx, v_horizon_pos
+    FROM (SELECT array_agg(e ORDER BY e.transaction_id, e.global_position) AS events,
+                 count(*)::integer AS n
+          FROM aura.read_all(v_row.transaction_id, v_row.global_position, v_limit,
+                             v_row.event_types) AS e) AS b
+    LEFT JOIN LATERAL aura.read_horizon() AS h ON true;
+
+    IF v_count = v_limit THEN
+        v_last := v_events[v_count];
+        v_tx := v_last.transaction_id;
+        v_pos := v_last.global_position;
+    ELSE
+        -- Nothing else of ours up to the horizon: checkpoint there, so the
+        -- events of other types before it are not read again.
+        IF v_count > 0 THEN
+            v_last := v_events[v_count];
+        END IF;
+        IF v_horizon_tx IS NOT NULL
+           AND (v_horizon_tx, v_horizon_pos) > (v_row.transaction_id, v_row.global_position) THEN
+            v_tx := v_horizon_tx;
+            v_pos := v_horizon_pos;
+        ELSE
+            v_tx := v_row.transaction_id;
+            v_pos := v_row.global_position;
+        END IF;
+    END IF;
+
+    IF v_count = 0 AND (v_tx, v_pos) = (v_row.transaction_id, v_row.global_position)
+       AND v_row.consecutive_failures = 0 AND v_row.circuit_state = 'closed'
+       AND v_row.status <> 'failed' AND v_row.owner IS NOT DISTINCT FROM coalesce(p_owner, v_row.owner) THEN
+        -- Idle: nothing to write, and no lock taken.
+        RETURN QUERY SELECT 0, v_tx, v_pos, true, v_row.status;
+        RETURN;
+    END IF;
+
+    -- Lock, and check again: the checkpoint may have moved since the read,
+    -- or a rebuild may have swapped in another definition at the same
+    -- checkpoint (the batch was read with the old one's event types).
+    v_locked := aura.lock_projection(p_name);
+    PERFORM aura.check_checkpoint(v_locked, p_expected_transaction_id, p_expected_position);
+    IF v_locked.definition_hash <> v_row.definition_hash
+       OR v_locked.schema_name <> v_row.schema_name THEN
+        RAISE EXCEPTION 'projection % was redefined while its batch was read', quote_literal(p_name)
+            USING ERRCODE = 'AU006';
+    END IF;
+    v_row := v_locked;
+    IF v_row.status = 'paused' THEN
+        RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status;
+        RETURN;
+    END IF;
+    IF v_count > 0 THEN
+        PERFORM aura.apply_handler(v_row.schema_name, v_row.handler, v_row.handler_kind, v_events);
+    END IF;
+    UPDATE aura.projection_checkpoints c
+       SET transaction_id = v_tx,
+           global_position = v_pos,
+           events_applied = c.events_applied + v_count,
+           last_applied_position = coalesce(v_last.global_position, c.last_applied_position),
+           last_applied_recorded_at = coalesce(v_last.recorded_at, c.last_applied_recorded_at),
+           consecutive_failures = 0,
+           circuit_state = 'closed',
+           circuit_open_until = NULL,
+           status = CASE WHEN c.status = 'failed' THEN 'running' ELSE c.status END,
+           owner = coalesce(p_owner, c.owner),
+           owner_since = CASE WHEN p_owner IS DISTINCT FROM c.owner AND p_owner IS NOT NULL
+                              THEN now() ELSE c.owner_since END,
+           updated_at = now()
+     WHERE c.name = p_name
+    RETURNING c.status INTO v_row.status;
+    RETURN QUERY SELECT v_count, v_tx, v_pos, v_count < v_limit, v_row.status;
+END;
+$$;
+
+-- Records a failed batch (the batch itself was rolled back): counts it,
+-- and opens the circuit after circuit_failure_threshold failures in a row,
+-- which pauses the projection (status failed) for circuit_recovery_seconds.
+CREATE OR REPLACE FUNCTION aura.record_projection_failure(
+    p_name                    text,
+    p_expected_transaction_id xid8,
+    p_expected_position       bigint,
+    p_owner                   text,
+    p_error                   text,
+    p_sqlstate                text DEFAULT NULL
+) RETURNS TABLE (consecutive_failures integer, circuit_state text, circuit_open_until timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_row aura.projection_checkpoints;
+BEGIN
+    v_row := aura.lock_projection(p_name);
+    PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    RETURN QUERY
+    UPDATE aura.projection_checkpoints c
+       SET consecutive_failures = c.consecutive_failures + 1,
+           last_error = left(coalesce(p_sqlstate || ': ', '') || p_error, 2000),
+           last_error_at = now(),
+           circuit_state = CASE WHEN c.circuit_state <> 'closed'
+                                  OR c.consecutive_failures + 1 >= c.circuit_failure_threshold
+                                THEN 'open' ELSE 'closed' END,
+           circuit_open_until = CASE WHEN c.circuit_state <> 'closed'
+                                       OR c.consecutive_failures + 1 >= c.circuit_failure_threshold
+                                     THEN clock_timestamp() + make_interval(secs => c.circuit_recovery_seconds)
+                                END,
+           status = CASE WHEN c.status = 'running'
+                          AND (c.circuit_state <> 'closed'
+                               OR c.consecutive_failures + 1 >= c.circuit_failure_threshold)
+                         THEN 'failed' ELSE c.status END,
+           owner = coalesce(p_owner, c.owner),
+           updated_at = now()
+     WHERE c.name = p_name
+    RETURNING c.consecutive_failures, c.circuit_state, c.circuit_open_until;
+END;
+$$;
+
+-- Moves the projection's next event to the dead letters and the
+-- checkpoint past it, after the caller has retried it max_retries times.
+-- p_event_id must be that next event (a guard against skipping another).
+CREATE OR REPLACE FUNCTION aura.dead_letter_next(
+    p_name                    text,
+    p_expected_transaction_id xid8,
+    p_expected_position       bigint,
+    p_owner                   text,
+    p_event_id                uuid,
+    p_error                   text,
+    p_sqlstate                text,
+    p_attempts                integer,
+    p_first_failed_at         timestamptz
+) RETURNS TABLE (dead_letter_id bigint, transaction_id xid8, global_position bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_row   aura.projection_checkpoints;
+    v_event aura.events;
+    v_id    bigint;
+BEGIN
+    v_row := aura.lock_projection(p_name);
+    PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    SELECT * INTO v_event
+    FROM aura.read_all(v_row.transaction_id, v_row.global_position, 1, v_row.event_types);
+    IF NOT FOUND OR v_event.event_id IS DISTINCT FROM p_event_id THEN
+        RAISE EXCEPTION 'event % is not the next event of projection %', p_event_id, quote_literal(p_name)
+            USING ERRCODE = 'AU007';
+    END IF;
+    INSERT INTO aura.dead_letters (projection, global_position, transaction_id, event_id, stream_id,
+                                   event_type, error, error_sqlstate, attempts, first_failed_at,
+                                   last_failed_at)
+    VALUES (p_name, v_event.global_position, v_event.transaction_id, v_event.event_id,
+            v_event.stream_id, v_event.type, left(p_error, 4000), p_sqlstate, p_attempts,
+            coalesce(p_first_failed_at, now()), now())
+    RETURNING id INTO v_id;
+    UPDATE aura.projection_checkpoints c
+       SET transaction_id = v_event.transaction_id,
+           global_position = v_event.global_position,
+           last_error = left(coalesce(p_sqlstate || ': ', '') || p_error, 2000),
+           last_error_at = now(),
+           owner = coalesce(p_owner, c.owner),
+           updated_at = now()
+     WHERE c.name = p_name;
+    RETURN QUERY SELECT v_id, v_event.transaction_id, v_event.global_position;
+END;
+$$;
+
+-- A daemon that took a projection's advisory lock names itself owner.
+CREATE OR REPLACE FUNCTION aura.claim_projection(p_name text, p_owner text) RETURNS aura.projection_checkpoints
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row aura.projection_checkpoints;
+BEGIN
+    PERFORM aura.lock_projection(p_name);
+    UPDATE aura.projection_checkpoints c
+       SET owner = p_owner, owner_since = now(), updated_at = now()
+     WHERE c.name = p_name
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aura.release_projection(p_name text, p_owner text) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE aura.projection_checkpoints c
+       SET owner = NULL, owner_since = NULL, updated_at = now()
+     WHERE c.name = p_name AND c.owner = p_owner
+$$;
+
+-- Operators -----------------------------------------------------------------
+
+-- Stops a projection after its batch in flight; the daemon keeps the
+-- ownership and waits.
+CREATE OR REPLACE FUNCTION aura.pause_projection(p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM aura.lock_projection(p_name);
+    UPDATE aura.projection_checkpoints c SET status = 'paused', updated_at = now()
+     WHERE c.name = p_name;
+    RETURN 'paused';
+END;
+$$;
+
+-- Runs a paused or failed projection again, closing its circuit.
+CREATE OR REPLACE FUNCTION aura.resume_projection(p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row aura.projection_checkpoints;
+BEGIN
+    v_row := aura.lock_projection(p_name);
+    UPDATE aura.projection_checkpoints c
+       SET status = CASE WHEN c.rebuild_of IS NULL THEN 'running' ELSE 'rebuilding' END,
+           circuit_state = 'closed', circuit_open_until = NULL,
+           consecutive_failures = 0, updated_at = now()
+     WHERE c.name = p_name
+    RETURNING c.status INTO v_row.status;
+    PERFORM pg_notify('aura_events', '');
+    RETURN v_row.status;
+END;
+$$;
+
+-- Empties the read model and replays it from the first event, in place:
+-- readers see it empty, then filling. aura.begin_rebuild is the
+-- blue/green alternative that readers never see half-built.
+CREATE OR REPLACE FUNCTION aura.reset_projection(p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row aura.projection_checkpoints;
+BEGIN
+    v_row := aura.lock_projection(p_name);
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_row.schema_name);
+    PERFORM aura.install_projection_schema(v_row.schema_name, v_row.definition_sql, v_row.handler,
+                                           v_row.handler_kind, v_row.forget_handler);
+    UPDATE aura.projection_checkpoints c
+       SET transaction_id = '0', global_position = 0, events_applied = 0,
+           last_applied_position = NULL, last_applied_recorded_at = NULL,
+           status = CASE WHEN c.rebuild_of IS NULL THEN 'running' ELSE 'rebuilding' END,
+           circuit_state = 'closed', circuit_open_until = NULL,
+           consecutive_failures = 0, last_error = NULL, last_error_at = NULL, updated_at = now()
+     WHERE c.name = p_name;
+    UPDATE aura.dead_letters d
+       SET status = 'superseded', resolved_at = now(), resolution_note = 'projection reset'
+     WHERE d.projection = p_name AND d.status = 'pending';
+    PERFORM pg_notify('aura_events', '');
+    RETURN 'reset';
+END;
+$$;
+
+-- Applies a dead letter's event to its projection now (after the cause is
+-- fixed) and marks it retried. A handler error leaves it pending.
+CREATE OR REPLACE FUNCTION aura.retry_dead_letter(p_id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_letter aura.dead_letters;
+    v_row    aura.projection_checkpoints;
+    v_event  aura.events;
+BEGIN
+    SELECT * INTO v_letter FROM aura.dead_letters d WHERE d.id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown dead letter %', p_id USING ERRCODE = 'AU005';
+    END IF;
+    IF v_letter.status <> 'pending' THEN
+        RAISE EXCEPTION 'dead letter % is %, not pending', p_id, v_letter.status USING ERRCODE = 'AU007';
+    END IF;
+    v_row := aura.lock_projection(v_letter.projection);
+    SELECT * INTO v_event FROM aura.events e WHERE e.global_position = v_letter.global_position;
+    PERFORM aura.apply_handler(v_row.schema_name, v_row.handler, v_row.handler_kind, ARRAY[v_event]);
+    UPDATE aura.dead_letters d
+       SET status = 'retried', resolved_at = now(), resolution_note = 'applied by aura.retry_dead_letter'
+     WHERE d.id = p_id;
+    UPDATE aura.projection_checkpoints c SET events_applied = c.events_applied + 1, updated_at = now()
+     WHERE c.name = v_row.name;
+    RETURN 'retried';
+END;
+$$;
+
+-- Gives up on a dead letter: its event stays unapplied.
+CREATE OR REPLACE FUNCTION aura.skip_dead_letter(p_id bigint, p_note text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE aura.dead_letters d
+       SET status = 'skipped', resolved_at = now(),
+           resolution_note = coalesce(p_note, 'skipped by aura.skip_dead_letter')
+     WHERE d.id = p_id AND d.status = 'pending';
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM aura.dead_letters d WHERE d.id = p_id) THEN
+            RAISE EXCEPTION 'dead letter % is not pending', p_id USING ERRCODE = 'AU007';
+        END IF;
+        RAISE EXCEPTION 'unknown dead letter %', p_id USING ERRCODE = 'AU005';
+    END IF;
+    RETURN 'skipped';
+END;
+$$;
+
+-- Targeted repair of one aggregate: applies the projection's handler again
+-- to the stream's events from p_from_version up to the projection's
+-- checkpoint (later ones the daemon applies as usual). From version 1, the
+-- projection's forget handler, if it has one, first removes what the read
+-- model holds for the stream. Returns the number of events applied.
+CREATE OR REPLACE FUNCTION aura.replay_stream(
+    p_name text, p_stream_id text, p_from_version bigint DEFAULT 1
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row         aura.projection_checkpoints;
+    v_events      aura.events[];
+    v_count       integer;
+    v_search_path text := current_setting('search_path');
+BEGIN
+    v_row := aura.lock_projection(p_name);
+    IF p_from_version <= 1 AND v_row.forget_handler IS NOT NULL THEN
+        PERFORM set_config('search_path', format('%I, public', v_row.schema_name), true);
+        EXECUTE format('SELECT %I.%I($1)', v_row.schema_name, v_row.forget_handler) USING p_stream_id;
+        PERFORM set_config('search_path', v_search_path, true);
+    END IF;
+    SELECT array_agg(e ORDER BY e.version), count(*)::integer INTO v_events, v_count
+    FROM aura.events e
+    WHERE e.stream_id = p_stream_id AND e.version >= p_from_version
+      AND (v_row.event_types IS NULL OR e.type = ANY (v_row.event_types))
+      AND (e.transaction_id, e.global_position) <= (v_row.transaction_id, v_row.global_position)
+      AND NOT EXISTS (SELECT 1 FROM aura.dead_letters d
+                      WHERE d.projection = p_name AND d.global_position = e.global_position
+                        AND d.status IN ('pending', 'skipped'));
+    IF v_count > 0 THEN
+        PERFORM aura.apply_handler(v_row.schema_name, v_row.handler, v_row.handler_kind, v_events);
+    END IF;
+    RETURN v_count;
+END;
+$$;
+
+-- Blue/green rebuild ---------------------------------------------------------
+
+-- Starts (or resumes) a rebuild: a shadow projection NAME__rebuild with the
+-- newest definition, built from the first event into schema
+-- SCHEMA__rebuild while the live one keeps serving. Drive it with
+-- aura.project_batch (`aura-pg projections rebuild` does), then swap it in
+-- with aura.finish_rebuild.
+CREATE OR REPLACE FUNCTION aura.begin_rebuild(p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row    aura.projection_checkpoints;
+    v_def    jsonb;
+    v_shadow text := p_name || '__rebuild';
+    v_schema text;
+BEGIN
+    v_row := aura.lock_projection(p_name);
+    IF v_row.rebuild_of IS NOT NULL THEN
+        RAISE EXCEPTION '% is itself a rebuild', p_name USING ERRCODE = 'AU007';
+    END IF;
+    IF EXISTS (SELECT 1 FROM aura.projection_checkpoints c WHERE c.name = v_shadow) THEN
+        RETURN v_shadow;  -- resume the rebuild in progress
+    END IF;
+    v_def := coalesce(v_row.next_definition, jsonb_build_object(
+        'schema_name', v_row.schema_name, 'handler', v_row.handler,
+        'handler_kind', v_row.handler_kind, 'event_types', to_jsonb(v_row.event_types),
+        'forget_handler', v_row.forget_handler, 'definition_sql', v_row.definition_sql,
+        'definition_hash', v_row.definition_hash));
+    v_schema := (v_def->>'schema_name') || '__rebuild';
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_schema);
+    PERFORM aura.install_projection_schema(v_schema, v_def->>'definition_sql', v_def->>'handler',
+                                           v_def->>'handler_kind', v_def->>'forget_handler');
+    INSERT INTO aura.projection_checkpoints (
+        name, description, schema_name, handler, handler_kind, event_types, forget_handler,
+        definition_sql, definition_hash, batch_size, max_retries, retry_base_ms, retry_max_ms,
+        circuit_failure_threshold, circuit_recovery_seconds, status, rebuild_of)
+    VALUES (v_shadow, 'rebuild of ' || p_name, v_schema, v_def->>'handler', v_def->>'handler_kind',
+            (SELECT array_agg(t) FROM jsonb_array_elements_text(
+                 CASE jsonb_typeof(v_def->'event_types') WHEN 'array' THEN v_def->'event_types'
+                 ELSE '[]'::jsonb END) AS t),
+            v_def->>'forget_handler', v_def->>'definition_sql', v_def->>'definition_hash',
+            v_row.batch_size, v_row.max_retries, v_row.retry_base_ms, v_row.retry_max_ms,
+            v_row.circuit_failure_threshold, v_row.circuit_recovery_seconds, 'rebuilding', p_name);
+    RETURN v_shadow;
+END;
+$$;
+
+-- Catches the shadow up to the horizon and swaps it in, in one transaction:
+-- the live schema becomes SCHEMA__previous (kept for a look back until the
+-- next swap), the shadow takes the live schema's name, the live row takes
+-- the shadow's definition and checkpoint. Readers see the old model until
+-- the commit and the new one after it, never a half-built one. The live
+-- owner's next batch gets AU006, reloads, and carries on from the new
+-- checkpoint. Returns the number of events applied during the swap.
+CREATE OR REPLACE FUNCTION aura.finish_rebuild(p_name text, p_owner text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_shadow_name text := p_name || '__rebuild';
+    v_shadow  aura.projection_checkpoints;
+    v_live    aura.projection_checkpoints;
+    v_batch   record;
+    v_applied bigint := 0;
+    v_target  text;
+BEGIN
+    -- Shadow first, then live: the live owner locks only the live row, so
+    -- this order cannot deadlock with it.
+    v_shadow := aura.lock_projection(v_shadow_name);
+    LOOP
+        SELECT * INTO v_batch
+        FROM aura.project_batch(v_shadow_name, v_shadow.transaction_id, v_shadow.global_position,
+                                p_owner, NULL);
+        v_applied := v_applied + v_batch.applied;
+        v_shadow.transaction_id := v_batch.transaction_id;
+        v_shadow.global_position := v_batch.global_position;
+        EXIT WHEN v_batch.caught_up;
+        IF v_batch.applied = 0 THEN
+            RAISE EXCEPTION 'rebuild of % cannot catch up: its status is %', p_name, v_batch.status
+                USING ERRCODE = 'AU007';
+        END IF;
+    END LOOP;
+    v_shadow := aura.lock_projection(v_shadow_name);
+    v_live := aura.lock_projection(p_name);
+    v_target := regexp_replace(v_shadow.schema_name, '__rebuild$', '');
+
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_live.schema_name || '__previous');
+    IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = v_live.schema_name) THEN
+        EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_live.schema_name,
+                       v_live.schema_name || '__previous');
+    END IF;
+    IF v_target <> v_live.schema_name THEN
+        EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_target);
+    END IF;
+    EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_shadow.schema_name, v_target);
+
+    UPDATE aura.projection_checkpoints c
+       SET schema_name = v_target, handler = v_shadow.handler, handler_kind = v_shadow.handler_kind,
+           event_types = v_shadow.event_types, forget_handler = v_shadow.forget_handler,
+           definition_sql = v_shadow.definition_sql, definition_hash = v_shadow.definition_hash,
+           next_definition = CASE WHEN c.next_definition->>'definition_hash' = v_shadow.definition_hash
+                                  THEN NULL ELSE c.next_definition END,
+           transaction_id = v_shadow.transaction_id, global_position = v_shadow.global_position,
+           events_applied = v_shadow.events_applied,
+           last_applied_position = v_shadow.last_applied_position,
+           last_applied_recorded_at = v_shadow.last_applied_recorded_at,
+           status = CASE WHEN c.status = 'paused' THEN 'paused' ELSE 'running' END,
+           consecutive_failures = 0, circuit_state = 'closed', circuit_open_until = NULL,
+           last_error = v_shadow.last_error, last_error_at = v_shadow.last_error_at,
+           updated_at = now()
+     WHERE c.name = p_name;
+    UPDATE aura.dead_letters d
+       SET status = 'superseded', resolved_at = now(), resolution_note = 'replaced by a rebuild'
+     WHERE d.projection = p_name AND d.status = 'pending';
+    UPDATE aura.dead_letters d SET projection = p_name
+     WHERE d.projection = v_shadow_name;
+    DELETE FROM aura.projection_checkpoints c WHERE c.name = v_shadow_name;
+    PERFORM pg_notify('aura_events', '');
+    RETURN v_applied;
+END;
+$$;
+
+-- Abandons a rebuild: drops the shadow schema and row; the live
+-- projection is untouched.
+CREATE OR REPLACE FUNCTION aura.abort_rebuild(p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_shadow aura.projection_checkpoints;
+BEGIN
+    v_shadow := aura.lock_projection(p_name || '__rebuild');
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_shadow.schema_name);
+    DELETE FROM aura.dead_letters d WHERE d.projection = v_shadow.name;
+    DELETE FROM aura.projection_checkpoints c WHERE c.name = v_shadow.name;
+    RETURN 'aborted';
+END;
+$$;

@@ -1,0 +1,95 @@
+-- Statements the projector daemon and the projection CLI send. Each starts
+-- at a "-- name:" line; loaded once at import.
+
+-- name: register
+SELECT aura.register_projection(
+    %(name)s, %(description)s, %(schema)s, %(handler)s, %(handler_kind)s,
+    %(event_types)s::text[], %(forget_handler)s, %(definition_sql)s, %(batch_size)s,
+    %(max_retries)s, %(retry_base_ms)s, %(retry_max_ms)s, %(circuit_failure_threshold)s,
+    %(circuit_recovery_seconds)s);
+
+-- name: try_lock
+-- Ownership: a session advisory lock, released when the connection ends.
+SELECT pg_try_advisory_lock(1635087457, hashtext(%(name)s));
+
+-- name: unlock
+SELECT pg_advisory_unlock(1635087457, hashtext(%(name)s));
+
+-- name: claim
+SELECT c.transaction_id::text, c.global_position, c.status, c.batch_size, c.max_retries,
+       c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until
+FROM aura.claim_projection(%(name)s, %(owner)s) AS c;
+
+-- name: load
+SELECT c.transaction_id::text, c.global_position, c.status, c.batch_size, c.max_retries,
+       c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until
+FROM aura.projection_checkpoints c
+WHERE c.name = %(name)s;
+
+-- name: project_batch
+SELECT b.applied, b.transaction_id::text, b.global_position, b.caught_up, b.status
+FROM aura.project_batch(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
+                        %(limit)s) AS b;
+
+-- name: record_failure
+SELECT f.consecutive_failures, f.circuit_state, f.circuit_open_until
+FROM aura.record_projection_failure(%(name)s, %(transaction_id)s::xid8, %(position)s,
+                                    %(owner)s, %(error)s, %(sqlstate)s) AS f;
+
+-- name: next_event
+-- The event the projection would apply next (the poison candidate).
+SELECT e.event_id, e.global_position, e.type
+FROM aura.projection_checkpoints c
+CROSS JOIN LATERAL aura.read_all(c.transaction_id, c.global_position, 1, c.event_types) AS e
+WHERE c.name = %(name)s;
+
+-- name: dead_letter_next
+SELECT d.dead_letter_id, d.transaction_id::text, d.global_position
+FROM aura.dead_letter_next(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
+                           %(event_id)s, %(error)s, %(sqlstate)s, %(attempts)s,
+                           %(first_failed_at)s) AS d;
+
+-- name: release
+SELECT aura.release_projection(%(name)s, %(owner)s);
+
+-- name: begin_rebuild
+SELECT aura.begin_rebuild(%(name)s);
+
+-- name: finish_rebuild
+SELECT aura.finish_rebuild(%(name)s, %(owner)s);
+
+-- name: abort_rebuild
+SELECT aura.abort_rebuild(%(name)s);
+
+-- name: events_behind
+SELECT s.events_behind, s.events_applied FROM aura.projection_status s WHERE s.name = %(name)s;
+
+-- name: status
+SELECT s.name, s.status, s.circuit, s.owner, s.checkpoint, s.events_applied, s.events_behind,
+       s.seconds_behind, s.consecutive_failures, s.last_error, s.dead_letters,
+       s.rebuild_needed, s.rebuild_of, s.schema_name, s.updated_at
+FROM aura.projection_status s;
+
+-- name: pause
+SELECT aura.pause_projection(%(name)s);
+
+-- name: resume
+SELECT aura.resume_projection(%(name)s);
+
+-- name: reset
+SELECT aura.reset_projection(%(name)s);
+
+-- name: replay_stream
+SELECT aura.replay_stream(%(name)s, %(stream_id)s, %(from_version)s);
+
+-- name: dead_letters
+SELECT d.id, d.projection, d.global_position, d.event_id, d.stream_id, d.event_type,
+       d.attempts, d.error, d.first_failed_at, d.last_failed_at
+FROM aura.pending_dead_letters d
+WHERE %(projection)s::text IS NULL OR d.projection = %(projection)s::text;
+
+-- name: retry_dead_letter
+SELECT aura.retry_dead_letter(%(id)s);
+
+-- name: skip_dead_letter
+SELECT aura.skip_dead_letter(%(id)s, %(note)s);

@@ -1,0 +1,57 @@
+-- One row per projection (rebuild shadows included) for operators:
+--   SELECT * FROM aura.projection_status;
+-- events_behind counts the events of the projection's types after its
+-- checkpoint; seconds_behind is how much older the newest applied event is
+-- than the newest recorded one (0 when caught up).
+CREATE OR REPLACE VIEW aura.projection_status AS
+SELECT c.name,
+       c.status,
+       CASE WHEN c.circuit_state = 'open' AND c.circuit_open_until <= now() THEN 'half_open'
+            ELSE c.circuit_state END                       AS circuit,
+       c.owner,
+       c.transaction_id::text || '/' || c.global_position  AS checkpoint,
+       c.events_applied,
+       behind.events                                       AS events_behind,
+       CASE WHEN behind.events = 0 THEN 0
+            ELSE round(extract(epoch FROM behind.newest - coalesce(c.last_applied_recorded_at, behind.oldest)), 3)
+       END                                                 AS seconds_behind,
+       c.consecutive_failures,
+       c.last_error,
+       c.last_error_at,
+       (SELECT count(*) FROM aura.dead_letters d
+        WHERE d.projection = c.name AND d.status = 'pending') AS dead_letters,
+       c.next_definition IS NOT NULL                        AS rebuild_needed,
+       c.rebuild_of,
+       c.schema_name,
+       c.updated_at
+FROM aura.projection_checkpoints c
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, max(e.recorded_at) AS newest, min(e.recorded_at) AS oldest
+    FROM aura.events e
+    WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)
+      AND (c.event_types IS NULL OR e.type = ANY (c.event_types))
+) AS behind
+ORDER BY c.name;
+
+COMMENT ON VIEW aura.projection_status IS
+    'Projections: status, circuit, owner, checkpoint, backlog, errors and dead letters';
+
+-- Dead letters waiting for an operator, oldest first.
+CREATE OR REPLACE VIEW aura.pending_dead_letters AS
+SELECT d.id, d.projection, d.global_position, d.event_id, d.stream_id, d.event_type,
+       d.attempts, d.error, d.first_failed_at, d.last_failed_at
+FROM aura.dead_letters d
+WHERE d.status = 'pending'
+ORDER BY d.id;
+
+-- Outbox backlog per sink and topic.
+CREATE OR REPLACE VIEW aura.outbox_status AS
+SELECT o.sink, o.topic,
+       count(*) FILTER (WHERE o.status = 'pending')   AS pending,
+       count(*) FILTER (WHERE o.status = 'dead')      AS dead,
+       count(*) FILTER (WHERE o.status = 'delivered') AS delivered,
+       min(o.created_at) FILTER (WHERE o.status = 'pending') AS oldest_pending_at,
+       max(o.attempts) FILTER (WHERE o.status = 'pending')  AS max_attempts
+FROM aura.outbox o
+GROUP BY o.sink, o.topic
+ORDER BY o.sink, o.topic;

@@ -1,0 +1,212 @@
+"""Projector daemons as real processes under real faults: SIGTERM, kill -9
+of the owner mid-batch under a steady append load, terminated backends, a
+poison event. Afterwards every read model must be exactly the fold of the
+log: nothing skipped, nothing applied twice (the tally's primary key on the
+event position would refuse a second application outright)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.projections import (
+    FIXTURE_CATALOG,
+    applied_positions,
+    caught_up,
+    fold_streams,
+    log_positions,
+    query,
+    stream_counts,
+    wait_for_sync,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+AURA_PG = str(Path(sys.executable).with_name("aura-pg"))
+PROJECTIONS = ("tally_set", "tally_each")
+
+
+class Daemons:
+    """Starts `aura-pg project` processes and cleans up after the test."""
+
+    def __init__(self, dsn: str, log_dir: Path) -> None:
+        self.dsn = dsn
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[str]] = {}
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, owner: str, *extra: str) -> subprocess.Popen[str]:
+        log_path = self.log_dir / f"daemon-{owner}-{len(self.started)}.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [
+                    AURA_PG,
+                    "project",
+                    *PROJECTIONS,
+                    "--dsn",
+                    self.dsn,
+                    "--catalog",
+                    str(FIXTURE_CATALOG),
+                    "--owner",
+                    owner,
+                    "--poll-interval",
+                    "0.2",
+                    "--shutdown-timeout",
+                    "10",
+                    *extra,
+                ],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                text=True,
+            )
+        self.processes[owner] = process
+        self.started.append(process)
+        return process
+
+    def kill(self, owner: str) -> None:
+        process = self.processes[owner]
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def owners(self) -> set[str | None]:
+        """The owners of the projections ("unregistered" before the first
+        daemon has installed them)."""
+        rows = dict(query(self.dsn, "SELECT name, owner FROM aura.projection_checkpoints"))
+        return {rows.get(name, "unregistered") for name in PROJECTIONS}
+
+    def close(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+@pytest.fixture
+def daemons(dsn: str) -> Iterator[Daemons]:
+    log_dir = Path(tempfile.mkdtemp(prefix="aura-pg-daemons-"))
+    running = Daemons(dsn, log_dir)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def start_writer(
+    dsn: str, seconds: float, rate: float, seed: int, poison_at: int | None = None
+) -> subprocess.Popen[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "tests.helpers.steady_writer",
+        dsn,
+        str(seconds),
+        str(rate),
+        str(seed),
+    ]
+    if poison_at is not None:
+        args.append(str(poison_at))
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, text=True)
+
+
+def assert_exact_fold(dsn: str, schema: str, exclude: list[int] | None = None) -> None:
+    assert applied_positions(dsn, schema) == log_positions(dsn, exclude=exclude or [])
+    assert stream_counts(dsn, schema) == fold_streams(dsn, exclude=exclude or [])
+
+
+def wait_caught_up(dsn: str) -> None:
+    wait_for_sync(lambda: all(caught_up(dsn, name) for name in PROJECTIONS), 60, "catch-up")
+
+
+def test_sigterm_finishes_the_batch_releases_and_exits_zero(dsn: str, daemons: Daemons) -> None:
+    writer = start_writer(dsn, 2.0, 200, seed=1)
+    process = daemons.start("solo")
+    wait_for_sync(lambda: daemons.owners() == {"solo"}, 30, "ownership")
+    time.sleep(0.5)  # mid-load
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0
+    stopped_in = time.monotonic() - started
+    assert stopped_in < 10, f"took {stopped_in:.1f}s to stop"
+    assert daemons.owners() == {None}
+    assert query(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
+    assert writer.wait(30) == 0
+    # A fresh daemon finishes the work exactly.
+    daemons.start("after")
+    wait_caught_up(dsn)
+    for schema in PROJECTIONS:
+        assert_exact_fold(dsn, schema)
+
+
+def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
+    dsn: str, daemons: Daemons
+) -> None:
+    writers = [start_writer(dsn, 12.0, 150, seed=seed) for seed in (1, 2)]
+    daemons.start("a")
+    wait_for_sync(lambda: daemons.owners() == {"a"}, 30, "first ownership")
+    daemons.start("b")
+    takeovers: list[float] = []
+    for _ in range(4):
+        owner = next(iter(daemons.owners()))
+        assert owner in ("a", "b")
+        other = "b" if owner == "a" else "a"
+        time.sleep(0.7)
+        killed_at = time.monotonic()
+        daemons.kill(owner)
+        wait_for_sync(lambda other=other: daemons.owners() == {other}, 30, f"takeover by {other}")
+        takeovers.append(time.monotonic() - killed_at)
+        daemons.start(owner)  # back as the stand-by
+    for writer in writers:
+        assert writer.wait(60) == 0
+    wait_caught_up(dsn)
+    for schema in PROJECTIONS:
+        assert_exact_fold(dsn, schema)
+    print(f"takeover after kill -9: {', '.join(f'{t:.2f}s' for t in takeovers)}")
+    assert max(takeovers) < 15
+
+
+def test_terminated_backends_under_load_recover(dsn: str, daemons: Daemons) -> None:
+    writer = start_writer(dsn, 6.0, 200, seed=3)
+    daemons.start("solo")
+    wait_for_sync(lambda: daemons.owners() == {"solo"}, 30, "ownership")
+    for _ in range(4):
+        time.sleep(1.0)
+        query(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'aura-pg projector%%' AND datname = current_database()",
+        )
+    assert writer.wait(60) == 0
+    wait_caught_up(dsn)
+    for schema in PROJECTIONS:
+        assert_exact_fold(dsn, schema)
+    assert daemons.processes["solo"].poll() is None  # it survived every termination
+
+
+def test_poison_event_under_kills_is_dead_lettered_exactly_once(dsn: str, daemons: Daemons) -> None:
+    writer = start_writer(dsn, 4.0, 150, seed=4, poison_at=100)
+    daemons.start("a")
+    daemons.start("b")
+    wait_for_sync(lambda: len(daemons.owners()) == 1 and daemons.owners() <= {"a", "b"}, 30)
+    for _ in range(2):
+        time.sleep(1.0)
+        owner = next(iter(daemons.owners() - {None}))
+        assert owner is not None
+        daemons.kill(owner)
+        daemons.start(owner)
+    assert writer.wait(60) == 0
+    wait_caught_up(dsn)
+    poison = query(dsn, "SELECT global_position FROM aura.events WHERE data ? 'poison'")
+    assert len(poison) == 1
+    for schema in PROJECTIONS:
+        assert_exact_fold(dsn, schema, exclude=[poison[0][0]])
+        letters = query(
+            dsn, "SELECT global_position FROM aura.dead_letters WHERE projection = %s", (schema,)
+        )
+        assert letters == poison

@@ -1,0 +1,354 @@
+"""The projection engine against a real Postgres: daemons in the test's
+event loop, handlers in SQL, every read model checked against the log."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from aura_pg import EventStore, NewEvent, projection_admin
+from aura_pg.errors import CatalogError, StaleCheckpoint, UnknownProjection
+from aura_pg.projector import ProjectorSettings, connect, register_projections
+from tests.helpers.projections import (
+    RunningDaemon,
+    applied_positions,
+    caught_up,
+    fixture_catalog,
+    fold_streams,
+    log_positions,
+    query,
+    running_daemon,
+    status_of,
+    stream_counts,
+    wait_for,
+)
+
+
+def append_spread(store: EventStore, count: int, prefix: str = "s", **data: Any) -> None:
+    for n in range(count):
+        store.append(f"{prefix}-{n % 5}", [NewEvent("A" if n % 2 else "B", {"n": n, **data})])
+
+
+def assert_exact_fold(dsn: str, schema: str, exclude: list[int] | None = None) -> None:
+    """The tally in ``schema`` holds every event of the log once, and only those."""
+    assert applied_positions(dsn, schema) == log_positions(dsn, exclude=exclude or [])
+    assert stream_counts(dsn, schema) == fold_streams(dsn, exclude=exclude or [])
+
+
+async def test_daemon_applies_every_event_once_per_event_and_set_based(
+    dsn: str, store: EventStore
+) -> None:
+    append_spread(store, 120)
+    async with running_daemon(dsn, ["tally_set", "tally_each"]) as daemon:
+        await wait_for(lambda: caught_up(dsn, "tally_set") and caught_up(dsn, "tally_each"))
+        append_spread(store, 30, prefix="late")
+        await wait_for(lambda: caught_up(dsn, "tally_set") and caught_up(dsn, "tally_each"))
+        assert daemon.runners["tally_set"].owning
+    for schema in ("tally_set", "tally_each"):
+        assert_exact_fold(dsn, schema)
+        status = status_of(dsn, schema)
+        assert status["events_applied"] == 150
+        assert status["status"] == "running"
+        assert status["owner"] is None  # released on the way out
+
+
+async def test_type_filter_applies_only_its_types_and_moves_past_others(
+    dsn: str, store: EventStore
+) -> None:
+    store.append("f-1", [NewEvent(t, {}) for t in ("A", "B", "C", "B", "B", "A")])
+    async with running_daemon(dsn, ["tally_filtered"]):
+        await wait_for(lambda: caught_up(dsn, "tally_filtered"))
+    assert applied_positions(dsn, "tally_filtered") == log_positions(dsn, ["A", "C"])
+    checkpoint = status_of(dsn, "tally_filtered")["checkpoint"]
+    last = query(
+        dsn,
+        "SELECT transaction_id::text || '/' || global_position FROM aura.events "
+        "ORDER BY global_position DESC LIMIT 1",
+    )[0][0]
+    assert checkpoint == last  # past the trailing B events too
+
+
+async def test_a_stale_checkpoint_applies_nothing(dsn: str, store: EventStore) -> None:
+    append_spread(store, 10)
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, fixture_catalog().select(["tally_set"]))
+        cur = await conn.execute("SELECT * FROM aura.project_batch('tally_set', '0', 0, 'me')")
+        applied, *_ = await cur.fetchone() or ()
+        assert applied == 10
+        with pytest.raises(psycopg.Error) as caught:
+            await conn.execute("SELECT * FROM aura.project_batch('tally_set', '0', 0, 'stale')")
+        assert caught.value.sqlstate == "AU006"
+        with pytest.raises(psycopg.Error) as unknown:
+            await conn.execute("SELECT * FROM aura.project_batch('nope', '0', 0)")
+        assert unknown.value.sqlstate == "AU005"
+    assert_exact_fold(dsn, "tally_set")
+    with pytest.raises(UnknownProjection):
+        projection_admin.pause(dsn, "nope")
+    assert StaleCheckpoint.__mro__[1].__name__ == "ProjectionError"
+
+
+async def test_an_event_committed_late_is_not_skipped(dsn: str, store: EventStore) -> None:
+    """A transaction that took its position early and commits late: the
+    projection waits for it instead of passing it by."""
+    with psycopg.connect(dsn) as slow:
+        store_on_slow = EventStore.connect(dsn, max_size=1)
+        try:
+            store_on_slow.append("slow", [NewEvent("A", {"slow": True})], conn=slow)
+            store.append("fast", [NewEvent("A", {"fast": True})])
+            async with running_daemon(dsn, ["tally_set"]):
+                await asyncio.sleep(0.6)
+                # The fast event committed, but the slow one holds the horizon.
+                assert applied_positions(dsn, "tally_set") == []
+                slow.commit()
+                await wait_for(lambda: caught_up(dsn, "tally_set"))
+        finally:
+            store_on_slow.close()
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_poison_event_is_isolated_retried_and_dead_lettered(
+    dsn: str, store: EventStore
+) -> None:
+    append_spread(store, 12)
+    poison = store.append("p-1", [NewEvent("A", {"poison": True})]).events[0]
+    append_spread(store, 12, prefix="after")
+    async with running_daemon(dsn, ["tally_set", "tally_each", "tally_filtered"]):
+        await wait_for(
+            lambda: all(caught_up(dsn, n) for n in ("tally_set", "tally_each", "tally_filtered"))
+        )
+    for name in ("tally_set", "tally_each"):
+        assert_exact_fold(dsn, name, exclude=[poison.global_position])
+        status = status_of(dsn, name)
+        assert status["dead_letters"] == 1
+        assert status["status"] == "running"
+        assert "poison event" in status["last_error"]
+    letters = projection_admin.dead_letters(dsn, "tally_set")
+    assert [(d["event_id"], d["attempts"]) for d in letters] == [(poison.event_id, 3)]
+    # tally_filtered also sees A events and has its own dead letter.
+    assert len(projection_admin.dead_letters(dsn, "tally_filtered")) == 1
+
+    # The operator fixes the cause, then retries one and skips another.
+    query(dsn, "INSERT INTO tally_set.cures VALUES (%s)", (poison.event_id,))
+    assert projection_admin.retry_dead_letter(dsn, letters[0]["id"]) == "retried"
+    assert_exact_fold(dsn, "tally_set")
+    assert status_of(dsn, "tally_set")["dead_letters"] == 0
+    each_letter = projection_admin.dead_letters(dsn, "tally_each")[0]
+    with pytest.raises(psycopg.Error, match="poison event"):
+        projection_admin.retry_dead_letter(dsn, each_letter["id"])  # not cured there
+    assert projection_admin.skip_dead_letter(dsn, each_letter["id"], "known bad") == "skipped"
+    assert projection_admin.dead_letters(dsn, "tally_each") == []
+
+
+async def test_circuit_breaker_opens_pauses_and_recovers(dsn: str, store: EventStore) -> None:
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, fixture_catalog().select(["tally_strict", "tally_set"]))
+    query(dsn, "INSERT INTO tally_strict.switches VALUES ('broken')")
+    append_spread(store, 5)
+    async with running_daemon(dsn, ["tally_strict", "tally_set"]):
+        opened = await wait_for(
+            lambda: (s := status_of(dsn, "tally_strict"))["status"] == "failed" and s,
+            what="the circuit to open",
+        )
+        assert opened["circuit"] in ("open", "half_open")
+        assert opened["consecutive_failures"] >= 3
+        # The other projection never noticed.
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        assert applied_positions(dsn, "tally_strict") == []
+        assert projection_admin.dead_letters(dsn, "tally_strict") == []  # no DLQ for it
+        query(dsn, "DELETE FROM tally_strict.switches")
+        # After the recovery timeout one event is tried (half-open), then all.
+        await wait_for(lambda: caught_up(dsn, "tally_strict"), what="recovery")
+    status = status_of(dsn, "tally_strict")
+    assert (status["status"], status["circuit"], status["consecutive_failures"]) == (
+        "running",
+        "closed",
+        0,
+    )
+    assert_exact_fold(dsn, "tally_strict")
+
+
+async def test_pause_resume_and_reset(dsn: str, store: EventStore) -> None:
+    append_spread(store, 10)
+    async with running_daemon(dsn, ["tally_set"], poll_interval=0.1):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        assert projection_admin.pause(dsn, "tally_set") == "paused"
+        append_spread(store, 10, prefix="paused")
+        await asyncio.sleep(0.5)
+        assert len(applied_positions(dsn, "tally_set")) == 10
+        assert status_of(dsn, "tally_set")["status"] == "paused"
+        assert projection_admin.resume(dsn, "tally_set") == "running"
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        assert_exact_fold(dsn, "tally_set")
+        assert projection_admin.reset(dsn, "tally_set") == "reset"
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert_exact_fold(dsn, "tally_set")
+    assert status_of(dsn, "tally_set")["events_applied"] == 20
+
+
+async def test_replay_stream_repairs_one_aggregate(dsn: str, store: EventStore) -> None:
+    append_spread(store, 20)
+    async with running_daemon(dsn, ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    query(dsn, "DELETE FROM tally_set.streams WHERE stream_id = 's-1'")
+    assert projection_admin.replay_stream(dsn, "tally_set", "s-1") == 4
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_rebuild_swaps_in_atomically_while_the_live_model_serves(
+    dsn: str, store: EventStore
+) -> None:
+    append_spread(store, 300)
+    stop_writing = threading.Event()
+    smallest_seen: list[int] = []
+
+    def keep_writing() -> None:
+        n = 0
+        while not stop_writing.is_set():
+            store.append(f"live-{n % 3}", [NewEvent("A", {"n": n})])
+            n += 1
+            time.sleep(0.005)
+
+    def keep_reading() -> None:
+        # Readers must never see a half-built model: row counts only grow.
+        last = 0
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop_writing.is_set():
+                count = conn.execute("SELECT count(*) FROM tally_set.applied_events").fetchone()
+                assert count is not None
+                if count[0] < last:
+                    smallest_seen.append(count[0])
+                last = count[0]
+
+    async with running_daemon(dsn, ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        threads = [threading.Thread(target=keep_writing), threading.Thread(target=keep_reading)]
+        for thread in threads:
+            thread.start()
+        try:
+            progress: list[projection_admin.RebuildProgress] = []
+            result = await projection_admin.rebuild(
+                dsn,
+                fixture_catalog().get("tally_set"),
+                progress=progress.append,
+                progress_interval=0.05,
+            )
+        finally:
+            stop_writing.set()
+            for thread in threads:
+                thread.join()
+        assert result is not None and result.events_applied >= 300
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert smallest_seen == []
+    assert_exact_fold(dsn, "tally_set")
+    schemas = {row[0] for row in query(dsn, "SELECT nspname FROM pg_namespace")}
+    assert {"tally_set", "tally_set__previous"} <= schemas
+    assert "tally_set__rebuild" not in schemas
+    assert [s["name"] for s in projection_admin.status(dsn)] == ["tally_set"]
+
+
+async def test_changed_definition_waits_for_a_rebuild(dsn: str, store: EventStore) -> None:
+    append_spread(store, 10)
+    spec = fixture_catalog().get("tally_set")
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        assert await register_projections(conn, [spec]) == {"tally_set": "created"}
+        assert await register_projections(conn, [spec]) == {"tally_set": "unchanged"}
+        changed = spec.model_copy(
+            update={"definition_sql": spec.definition_sql + "\nCREATE TABLE extra (x int);\n"}
+        )
+        assert await register_projections(conn, [changed]) == {"tally_set": "changed"}
+    assert status_of(dsn, "tally_set")["rebuild_needed"] is True
+    assert not query(
+        dsn, "SELECT 1 FROM pg_tables WHERE schemaname = 'tally_set' AND tablename = 'extra'"
+    )
+    result = await projection_admin.rebuild(dsn, changed)
+    assert result is not None
+    assert query(
+        dsn, "SELECT 1 FROM pg_tables WHERE schemaname = 'tally_set' AND tablename = 'extra'"
+    )
+    assert status_of(dsn, "tally_set")["rebuild_needed"] is False
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_a_definition_without_its_handler_is_a_catalog_error(dsn: str) -> None:
+    spec = fixture_catalog().get("tally_set").model_copy(update={"handler": "missing_handler"})
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        with pytest.raises(CatalogError, match=r"tally_set.*missing_handler"):
+            await register_projections(conn, [spec])
+    assert query(dsn, "SELECT count(*) FROM aura.projection_checkpoints") == [(0,)]
+    assert not query(dsn, "SELECT 1 FROM pg_namespace WHERE nspname = 'tally_set'")
+
+
+async def test_notifications_wake_the_daemon_long_before_its_poll(
+    dsn: str, store: EventStore
+) -> None:
+    async with running_daemon(dsn, ["tally_set"], poll_interval=30.0) as daemon:
+        await wait_for(lambda: daemon.listener is not None and daemon.listener.connected)
+        await wait_for(lambda: daemon.runners["tally_set"].owning)
+        store.append("wake", [NewEvent("A", {})])
+        await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
+
+        # Kill the listener's connection: it reconnects and wakes everyone.
+        query(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'aura-pg projector listener' "
+            "AND datname = current_database()",
+        )
+        assert daemon.listener is not None
+        await wait_for(lambda: daemon.listener is not None and daemon.listener.reconnects >= 1)
+        await wait_for(lambda: daemon.listener is not None and daemon.listener.connected)
+        store.append("wake", [NewEvent("A", {})])
+        await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_poll_only_mode_still_applies_everything(dsn: str, store: EventStore) -> None:
+    async with running_daemon(dsn, ["tally_set"], listen=False, poll_interval=0.2) as daemon:
+        assert daemon.listener is None
+        append_spread(store, 15)
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_terminated_projector_connections_recover(dsn: str, store: EventStore) -> None:
+    append_spread(store, 40)
+    async with running_daemon(dsn, ["tally_set", "tally_each"], poll_interval=0.1):
+        await wait_for(lambda: caught_up(dsn, "tally_set") and caught_up(dsn, "tally_each"))
+        query(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'aura-pg projector%%' AND datname = current_database()",
+        )
+        append_spread(store, 40, prefix="after")
+        await wait_for(lambda: caught_up(dsn, "tally_set") and caught_up(dsn, "tally_each"))
+    assert_exact_fold(dsn, "tally_set")
+    assert_exact_fold(dsn, "tally_each")
+
+
+async def test_two_daemons_share_nothing_and_fail_over(dsn: str, store: EventStore) -> None:
+    append_spread(store, 30)
+    first = RunningDaemon(dsn, ["tally_set"], owner="first")
+    second: RunningDaemon | None = None
+    try:
+        await wait_for(lambda: first.daemon.runners["tally_set"].owning)
+        second = RunningDaemon(dsn, ["tally_set"], owner="second")
+        await asyncio.sleep(0.5)
+        assert not second.daemon.runners["tally_set"].owning
+        assert status_of(dsn, "tally_set")["owner"] == "first"
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        # The owner goes away: the stand-by takes over.
+        await first.stop()
+        await wait_for(lambda: second.daemon.runners["tally_set"].owning, what="takeover")
+        append_spread(store, 30, prefix="second")
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        assert status_of(dsn, "tally_set")["owner"] == "second"
+    finally:
+        await first.stop()
+        if second is not None:
+            await second.stop()
+    assert_exact_fold(dsn, "tally_set")

@@ -1,0 +1,110 @@
+"""Catalog loading: every bad entry is a CatalogError that names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aura_pg.catalog import default_catalog_path, load_catalog
+from aura_pg.errors import CatalogError
+
+HANDLER_SQL = (
+    "CREATE FUNCTION apply_events(batch aura.events[]) RETURNS void LANGUAGE sql AS $$ $$;\n"
+)
+
+GOOD_ENTRY = """
+  - name: {name}
+    sql: model.sql
+    source_events: [DEBATE_STARTED, DEBATE_FAILED]
+    handler: apply_events
+"""
+
+
+def write_catalog(tmp_path: Path, body: str, sql: str = HANDLER_SQL) -> Path:
+    (tmp_path / "model.sql").write_text(sql)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_the_shipped_catalog_loads() -> None:
+    catalog = load_catalog(default_catalog_path())
+    names = [spec.name for spec in catalog.projections]
+    assert "stream_summary" in names
+    for spec in catalog.projections:
+        assert spec.definition_sql.strip()
+
+
+def test_a_good_entry_loads_with_defaults(tmp_path: Path) -> None:
+    catalog = load_catalog(write_catalog(tmp_path, "projections:" + GOOD_ENTRY.format(name="m")))
+    (spec,) = catalog.projections
+    assert spec.read_model_schema == "m"
+    assert spec.source_events == ("DEBATE_STARTED", "DEBATE_FAILED")
+    assert spec.handler_kind == "set_based"
+    assert spec.error_handling.max_retries == 3
+    assert spec.error_handling.dead_letter_queue is True
+    assert spec.definition_sql == HANDLER_SQL
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            GOOD_ENTRY.format(name="m") + GOOD_ENTRY.format(name="m"),
+            r"entry 2 \('m'\): duplicate name",
+        ),
+        (GOOD_ENTRY.format(name="Bad-Name"), r"entry 1 \('Bad-Name'\): name"),
+        (GOOD_ENTRY.format(name="two__underscores"), "two__underscores"),
+        (
+            GOOD_ENTRY.format(name="m").replace("DEBATE_FAILED", "not a type!"),
+            r"'m'.*source_events",
+        ),
+        (
+            GOOD_ENTRY.format(name="m").replace("apply_events", "nowhere"),
+            "handler 'nowhere' is not created",
+        ),
+        (GOOD_ENTRY.format(name="m") + "    handler_kind: sometimes\n", "handler_kind"),
+        (GOOD_ENTRY.format(name="m") + "    colour: blue\n", "colour"),
+        (GOOD_ENTRY.format(name="m") + "    schema: aura\n", "reserved"),
+        (
+            GOOD_ENTRY.format(name="m").replace("[DEBATE_STARTED, DEBATE_FAILED]", "[]"),
+            "at least one",
+        ),
+        (GOOD_ENTRY.format(name="m").replace("model.sql", "../outside.sql"), "must be inside"),
+        (
+            GOOD_ENTRY.format(name="m").replace("model.sql", "missing.sql"),
+            "cannot read missing.sql",
+        ),
+        (
+            GOOD_ENTRY.format(name="m")
+            + "    error_handling:\n      retry_base_ms: 500\n      retry_max_ms: 100\n",
+            "retry_max_ms",
+        ),
+        (
+            GOOD_ENTRY.format(name="m") + GOOD_ENTRY.format(name="n") + "    schema: m\n",
+            r"entry 2 \('n'\): schema 'm' is also used",
+        ),
+    ],
+)
+def test_bad_entries_are_named(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(write_catalog(tmp_path, "projections:" + body))
+
+
+def test_bad_documents(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="not valid YAML"):
+        load_catalog(write_catalog(tmp_path, "projections: [\n"))
+    with pytest.raises(CatalogError, match="'projections' list"):
+        load_catalog(write_catalog(tmp_path, "- just a list\n"))
+    with pytest.raises(CatalogError, match="unknown top-level"):
+        load_catalog(write_catalog(tmp_path, "projections: []\nextra: 1\n"))
+    with pytest.raises(CatalogError, match="cannot read"):
+        load_catalog(tmp_path / "nope.yaml")
+
+
+def test_select_names_unknown_projections(tmp_path: Path) -> None:
+    catalog = load_catalog(write_catalog(tmp_path, "projections:" + GOOD_ENTRY.format(name="m")))
+    assert catalog.select([]) == catalog.projections
+    with pytest.raises(CatalogError, match="no projection named 'x'"):
+        catalog.select(["x"])
