@@ -28,6 +28,7 @@ from aura_pg.projector import (
     default_owner,
     register_projections,
 )
+from aura_pg.relay import add_relay_command
 from aura_pg.store import EventStore
 
 DEFAULT_DATA_DIR = Path(".aura-pg/cluster/data")
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     for a in actions.choices.values():
         with_dsn(a)
     p.set_defaults(handler=cmd_projections)
+
+    add_relay_command(sub)
     return parser
 
 

@@ -80,3 +80,19 @@ BEGIN
     RETURN FOUND;
 END;
 $$;
+
+-- Deletes delivered messages older than p_older_than, at most p_limit per
+-- call (run it on a schedule); returns how many went.
+CREATE OR REPLACE FUNCTION aura.purge_delivered_outbox(
+    p_older_than interval DEFAULT '7 days', p_limit integer DEFAULT 10000
+) RETURNS bigint
+LANGUAGE sql AS $$
+    WITH gone AS (
+        DELETE FROM aura.outbox o
+        WHERE o.id IN (SELECT d.id FROM aura.outbox d
+                       WHERE d.status = 'delivered' AND d.delivered_at < now() - p_older_than
+                       ORDER BY d.id LIMIT p_limit)
+        RETURNING 1
+    )
+    SELECT count(*) FROM gone
+$$;

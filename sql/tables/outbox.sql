@@ -17,6 +17,7 @@ CREATE TABLE aura.outbox (
     created_at       timestamptz NOT NULL DEFAULT now(),
     delivered_at     timestamptz,
     CONSTRAINT outbox_status_valid CHECK (status IN ('pending', 'delivered', 'dead')),
+    CONSTRAINT outbox_headers_is_object CHECK (jsonb_typeof(headers) = 'object'),
     CONSTRAINT outbox_sink_valid CHECK (sink ~ '^[a-z][a-z0-9_]{0,62}$'),
     CONSTRAINT outbox_topic_valid
         CHECK (char_length(topic) BETWEEN 1 AND 255 AND topic !~ '[[:cntrl:]]'),

@@ -6,6 +6,7 @@ event position would refuse a second application outright)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from aura_pg import projection_admin
 from tests.helpers.projections import (
     FIXTURE_CATALOG,
     applied_positions,
     caught_up,
+    fixture_catalog,
     fold_streams,
     log_positions,
     query,
@@ -166,6 +169,16 @@ def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
         assert writer.wait(60) == 0
     wait_caught_up(dsn)
     for schema in PROJECTIONS:
+        assert_exact_fold(dsn, schema)
+    # ... and equals a fresh rebuild from the first event.
+    for process in daemons.started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+    before = {schema: stream_counts(dsn, schema) for schema in PROJECTIONS}
+    for schema in PROJECTIONS:
+        assert asyncio.run(projection_admin.rebuild(dsn, fixture_catalog().get(schema)))
+        assert stream_counts(dsn, schema) == before[schema]
         assert_exact_fold(dsn, schema)
     print(f"takeover after kill -9: {', '.join(f'{t:.2f}s' for t in takeovers)}")
     assert max(takeovers) < 15

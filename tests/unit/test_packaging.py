@@ -24,6 +24,7 @@ def test_wheel_contains_sql_and_migrations(tmp_path: Path, monkeypatch: pytest.M
         "aura_pg/_migrations/versions/0001_event_store_core.py",
         "aura_pg/_migrations/versions/0002_projections_outbox.py",
         "aura_pg/_sql/queries/projector.sql",
+        "aura_pg/_sql/queries/relay.sql",
         "aura_pg/_projections/catalog.yaml",
         "aura_pg/_projections/stream_summary.sql",
         "aura_pg/py.typed",

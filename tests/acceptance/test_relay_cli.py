@@ -1,0 +1,143 @@
+"""``aura-pg relay`` in a subprocess, as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from aura_pg.localdb import free_port
+from tests.integration.test_relay import WebhookServer, add_route, append, outbox
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Until the lead wires `relay` into aura_pg.cli, the module runs it alone.
+RELAY = [sys.executable, "-m", "aura_pg.cli", "relay"]
+
+
+@pytest.fixture
+def webhook_server() -> Iterator[WebhookServer]:
+    server = WebhookServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def start_relay(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*RELAY, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+def run_relay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RELAY, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False
+    )
+
+
+def relay_connected(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE application_name = 'aura-pg relay' AND datname = current_database()"""
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
+def test_sigterm_finishes_the_batch_in_flight_and_exits_0(
+    dsn: str, webhook_server: WebhookServer
+) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    ids = append(dsn, "T", "T", "T")
+    webhook_server.hold = {"/hook"}
+    webhook_server.hold_first_only = True  # the first POST waits for the test
+    relay = start_relay(
+        "--dsn", dsn, "--webhook", f"hook={webhook_server.url('/hook')}",
+        "--poll-interval", "0.1", "--publish-timeout", "30",
+    )  # fmt: skip
+    try:
+        assert webhook_server.arrived.wait(20), "the relay sent nothing"
+        relay.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the signal lands while the batch waits for the answer
+        webhook_server.release.set()
+        _, stderr = relay.communicate(timeout=20)
+    finally:
+        relay.kill()
+    assert relay.returncode == 0, stderr
+    assert "stopped" in stderr
+    assert [r.headers["Idempotency-Key"] for r in webhook_server.received] == ids
+    assert {row["status"] for row in outbox(dsn)} == {"delivered"}
+
+
+def test_idle_relay_exits_0_on_sigint(dsn: str, webhook_server: WebhookServer) -> None:
+    relay = start_relay("--dsn", dsn, "--webhook", f"hook={webhook_server.url('/')}")
+    try:
+        deadline = time.monotonic() + 20
+        while not relay_connected(dsn):
+            assert relay.poll() is None, relay.communicate()
+            assert time.monotonic() < deadline, "the relay never connected"
+            time.sleep(0.05)
+        relay.send_signal(signal.SIGINT)
+        _, stderr = relay.communicate(timeout=20)
+    finally:
+        relay.kill()
+    assert relay.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_once_drains_and_prints_a_summary(dsn: str, webhook_server: WebhookServer) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    append(dsn, "T", "T")
+    args = ["--dsn", dsn, "--webhook", f"hook={webhook_server.url('/h')}", "--once"]
+    done = run_relay(*args, "--batch-size", "1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"batches": 2, "delivered": 2, "failed": 0, "dead": 0}
+    again = run_relay(*args)
+    assert json.loads(again.stdout) == {"batches": 0, "delivered": 0, "failed": 0, "dead": 0}
+    assert len(webhook_server.received) == 2
+
+
+def test_dsn_from_environment(dsn: str, webhook_server: WebhookServer) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    append(dsn, "T")
+    done = subprocess.run(
+        [*RELAY, "--webhook", f"hook={webhook_server.url('/')}", "--once"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False,
+        env={"AURA_PG_DSN": dsn, "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["delivered"] == 1
+
+
+def test_usage_errors_exit_2() -> None:
+    no_sink = run_relay("--dsn", "host=/nonexistent", "--once")
+    assert no_sink.returncode == 2
+    assert "no sink" in no_sink.stderr
+    bad_webhook = run_relay("--webhook", "hook=ftp://example.com/x", "--once")
+    assert bad_webhook.returncode == 2
+    assert "must be http:// or https://" in bad_webhook.stderr
+    bad_size = run_relay("--webhook", "h=http://127.0.0.1/", "--batch-size", "0")
+    assert bad_size.returncode == 2
+
+
+def test_unreachable_database_with_once_exits_1() -> None:
+    dsn = f"host=127.0.0.1 port={free_port()} user=postgres dbname=x connect_timeout=2"
+    done = run_relay("--dsn", dsn, "--webhook", "h=http://127.0.0.1:1/", "--once")
+    assert done.returncode == 1
+    assert "aura-pg relay: connection failed" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unmigrated_database_exits_1(empty_dsn: str) -> None:
+    done = run_relay("--dsn", empty_dsn, "--webhook", "h=http://127.0.0.1:1/")
+    assert done.returncode == 1
+    assert 'relation "aura.outbox" does not exist' in done.stderr
+    assert "Traceback" not in done.stderr
