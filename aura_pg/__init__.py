@@ -1,11 +1,16 @@
 """aura-pg: a Postgres-native event store with SQL-first projections."""
 
+from aura_pg.catalog import Catalog, ProjectionSpec, load_catalog
 from aura_pg.errors import (
     AuraPgError,
+    CatalogError,
     ConcurrencyError,
     EventValidationError,
     IdempotencyConflict,
     MigrationError,
+    ProjectionError,
+    StaleCheckpoint,
+    UnknownProjection,
 )
 from aura_pg.models import (
     ANY,
@@ -25,6 +30,7 @@ from aura_pg.models import (
     StreamState,
     uuid7,
 )
+from aura_pg.projector import ProjectorDaemon, ProjectorSettings
 from aura_pg.store import AsyncEventStore, EventStore
 
 __all__ = [
@@ -38,6 +44,8 @@ __all__ = [
     "AppendedEvent",
     "AsyncEventStore",
     "AuraPgError",
+    "Catalog",
+    "CatalogError",
     "Checkpoint",
     "ConcurrencyError",
     "Direction",
@@ -48,7 +56,14 @@ __all__ = [
     "MigrationError",
     "NewEvent",
     "Page",
+    "ProjectionError",
+    "ProjectionSpec",
+    "ProjectorDaemon",
+    "ProjectorSettings",
     "RecordedEvent",
+    "StaleCheckpoint",
     "StreamState",
+    "UnknownProjection",
+    "load_catalog",
     "uuid7",
 ]

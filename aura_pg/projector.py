@@ -30,7 +30,7 @@ import psycopg
 
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
-from aura_pg.errors import CatalogError, StaleCheckpoint, UnknownProjection
+from aura_pg.errors import CatalogError, ProjectionError, StaleCheckpoint, UnknownProjection
 
 log = logging.getLogger("aura_pg.projector")
 
@@ -89,8 +89,6 @@ def translate_projection_error(exc: psycopg.Error) -> Exception | None:
     if exc.sqlstate == "AU006":
         return StaleCheckpoint(message)
     if exc.sqlstate == "AU007":
-        from aura_pg.errors import ProjectionError
-
         return ProjectionError(message)
     return None
 

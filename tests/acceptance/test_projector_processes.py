@@ -151,6 +151,16 @@ def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
     dsn: str, daemons: Daemons
 ) -> None:
     writers = [start_writer(dsn, 12.0, 150, seed=seed) for seed in (1, 2)]
+    # Plus a writer whose transactions stay open a while, so commits land
+    # out of position order while the owners die.
+    writers.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.append_writer", dsn, "600", "9"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+    )
     daemons.start("a")
     wait_for_sync(lambda: daemons.owners() == {"a"}, 30, "first ownership")
     daemons.start("b")
