@@ -352,3 +352,22 @@ async def test_two_daemons_share_nothing_and_fail_over(dsn: str, store: EventSto
         if second is not None:
             await second.stop()
     assert_exact_fold(dsn, "tally_set")
+
+
+async def test_handlers_publish_to_the_outbox_in_the_batch_transaction(
+    dsn: str, store: EventStore
+) -> None:
+    """A projection's outgoing messages commit with its batch: a failed
+    batch leaves none behind, and a replay (reset) publishes none twice."""
+    emitting = [
+        store.append(f"e-{n}", [NewEvent("A", {"emit": {"n": n}})]).events[0] for n in range(5)
+    ]
+    poison = store.append("e-poison", [NewEvent("A", {"emit": {"n": 99}, "poison": True})])
+    async with running_daemon(dsn, ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        outbox = query(dsn, "SELECT message_id, payload FROM aura.outbox ORDER BY id")
+        assert outbox == [(e.event_id, {"n": n}) for n, e in enumerate(emitting)]
+        assert poison.events[0].event_id not in {row[0] for row in outbox}
+        projection_admin.reset(dsn, "tally_set")
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert query(dsn, "SELECT count(*) FROM aura.outbox") == [(5,)]
