@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from psycopg.rows import dict_row
 
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
+from aura_pg.errors import ProjectionError, UnknownProjection
 from aura_pg.projector import (
     ProjectionRunner,
     ProjectorSettings,
@@ -23,6 +25,8 @@ from aura_pg.projector import (
     register_projections,
     translate_projection_error,
 )
+
+log = logging.getLogger("aura_pg.rebuild")
 
 
 def _queries() -> dict[str, Any]:
@@ -124,8 +128,14 @@ async def rebuild(
     started = time.monotonic()
     async with await connect(dsn, settings, f"rebuild {spec.name}") as conn:
         await register_projections(conn, [spec])
-        cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
-        row = await cur.fetchone()
+        try:
+            cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
+            row = await cur.fetchone()
+        except psycopg.Error as exc:
+            typed = translate_projection_error(exc)
+            if typed is not None:
+                raise typed from None
+            raise
         assert row is not None
         shadow = str(row[0])
 
@@ -142,9 +152,10 @@ async def rebuild(
             applied_in_swap = int(swap_row[0]) if swap_row else 0
         except psycopg.OperationalError:
             raise
-        except psycopg.Error:
+        except psycopg.Error as exc:
             # A failing event in the tail: the runner's own retry and
             # dead-letter path deals with it, then we try again.
+            log.warning("rebuild of %s: the swap failed (%s); trying again", spec.name, exc)
             return False
         swapped.set()
         return True
@@ -186,6 +197,13 @@ async def rebuild(
     stopper = asyncio.create_task(relay_stop())
     try:
         await runner.run(runner_stop)
+    except UnknownProjection:
+        # The shadow row is gone: another rebuild swapped it in, or someone
+        # aborted it, while this one stood by or was reconnecting.
+        raise ProjectionError(
+            f"the rebuild of {spec.name!r} was finished or aborted by another process; "
+            "see `aura-pg projections status`"
+        ) from None
     finally:
         runner_stop.set()
         stopper.cancel()

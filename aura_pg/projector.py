@@ -103,13 +103,28 @@ def backoff_delay(attempt: int, base_ms: int, max_ms: int) -> float:
 async def connect(
     dsn: str, settings: ProjectorSettings, purpose: str
 ) -> psycopg.AsyncConnection[Any]:
-    """An autocommit connection with the daemon's timeouts."""
+    """An autocommit connection with the daemon's timeouts and keepalives.
+
+    Keepalives on both ends make a vanished peer (host crash, partition)
+    show within about half a minute: the daemon reconnects, and the server
+    ends the dead daemon's session, which releases its projection locks so
+    a stand-by can take over.
+    """
     conn = await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, application_name=f"aura-pg {purpose}"[:63]
+        dsn,
+        autocommit=True,
+        application_name=f"aura-pg {purpose}"[:63],
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
     )
     await conn.execute(
-        "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)",
-        (str(settings.statement_timeout_ms), str(settings.lock_timeout_ms)),
+        _queries()["session_settings"],
+        {
+            "statement_timeout": str(settings.statement_timeout_ms),
+            "lock_timeout": str(settings.lock_timeout_ms),
+        },
     )
     return conn
 
@@ -182,6 +197,21 @@ async def register_projections(
     return outcomes
 
 
+async def check_log_origin(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Refuse to project a log restored from another cluster whose
+    transaction ids run ahead of this one's: gap-free reads would hide the
+    restored events and order new ones before the checkpoints."""
+    cur = await conn.execute(_queries()["log_origin"])
+    row = await cur.fetchone()
+    if row is not None and row[2]:
+        raise ProjectionError(
+            f"aura.events holds transaction ids up to {row[0]}, but this cluster's next "
+            f"transaction id is {row[1]}: the log was restored from another cluster. Advance "
+            "the transaction id counter past it (pg_resetwal -x while stopped) before appending "
+            "or projecting; see docs/event-store.md"
+        )
+
+
 @dataclass
 class _PoisonCandidate:
     transaction_id: str
@@ -190,8 +220,30 @@ class _PoisonCandidate:
     first_failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether ``exc`` means the connection is gone (reconnect), as opposed
+    to a failure of the statement (the handler's, a timeout, a deadlock:
+    handled as a failed batch). psycopg files both under OperationalError."""
+    if conn.closed or conn.broken:
+        return True
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    # 08: connection exceptions; 57P01-57P03: admin shutdown, crash
+    # shutdown, cannot connect now.
+    return state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
+class _ConnectionLost(Exception):
+    """Internal: the runner's connection is unusable; reconnect."""
+
+
 class ProjectionRunner:
     """Runs one projection (or a rebuild's shadow) while it owns it."""
+
+    # How often an idle runner re-reads its settings (batch size, retries)
+    # from the database, where `projections register` may have changed them.
+    SETTINGS_REFRESH_SECONDS = 5.0
 
     def __init__(
         self,
@@ -213,19 +265,23 @@ class ProjectionRunner:
         self.events_applied = 0
         self.batches = 0
         self.dead_lettered = 0
+        self.reconnects = 0
         self.transaction_id = "0"
         self.position = 0
-        self._batch_size = 1
         self._max_retries = 0
         self._retry_base_ms = 100
         self._retry_max_ms = 10_000
+        self._settings_loaded_at = 0.0
         self._isolate_remaining = 0
+        self._batch_size = 1
+        self._trial_next = False
         self._poison: _PoisonCandidate | None = None
         self._stop = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Own and run the projection until ``stop`` is set; survives
-        connection loss, database restarts and losing the ownership."""
+        connection loss, database restarts and losing the ownership.
+        Raises UnknownProjection when the projection's row is gone."""
         self._stop = stop
         delay = 0.1
         while not stop.is_set() and not self.finished:
@@ -234,18 +290,21 @@ class ProjectionRunner:
                 conn = await connect(self.dsn, self.settings, f"projector {self.name}")
                 if not await self._acquire(conn, stop):
                     return
-                delay = 0.1
-                await self._work(conn, stop)
-                if not conn.closed:
-                    await self._release(conn)
-            except psycopg.OperationalError as exc:
-                log.warning("projection %s: connection lost (%s); reconnecting", self.name, exc)
-                await _wait(stop, None, delay)
-                delay = min(delay * 2, self.settings.reconnect_max_delay)
-            except UnknownProjection:
-                raise
-            except Exception:
-                log.exception("projection %s: runner failed; restarting it", self.name)
+                applied_before = self.events_applied
+                try:
+                    await self._work(conn, stop)
+                finally:
+                    if self.events_applied > applied_before:
+                        delay = 0.1  # it worked for a while: reconnect quickly next time
+                await self._release(conn)
+            except (psycopg.OperationalError, _ConnectionLost) as exc:
+                self.reconnects += 1
+                log.warning(
+                    "projection %s: connection lost (%s); reconnecting in %.1fs",
+                    self.name,
+                    exc,
+                    delay,
+                )
                 await _wait(stop, None, delay)
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
             finally:
@@ -253,16 +312,33 @@ class ProjectionRunner:
                 if conn is not None:
                     await conn.close()
 
+    async def _execute(
+        self, conn: psycopg.AsyncConnection[Any], query: LiteralString, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """One statement, its first row; connection loss as _ConnectionLost,
+        the projection functions' own errors typed."""
+        try:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+        except psycopg.Error as exc:
+            if is_connection_failure(exc, conn):
+                raise _ConnectionLost(str(exc)) from exc
+            typed = translate_projection_error(exc)
+            if typed is not None:
+                raise typed from exc
+            raise
+
     async def _acquire(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
         waiting_logged = False
         while not stop.is_set():
-            cur = await conn.execute(_queries()["try_lock"], {"name": self.name})
-            row = await cur.fetchone()
+            row = await self._execute(conn, _queries()["try_lock"], {"name": self.name})
             if row and row[0]:
-                cur = await conn.execute(
-                    _queries()["claim"], {"name": self.name, "owner": self.settings.owner}
+                claimed = await self._execute(
+                    conn, _queries()["claim"], {"name": self.name, "owner": self.settings.owner}
                 )
-                self._load(await cur.fetchone())
+                self._load(claimed)
+                self._poison = None
+                self._isolate_remaining = 0
                 self.owning = True
                 log.info(
                     "projection %s: owned by %s from checkpoint %s/%s",
@@ -286,24 +362,27 @@ class ProjectionRunner:
             await conn.execute(_queries()["unlock"], {"name": self.name})
         log.info("projection %s: released", self.name)
 
-    def _load(self, row: tuple[Any, ...] | None) -> None:
-        if row is None:
-            raise UnknownProjection(f"projection {self.name!r} is not registered")
+    def _load(self, row: tuple[Any, ...] | None, *, settings_only: bool = False) -> None:
+        if row is None or row[0] is None:
+            raise UnknownProjection(f"unknown projection {self.name!r}")
         (
-            self.transaction_id,
-            self.position,
+            transaction_id,
+            position,
             _status,
             self._batch_size,
             self._max_retries,
             self._retry_base_ms,
             self._retry_max_ms,
-            _circuit_state,
+            circuit_state,
             _circuit_open_until,
         ) = row
+        self._settings_loaded_at = time.monotonic()
+        if not settings_only:
+            self.transaction_id, self.position = transaction_id, position
+            self._trial_next = circuit_state != "closed"
 
     async def _reload(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(_queries()["load"], {"name": self.name})
-        self._load(await cur.fetchone())
+        self._load(await self._execute(conn, _queries()["load"], {"name": self.name}))
         self._poison = None
         self._isolate_remaining = 0
 
@@ -314,47 +393,49 @@ class ProjectionRunner:
                 self.finished = True
                 return
             if outcome is StepOutcome.IDLE:
+                if time.monotonic() - self._settings_loaded_at > self.SETTINGS_REFRESH_SECONDS:
+                    row = await self._execute(conn, _queries()["load"], {"name": self.name})
+                    self._load(row, settings_only=True)
                 await _wait(stop, self.wake, self.settings.poll_interval)
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> StepOutcome:
         """One batch: apply it, or handle its failure."""
-        limit = 1 if self._isolate_remaining > 0 else None
+        single = self._isolate_remaining > 0 or self._trial_next
         params = {
             "name": self.name,
             "transaction_id": self.transaction_id,
             "position": self.position,
             "owner": self.settings.owner,
-            "limit": limit,
+            "limit": 1 if single else None,
         }
         try:
-            cur = await conn.execute(_queries()["project_batch"], params)
-            row = await cur.fetchone()
-        except psycopg.OperationalError:
-            raise
+            row = await self._execute(conn, _queries()["project_batch"], params)
+        except StaleCheckpoint as exc:
+            log.warning("projection %s: %s; reloading", self.name, exc)
+            await self._reload(conn)
+            return StepOutcome.BUSY
         except psycopg.Error as exc:
-            typed = translate_projection_error(exc)
-            if isinstance(typed, StaleCheckpoint):
-                log.warning("projection %s: %s; reloading", self.name, typed)
-                await self._reload(conn)
-                return StepOutcome.BUSY
-            if typed is not None:
-                raise typed from exc
-            return await self._failed(conn, exc, isolated=limit == 1)
+            return await self._failed(conn, exc, isolated=single)
         assert row is not None
         result = BatchResult(*row)
         self.transaction_id, self.position = result.transaction_id, result.position
+        if result.status == "paused":
+            self._poison = None  # retries start afresh after a resume
+            return StepOutcome.IDLE
         if result.applied:
             self.events_applied += result.applied
             self.batches += 1
             self._poison = None
+            self._trial_next = False
             self._isolate_remaining = max(self._isolate_remaining - result.applied, 0)
         if result.caught_up and result.status in ("running", "rebuilding"):
             self._isolate_remaining = 0
+            self._trial_next = False
             if self.on_caught_up is not None and await self.on_caught_up(conn):
                 return StepOutcome.FINISHED
             return StepOutcome.IDLE
         if result.applied == 0:
-            return StepOutcome.IDLE  # paused, or the circuit is open
+            return StepOutcome.IDLE  # the circuit is open
         return StepOutcome.BUSY
 
     async def _failed(
@@ -362,7 +443,7 @@ class ProjectionRunner:
     ) -> StepOutcome:
         error = (exc.diag.message_primary if exc.diag else None) or str(exc)
         sqlstate = exc.sqlstate
-        if not isolated and self._batch_size > 1:
+        if not isolated:
             # Find the poison event: retry the batch's events one at a time.
             log.warning(
                 "projection %s: batch after %s/%s failed (%s: %s); applying one event at a time",
@@ -372,14 +453,15 @@ class ProjectionRunner:
                 sqlstate,
                 error,
             )
-            self._isolate_remaining = self._batch_size
+            self._isolate_remaining = max(self._batch_size, 1)
             return StepOutcome.BUSY
         at = (self.transaction_id, self.position)
         if self._poison is None or (self._poison.transaction_id, self._poison.position) != at:
             self._poison = _PoisonCandidate(*at)
         self._poison.attempts += 1
         try:
-            cur = await conn.execute(
+            recorded = await self._execute(
+                conn,
                 _queries()["record_failure"],
                 {
                     "name": self.name,
@@ -390,14 +472,12 @@ class ProjectionRunner:
                     "sqlstate": sqlstate,
                 },
             )
-            failures, circuit_state, _ = await cur.fetchone() or (0, "closed", None)
-        except psycopg.OperationalError:
-            raise
-        except psycopg.Error as record_exc:
-            if isinstance(translate_projection_error(record_exc), StaleCheckpoint):
-                await self._reload(conn)
-                return StepOutcome.BUSY
-            raise
+        except StaleCheckpoint:
+            await self._reload(conn)
+            return StepOutcome.BUSY
+        failures, circuit_state, _ = recorded or (0, "closed", None)
+        # An open circuit half-opens with one event: the next call is a trial.
+        self._trial_next = circuit_state != "closed"
         log.warning(
             "projection %s: event after %s/%s failed (attempt %d, %d failures in a row, "
             "circuit %s): %s: %s",
@@ -420,14 +500,14 @@ class ProjectionRunner:
         self, conn: psycopg.AsyncConnection[Any], error: str, sqlstate: str | None
     ) -> StepOutcome:
         assert self._poison is not None
-        cur = await conn.execute(_queries()["next_event"], {"name": self.name})
-        event = await cur.fetchone()
+        event = await self._execute(conn, _queries()["next_event"], {"name": self.name})
         if event is None:
             self._poison = None
             return StepOutcome.BUSY
         event_id, global_position, event_type = event
         try:
-            cur = await conn.execute(
+            row = await self._execute(
+                conn,
                 _queries()["dead_letter_next"],
                 {
                     "name": self.name,
@@ -441,14 +521,10 @@ class ProjectionRunner:
                     "first_failed_at": self._poison.first_failed_at,
                 },
             )
-            row = await cur.fetchone()
-        except psycopg.OperationalError:
-            raise
-        except psycopg.Error as exc:
-            if translate_projection_error(exc) is not None:
-                await self._reload(conn)
-                return StepOutcome.BUSY
-            raise
+        except (StaleCheckpoint, ProjectionError) as exc:
+            log.warning("projection %s: not dead-lettered (%s); reloading", self.name, exc)
+            await self._reload(conn)
+            return StepOutcome.BUSY
         assert row is not None
         dead_letter_id, self.transaction_id, self.position = row
         self.dead_lettered += 1
@@ -542,13 +618,16 @@ class ProjectorDaemon:
 
     async def register(self) -> dict[str, str]:
         async with await connect(self.dsn, self.settings, "projector setup") as conn:
+            await check_log_origin(conn)
             self.registered = await register_projections(conn, self.specs)
         return self.registered
 
     async def run(self, stop: asyncio.Event) -> None:
         """Register, then run every projection until ``stop`` is set; the
         batches in flight finish and the locks are released on the way out,
-        within ``shutdown_timeout``."""
+        within ``shutdown_timeout``. If a projection's runner dies (its row
+        was removed, an unexpected error), everything stops and the error is
+        raised: a supervisor restarts the process, nothing runs half-way."""
         await self.register()
         log.info(
             "projector %s: running %s (%s)",
@@ -563,12 +642,23 @@ class ProjectorDaemon:
         listener_task = (
             asyncio.create_task(self.listener.run(stop), name="listener") if self.listener else None
         )
+        watched: list[asyncio.Future[Any]] = [*tasks, asyncio.ensure_future(stop.wait())]
+        if listener_task is not None:
+            watched.append(listener_task)
+        failure: BaseException | None = None
         try:
-            await stop.wait()
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task in tasks or task is listener_task:
+                    failure = task.exception() or RuntimeError(f"{task.get_name()} ended")
+                    log.error("%s failed: %r; stopping the daemon", task.get_name(), failure)
         finally:
             stop.set()
             started = time.monotonic()
-            done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+            running = [task for task in tasks if not task.done()]
+            pending: set[asyncio.Task[None]] = set()
+            if running:
+                _, pending = await asyncio.wait(running, timeout=self.settings.shutdown_timeout)
             for task in pending:
                 log.warning("%s did not stop in time; cancelling it", task.get_name())
                 task.cancel()
@@ -577,7 +667,8 @@ class ProjectorDaemon:
             await asyncio.gather(
                 *pending, *([listener_task] if listener_task else []), return_exceptions=True
             )
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    log.error("%s ended with %r", task.get_name(), task.exception())
+            for watcher in watched:
+                watcher.cancel()
             log.info("projector stopped in %.2fs", time.monotonic() - started)
+        if failure is not None:
+            raise failure

@@ -30,6 +30,9 @@ CREATE OR REPLACE FUNCTION aura.add_outbox_route(
 ) RETURNS text
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- Serialises route changes: the check for the trigger below must see
+    -- every committed route change.
+    LOCK TABLE aura.outbox_routes IN SHARE ROW EXCLUSIVE MODE;
     IF p_event_types IS NOT NULL AND cardinality(p_event_types) = 0 THEN
         RAISE EXCEPTION 'outbox route %: event_types must be NULL (all) or name at least one type',
             quote_literal(p_name) USING ERRCODE = 'AU007';
@@ -53,6 +56,7 @@ $$;
 CREATE OR REPLACE FUNCTION aura.remove_outbox_route(p_name text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
+    LOCK TABLE aura.outbox_routes IN SHARE ROW EXCLUSIVE MODE;
     DELETE FROM aura.outbox_routes r WHERE r.name = p_name;
     IF NOT FOUND THEN
         RETURN false;

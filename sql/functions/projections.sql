@@ -57,7 +57,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_search_path text := current_setting('search_path');
 BEGIN
-    PERFORM set_config('search_path', format('%I, public', p_schema), true);
+    PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
     IF p_kind = 'set_based' THEN
         EXECUTE format('SELECT %I.%I($1)', p_schema, p_handler) USING p_events;
     ELSE
@@ -81,7 +81,8 @@ DECLARE
     v_signature   text;
 BEGIN
     EXECUTE format('CREATE SCHEMA %I', p_schema);
-    PERFORM set_config('search_path', format('%I, public', p_schema), true);
+    EXECUTE format('COMMENT ON SCHEMA %I IS %L', p_schema, 'aura-pg read model');
+    PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
     EXECUTE p_definition_sql;
     PERFORM set_config('search_path', v_search_path, true);
     v_signature := format('%I.%I(%s)', p_schema, p_handler,
@@ -97,6 +98,46 @@ BEGIN
             p_schema, p_schema, p_forget_handler
             USING ERRCODE = 'AU007';
     END IF;
+END;
+$$;
+
+-- Drops a read-model schema, refusing when it is not one (only schemas
+-- created by aura.install_projection_schema carry the marker comment) or
+-- when objects outside it depend on it (a view elsewhere would be dropped
+-- with it).
+CREATE OR REPLACE FUNCTION aura.drop_read_model_schema(p_schema text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_oid        oid;
+    v_dependents text;
+BEGIN
+    SELECT n.oid INTO v_oid FROM pg_namespace n WHERE n.nspname = p_schema;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF obj_description(v_oid, 'pg_namespace') IS DISTINCT FROM 'aura-pg read model' THEN
+        RAISE EXCEPTION 'schema % exists and is not an aura-pg read model: refusing to drop it', p_schema
+            USING ERRCODE = 'AU007';
+    END IF;
+    SELECT string_agg(DISTINCT CASE WHEN v.oid IS NOT NULL THEN 'view ' || v.oid::regclass::text
+                                    ELSE 'constraint ' || c.conname || ' on ' || c.conrelid::regclass::text
+                               END, ', ')
+      INTO v_dependents
+    FROM pg_depend d
+    JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid
+    LEFT JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+    LEFT JOIN pg_class v ON v.oid = r.ev_class
+    LEFT JOIN pg_constraint c ON d.classid = 'pg_constraint'::regclass AND d.objid = c.oid
+    WHERE t.relnamespace = v_oid
+      AND d.deptype = 'n'
+      AND ((v.oid IS NOT NULL AND v.relnamespace <> v_oid)
+           OR (c.oid IS NOT NULL AND c.connamespace <> v_oid));
+    IF v_dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'schema % has dependents outside it (%): drop or move them first', p_schema, v_dependents
+            USING ERRCODE = 'AU007',
+                  HINT = 'Define views over a read model inside the projection''s own SQL.';
+    END IF;
+    EXECUTE format('DROP SCHEMA %I CASCADE', p_schema);
 END;
 $$;
 
@@ -360,6 +401,10 @@ DECLARE
 BEGIN
     v_row := aura.lock_projection(p_name);
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    IF v_row.status = 'paused' THEN
+        RAISE EXCEPTION 'projection % is paused: nothing is dead-lettered', quote_literal(p_name)
+            USING ERRCODE = 'AU006';
+    END IF;
     SELECT * INTO v_event
     FROM aura.read_all(v_row.transaction_id, v_row.global_position, 1, v_row.event_types);
     IF NOT FOUND OR v_event.event_id IS DISTINCT FROM p_event_id THEN
@@ -448,7 +493,7 @@ DECLARE
     v_row aura.projection_checkpoints;
 BEGIN
     v_row := aura.lock_projection(p_name);
-    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_row.schema_name);
+    PERFORM aura.drop_read_model_schema(v_row.schema_name);
     PERFORM aura.install_projection_schema(v_row.schema_name, v_row.definition_sql, v_row.handler,
                                            v_row.handler_kind, v_row.forget_handler);
     UPDATE aura.projection_checkpoints c
@@ -458,9 +503,11 @@ BEGIN
            circuit_state = 'closed', circuit_open_until = NULL,
            consecutive_failures = 0, last_error = NULL, last_error_at = NULL, updated_at = now()
      WHERE c.name = p_name;
+    -- Dead letters (pending, skipped or retried) describe the old model.
     UPDATE aura.dead_letters d
-       SET status = 'superseded', resolved_at = now(), resolution_note = 'projection reset'
-     WHERE d.projection = p_name AND d.status = 'pending';
+       SET status = 'superseded', resolved_at = coalesce(d.resolved_at, now()),
+           resolution_note = concat_ws('; ', d.resolution_note, 'projection reset')
+     WHERE d.projection = p_name AND d.status <> 'superseded';
     PERFORM pg_notify('aura_events', '');
     RETURN 'reset';
 END;
@@ -475,14 +522,17 @@ DECLARE
     v_row    aura.projection_checkpoints;
     v_event  aura.events;
 BEGIN
-    SELECT * INTO v_letter FROM aura.dead_letters d WHERE d.id = p_id FOR UPDATE;
+    SELECT * INTO v_letter FROM aura.dead_letters d WHERE d.id = p_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown dead letter %', p_id USING ERRCODE = 'AU005';
     END IF;
+    -- The projection's row first, then the letter: the order reset and the
+    -- rebuild swap take them in.
+    v_row := aura.lock_projection(v_letter.projection);
+    SELECT * INTO v_letter FROM aura.dead_letters d WHERE d.id = p_id FOR UPDATE;
     IF v_letter.status <> 'pending' THEN
         RAISE EXCEPTION 'dead letter % is %, not pending', p_id, v_letter.status USING ERRCODE = 'AU007';
     END IF;
-    v_row := aura.lock_projection(v_letter.projection);
     SELECT * INTO v_event FROM aura.events e WHERE e.global_position = v_letter.global_position;
     PERFORM aura.apply_handler(v_row.schema_name, v_row.handler, v_row.handler_kind, ARRAY[v_event]);
     UPDATE aura.dead_letters d
@@ -529,7 +579,7 @@ DECLARE
 BEGIN
     v_row := aura.lock_projection(p_name);
     IF p_from_version <= 1 AND v_row.forget_handler IS NOT NULL THEN
-        PERFORM set_config('search_path', format('%I, public', v_row.schema_name), true);
+        PERFORM set_config('search_path', format('%I, public, pg_temp', v_row.schema_name), true);
         EXECUTE format('SELECT %I.%I($1)', v_row.schema_name, v_row.forget_handler) USING p_stream_id;
         PERFORM set_config('search_path', v_search_path, true);
     END IF;
@@ -562,21 +612,35 @@ DECLARE
     v_def    jsonb;
     v_shadow text := p_name || '__rebuild';
     v_schema text;
+    v_existing aura.projection_checkpoints;
 BEGIN
     v_row := aura.lock_projection(p_name);
     IF v_row.rebuild_of IS NOT NULL THEN
         RAISE EXCEPTION '% is itself a rebuild', p_name USING ERRCODE = 'AU007';
-    END IF;
-    IF EXISTS (SELECT 1 FROM aura.projection_checkpoints c WHERE c.name = v_shadow) THEN
-        RETURN v_shadow;  -- resume the rebuild in progress
     END IF;
     v_def := coalesce(v_row.next_definition, jsonb_build_object(
         'schema_name', v_row.schema_name, 'handler', v_row.handler,
         'handler_kind', v_row.handler_kind, 'event_types', to_jsonb(v_row.event_types),
         'forget_handler', v_row.forget_handler, 'definition_sql', v_row.definition_sql,
         'definition_hash', v_row.definition_hash));
+    SELECT * INTO v_existing FROM aura.projection_checkpoints c WHERE c.name = v_shadow FOR UPDATE;
+    IF FOUND THEN
+        IF v_existing.definition_hash = v_def->>'definition_hash' THEN
+            RETURN v_shadow;  -- resume the rebuild in progress
+        END IF;
+        -- Built from an older definition: start again from the newest.
+        RAISE NOTICE 'rebuild of % was started with an older definition: starting it again', p_name;
+        PERFORM aura.drop_read_model_schema(v_existing.schema_name);
+        DELETE FROM aura.dead_letters d WHERE d.projection = v_shadow;
+        DELETE FROM aura.projection_checkpoints c WHERE c.name = v_shadow;
+    END IF;
+    IF v_def->>'schema_name' <> v_row.schema_name
+       AND EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = v_def->>'schema_name') THEN
+        RAISE EXCEPTION 'projection % would move to schema %, which exists already', p_name,
+            v_def->>'schema_name' USING ERRCODE = 'AU007';
+    END IF;
     v_schema := (v_def->>'schema_name') || '__rebuild';
-    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_schema);
+    PERFORM aura.drop_read_model_schema(v_schema);
     PERFORM aura.install_projection_schema(v_schema, v_def->>'definition_sql', v_def->>'handler',
                                            v_def->>'handler_kind', v_def->>'forget_handler');
     INSERT INTO aura.projection_checkpoints (
@@ -631,13 +695,15 @@ BEGIN
     v_live := aura.lock_projection(p_name);
     v_target := regexp_replace(v_shadow.schema_name, '__rebuild$', '');
 
-    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_live.schema_name || '__previous');
+    PERFORM aura.drop_read_model_schema(v_live.schema_name || '__previous');
     IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = v_live.schema_name) THEN
         EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_live.schema_name,
                        v_live.schema_name || '__previous');
     END IF;
-    IF v_target <> v_live.schema_name THEN
-        EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_target);
+    IF v_target <> v_live.schema_name
+       AND EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = v_target) THEN
+        RAISE EXCEPTION 'projection % would move to schema %, which exists already', p_name, v_target
+            USING ERRCODE = 'AU007';
     END IF;
     EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_shadow.schema_name, v_target);
 
@@ -657,8 +723,9 @@ BEGIN
            updated_at = now()
      WHERE c.name = p_name;
     UPDATE aura.dead_letters d
-       SET status = 'superseded', resolved_at = now(), resolution_note = 'replaced by a rebuild'
-     WHERE d.projection = p_name AND d.status = 'pending';
+       SET status = 'superseded', resolved_at = coalesce(d.resolved_at, now()),
+           resolution_note = concat_ws('; ', d.resolution_note, 'replaced by a rebuild')
+     WHERE d.projection = p_name AND d.status <> 'superseded';
     UPDATE aura.dead_letters d SET projection = p_name
      WHERE d.projection = v_shadow_name;
     DELETE FROM aura.projection_checkpoints c WHERE c.name = v_shadow_name;
@@ -675,7 +742,7 @@ DECLARE
     v_shadow aura.projection_checkpoints;
 BEGIN
     v_shadow := aura.lock_projection(p_name || '__rebuild');
-    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', v_shadow.schema_name);
+    PERFORM aura.drop_read_model_schema(v_shadow.schema_name);
     DELETE FROM aura.dead_letters d WHERE d.projection = v_shadow.name;
     DELETE FROM aura.projection_checkpoints c WHERE c.name = v_shadow.name;
     RETURN 'aborted';

@@ -1,6 +1,17 @@
 -- Statements the projector daemon and the projection CLI send. Each starts
 -- at a "-- name:" line; loaded once at import.
 
+-- name: session_settings
+-- Every daemon connection: bounded statements and lock waits, and TCP
+-- keepalives from the server's side, so a vanished daemon's session (and
+-- the advisory locks it holds) ends within about half a minute.
+SELECT set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('lock_timeout', %(lock_timeout)s, false),
+       set_config('tcp_keepalives_idle', '10', false),
+       set_config('tcp_keepalives_interval', '5', false),
+       set_config('tcp_keepalives_count', '3', false),
+       set_config('client_connection_check_interval', '5000', false);
+
 -- name: register
 SELECT aura.register_projection(
     %(name)s, %(description)s, %(schema)s, %(handler)s, %(handler_kind)s,
@@ -10,15 +21,27 @@ SELECT aura.register_projection(
 
 -- name: try_lock
 -- Ownership: a session advisory lock, released when the connection ends.
-SELECT pg_try_advisory_lock(1635087457, hashtext(%(name)s));
+-- The key is 64 bits of md5 of the name, so two names practically never
+-- share a lock.
+SELECT pg_try_advisory_lock(
+    ('x' || left(md5('aura-pg projection:' || %(name)s), 16))::bit(64)::bigint);
 
 -- name: unlock
-SELECT pg_advisory_unlock(1635087457, hashtext(%(name)s));
+SELECT pg_advisory_unlock(
+    ('x' || left(md5('aura-pg projection:' || %(name)s), 16))::bit(64)::bigint);
 
 -- name: claim
 SELECT c.transaction_id::text, c.global_position, c.status, c.batch_size, c.max_retries,
        c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until
 FROM aura.claim_projection(%(name)s, %(owner)s) AS c;
+
+-- name: log_origin
+-- Events whose transaction ids are not below this cluster's next one came
+-- from another cluster (dump and restore, logical replication): gap-free
+-- reads would hide them and skip new events. Cheap: one index probe.
+SELECT (SELECT max(e.transaction_id) FROM aura.events e)::text,
+       pg_snapshot_xmax(pg_current_snapshot())::text,
+       (SELECT max(e.transaction_id) FROM aura.events e) >= pg_snapshot_xmax(pg_current_snapshot());
 
 -- name: load
 SELECT c.transaction_id::text, c.global_position, c.status, c.batch_size, c.max_retries,

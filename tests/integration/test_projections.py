@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from aura_pg import EventStore, NewEvent, projection_admin
-from aura_pg.errors import CatalogError, StaleCheckpoint, UnknownProjection
-from aura_pg.projector import ProjectorSettings, connect, register_projections
+from aura_pg.errors import CatalogError, ProjectionError, StaleCheckpoint, UnknownProjection
+from aura_pg.projector import ProjectorDaemon, ProjectorSettings, connect, register_projections
 from tests.helpers.projections import (
     RunningDaemon,
     applied_positions,
@@ -371,3 +371,179 @@ async def test_handlers_publish_to_the_outbox_in_the_batch_transaction(
         projection_admin.reset(dsn, "tally_set")
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert query(dsn, "SELECT count(*) FROM aura.outbox") == [(5,)]
+
+
+async def test_statement_timeouts_and_limit_errors_are_handler_failures(
+    dsn: str, store: EventStore
+) -> None:
+    """Failures psycopg files under OperationalError (a statement timeout,
+    a program limit) are the handler's: isolated, retried, dead-lettered,
+    not mistaken for a lost connection."""
+    append_spread(store, 6)
+    slow = store.append("slow-1", [NewEvent("A", {"sleep_ms": 2000})]).events[0]
+    huge = store.append("huge-1", [NewEvent("A", {})]).events[0]
+    append_spread(store, 6, prefix="after")
+    # The model refuses the "huge" event's row as a program limit (54000).
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, fixture_catalog().select(["tally_set"]))
+    query(
+        dsn,
+        """
+        CREATE FUNCTION tally_set.refuse_huge() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.stream_id = 'huge-1' THEN
+                RAISE EXCEPTION 'index row too large' USING ERRCODE = 'program_limit_exceeded';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_huge BEFORE INSERT ON tally_set.applied_events
+            FOR EACH ROW EXECUTE FUNCTION tally_set.refuse_huge();
+        """,
+    )
+    async with running_daemon(dsn, ["tally_set"], statement_timeout_ms=500) as daemon:
+        await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=30)
+        assert daemon.runners["tally_set"].reconnects == 0
+    letters = {d["event_id"]: d for d in projection_admin.dead_letters(dsn, "tally_set")}
+    assert set(letters) == {slow.event_id, huge.event_id}
+    errors = query(dsn, "SELECT event_id, error_sqlstate FROM aura.dead_letters")
+    assert dict(errors) == {slow.event_id: "57014", huge.event_id: "54000"}
+    assert_exact_fold(dsn, "tally_set", exclude=[slow.global_position, huge.global_position])
+
+
+async def test_a_batch_size_changed_while_running_dead_letters_only_the_poison(
+    dsn: str, store: EventStore
+) -> None:
+    spec = fixture_catalog().get("tally_set")
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, [spec.model_copy(update={"batch_size": 1})])
+    async with running_daemon(dsn, ["tally_set"]) as daemon:
+        await wait_for(lambda: daemon.runners["tally_set"].owning)
+        async with await connect(dsn, ProjectorSettings(), "test") as conn:
+            await register_projections(conn, [spec.model_copy(update={"batch_size": 10})])
+        events = store.append(
+            "batch-1", [NewEvent("A", {"poison": True} if n == 3 else {}) for n in range(6)]
+        ).events
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    letters = projection_admin.dead_letters(dsn, "tally_set")
+    assert [d["event_id"] for d in letters] == [events[3].event_id]
+    assert_exact_fold(dsn, "tally_set", exclude=[events[3].global_position])
+
+
+async def test_replay_after_a_reset_ignores_the_old_models_dead_letters(
+    dsn: str, store: EventStore
+) -> None:
+    poison = store.append("r-1", [NewEvent("A", {"poison": True}), NewEvent("A", {})])
+    async with running_daemon(dsn, ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        (letter,) = projection_admin.dead_letters(dsn, "tally_set")
+        projection_admin.skip_dead_letter(dsn, letter["id"])
+        # The cause is fixed for good, then the model is replayed.
+        query(dsn, "CREATE TABLE public.keep_cures (event_id uuid)")
+        query(
+            dsn,
+            "CREATE OR REPLACE FUNCTION tally_set.check_event(e aura.events) RETURNS void "
+            "LANGUAGE sql AS 'SELECT NULL::void'",
+        )
+        projection_admin.reset(dsn, "tally_set")
+        # reset re-ran the definition: cure the event in the new schema.
+        query(dsn, "INSERT INTO tally_set.cures VALUES (%s)", (poison.events[0].event_id,))
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert_exact_fold(dsn, "tally_set")
+    assert projection_admin.replay_stream(dsn, "tally_set", "r-1") == 2
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_rebuild_never_takes_over_or_drops_a_foreign_schema(
+    dsn: str, store: EventStore
+) -> None:
+    append_spread(store, 5)
+    spec = fixture_catalog().get("tally_set")
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, [spec])
+    query(dsn, "CREATE SCHEMA reporting; CREATE TABLE reporting.invoices (id int)")
+    moved = spec.model_copy(update={"schema_name": "reporting"})
+    with pytest.raises(ProjectionError, match="reporting, which exists already"):
+        await projection_admin.rebuild(dsn, moved)
+    assert query(dsn, "SELECT count(*) FROM reporting.invoices") == [(0,)]
+    with pytest.raises(psycopg.Error, match="not an aura-pg read model"):
+        query(dsn, "SELECT aura.drop_read_model_schema('reporting')")
+    # A view outside the read model's schema would be dropped with it: refused.
+    query(dsn, "CREATE VIEW public.dashboard AS SELECT count(*) FROM tally_set.streams")
+    with pytest.raises(ProjectionError, match=r"dependents outside it \(view dashboard\)"):
+        projection_admin.reset(dsn, "tally_set")
+    assert query(dsn, "SELECT count(*) > 0 FROM pg_views WHERE viewname = 'dashboard'") == [(True,)]
+
+
+async def test_a_resumed_rebuild_uses_the_newest_definition(dsn: str, store: EventStore) -> None:
+    append_spread(store, 5)
+    spec = fixture_catalog().get("tally_set")
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, [spec])
+        v2 = spec.model_copy(
+            update={"definition_sql": spec.definition_sql + "\nCREATE TABLE v2 ();"}
+        )
+        await register_projections(conn, [v2])
+        await conn.execute("SELECT aura.begin_rebuild('tally_set')")  # started, then interrupted
+    v3 = spec.model_copy(update={"definition_sql": spec.definition_sql + "\nCREATE TABLE v3 ();"})
+    assert await projection_admin.rebuild(dsn, v3) is not None
+    tables = {
+        row[0]
+        for row in query(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'tally_set'")
+    }
+    assert "v3" in tables and "v2" not in tables
+    assert status_of(dsn, "tally_set")["rebuild_needed"] is False
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_two_rebuilds_at_once_swap_once_and_the_other_stops(
+    dsn: str, store: EventStore
+) -> None:
+    append_spread(store, 200)
+    spec = fixture_catalog().get("tally_set")
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, [spec])
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(
+            projection_admin.rebuild(dsn, spec),
+            projection_admin.rebuild(dsn, spec),
+            return_exceptions=True,
+        ),
+        60,
+    )
+    results = [o for o in outcomes if isinstance(o, projection_admin.RebuildResult)]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(results) == 1, outcomes
+    assert len(errors) == 1 and isinstance(errors[0], ProjectionError), outcomes
+    assert_exact_fold(dsn, "tally_set")
+
+
+def test_adding_and_removing_outbox_routes_at_once_keeps_the_trigger(dsn: str) -> None:
+    query(dsn, "SELECT aura.add_outbox_route('r1', 'nats', 'a')")
+    with psycopg.connect(dsn) as remover, psycopg.connect(dsn) as adder:
+        remover.execute("SELECT aura.remove_outbox_route('r1')")  # the last route, uncommitted
+        added = threading.Thread(
+            target=lambda: (
+                adder.execute("SELECT aura.add_outbox_route('r2', 'nats', 'b')"),
+                adder.commit(),
+            )
+        )
+        added.start()
+        time.sleep(0.3)
+        remover.commit()
+        added.join(10)
+    assert query(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname = 'events_capture_outbox'") == [
+        (1,)
+    ]
+
+
+async def test_a_log_restored_from_another_cluster_is_refused(dsn: str, store: EventStore) -> None:
+    store.append("x", [NewEvent("A", {})])
+    query(
+        dsn,
+        "INSERT INTO aura.events (transaction_id, event_id, stream_id, version, type, data, "
+        "idempotency_key, idempotency_hash) VALUES ('4000000000', gen_random_uuid(), 'restored', "
+        "1, 'A', '{}', 'k', sha256('restored:k'))",
+    )
+    daemon = ProjectorDaemon(dsn, fixture_catalog().select(["tally_set"]), ProjectorSettings())
+    with pytest.raises(ProjectionError, match="restored from another cluster"):
+        await daemon.run(asyncio.Event())
