@@ -3,20 +3,28 @@
 For single-event and 100-event batches at 1, 4 and 16 concurrent writers
 (separate processes, each with its own connection), it measures events/s of
 
-  store  EventStore.append (the aura.append_events function: validation,
-         stream version compare-and-set, idempotency lookup)
-  plain  one plain INSERT of the identical rows into a copy of aura.events
-         (same columns, defaults, indexes and constraints; no function, no NOTIFY)
-  bare   the same INSERT into a table with no indexes, constraints or
-         triggers: the physical limit of this machine
+  store   EventStore.append (the aura.append_events function: validation,
+          stream version compare-and-set, idempotency lookup), with the
+          append notification on, as deployed (trigger aura.events_notify:
+          pg_notify('aura_events') in every appending transaction)
+  silent  the same EventStore.append on connections with aura.notify = off
+          (libpq options '-c aura.notify=off'): the trigger still fires but
+          sends no notification (not measured unless asked: --targets)
+  plain   one plain INSERT of the identical rows into a copy of aura.events
+          (same columns, defaults, indexes and constraints; no function, no NOTIFY)
+  bare    the same INSERT into a table with no indexes, constraints or
+          triggers: the physical limit of this machine
 
-and prints the ratios store/plain and store/bare, plus the store's append
-latency percentiles. By default it starts a throw-away local cluster with
+and prints the ratios store/plain and store/bare (and store/silent, the
+cost of NOTIFY, when silent is measured), plus the append latency
+percentiles. By default it starts a throw-away local cluster with
 production durability settings (fsync on, synchronous_commit on).
 
     python load/bench_append.py                    # full run: 3 rounds of 5 s per cell
     python load/bench_append.py --duration 1 --writers 1 4 --batch 1
     python load/bench_append.py --commit async      # CPU cost, without flush noise
+    python load/bench_append.py --targets store silent   # the cost of NOTIFY alone
+    python load/bench_append.py --targets store silent plain bare
     python load/bench_append.py --dsn "host=... dbname=..." --json out.json
 """
 
@@ -36,11 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from aura_pg import EventStore, NewEvent, migrate
+from aura_pg import EventStore, NewEvent
 from aura_pg.localdb import LocalCluster, free_port
 
-TARGETS = ("store", "plain", "bare")
+TARGETS = ("store", "silent", "plain", "bare")
+DEFAULT_TARGETS = ("store", "plain", "bare")
+STORE_TARGETS = ("store", "silent")
 STREAMS_PER_WRITER = 50
 
 REFERENCE_TABLES = """
@@ -59,6 +70,13 @@ SELECT (e->>'event_id')::uuid, %(stream_id)s, %(base_version)s + ord, e->>'type'
        sha256(convert_to(%(stream_id)s || ':' || (e->>'event_id'), 'UTF8'))
 FROM jsonb_array_elements(%(events)s::jsonb) WITH ORDINALITY AS t(e, ord)
 """
+
+
+def without_notify(dsn: str) -> str:
+    """The connection string with ``-c aura.notify=off`` added to its options."""
+    options = conninfo_to_dict(dsn).get("options")
+    extra = "-c aura.notify=off"
+    return make_conninfo(dsn, options=f"{options} {extra}" if options else extra)
 
 
 def make_events(batch: int, writer: int, n: int) -> list[NewEvent]:
@@ -100,8 +118,10 @@ def writer_main(
     versions = [0] * STREAMS_PER_WRITER
     latencies: list[float] = []
     count = 0
-    if target == "store":
-        store = EventStore.connect(dsn, min_size=1, max_size=1)
+    if target in STORE_TARGETS:
+        store = EventStore.connect(
+            dsn if target == "store" else without_notify(dsn), min_size=1, max_size=1
+        )
     else:
         conn = psycopg.connect(dsn, autocommit=True)
         insert = PLAIN_INSERT.format(table="events_plain" if target == "plain" else "events_bare")
@@ -115,7 +135,7 @@ def writer_main(
         slot = n % STREAMS_PER_WRITER
         stream_id = f"{run}-w{writer}-s{slot}"
         events = make_events(batch, writer, n)
-        if target == "store":
+        if target in STORE_TARGETS:
             store.append(stream_id, events)
         else:
             conn.execute(
@@ -130,7 +150,7 @@ def writer_main(
         latencies.append(time.perf_counter() - began)
         count += batch
         n += 1
-    if target == "store":
+    if target in STORE_TARGETS:
         store.close()
     else:
         conn.close()
@@ -186,6 +206,8 @@ def measure(dsn: str, target: str, batch: int, writers: int, duration: float) ->
 
 
 def prepare(dsn: str) -> None:
+    from aura_pg import migrate  # here: alembic is slow to import in every writer process
+
     migrate.upgrade(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(REFERENCE_TABLES)
@@ -204,12 +226,19 @@ def median_cell(samples: list[Cell]) -> Cell:
 
 
 def run(
-    dsn: str, batches: list[int], writer_counts: list[int], duration: float, rounds: int
-) -> list[Cell]:
+    dsn: str,
+    batches: list[int],
+    writer_counts: list[int],
+    duration: float,
+    rounds: int,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+) -> tuple[list[Cell], dict[tuple[str, int, int], list[Cell]]]:
     """Measure every cell `rounds` times, targets interleaved (in a rotating
-    order) so that drift in the machine hits all three alike; keep medians."""
+    order) so that drift in the machine hits them all alike; keep medians.
+    Returns the median cells and every round's cell, by (target, batch, writers)."""
     prepare(dsn)
     cells: list[Cell] = []
+    every_round: dict[tuple[str, int, int], list[Cell]] = {}
     header = (
         f"{'batch':>5} {'writers':>7} {'target':>6} {'events/s':>10} {'appends':>8} "
         f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}   rounds events/s"
@@ -217,14 +246,16 @@ def run(
     print(header)
     for batch in batches:
         for writers in writer_counts:
-            samples: dict[str, list[Cell]] = {t: [] for t in TARGETS}
+            samples: dict[str, list[Cell]] = {t: [] for t in targets}
             for round_ in range(rounds):
-                order = TARGETS[round_ % 3 :] + TARGETS[: round_ % 3]
+                shift = round_ % len(targets)
+                order = targets[shift:] + targets[:shift]
                 for target in order:
                     measure(dsn, target, batch, writers, min(0.5, duration))  # warm-up
                     settle(dsn)
                     samples[target].append(measure(dsn, target, batch, writers, duration))
-            for target in TARGETS:
+            for target in targets:
+                every_round[(target, batch, writers)] = samples[target]
                 cell = median_cell(samples[target])
                 cells.append(cell)
                 spread = " ".join(f"{c.events_per_second:.0f}" for c in samples[target])
@@ -234,28 +265,86 @@ def run(
                     f"{cell.p99_ms:>7.2f}   {spread}",
                     flush=True,
                 )
-    return cells
+    return cells, every_round
 
 
-def ratios(cells: list[Cell]) -> list[dict[str, Any]]:
+def ratios(
+    cells: list[Cell], every_round: dict[tuple[str, int, int], list[Cell]] | None = None
+) -> list[dict[str, Any]]:
+    """Per (batch, writers): the store's events/s and its ratios to the
+    references that were measured. store/silent is the cost of NOTIFY
+    (below 1: notifying appends are slower); with it come the ratios of
+    each round's pair (measured back to back), which drift less."""
     by_key = {(c.target, c.batch, c.writers): c for c in cells}
     rows = []
     for c in cells:
         if c.target != "store":
             continue
-        plain = by_key[("plain", c.batch, c.writers)].events_per_second
-        bare = by_key[("bare", c.batch, c.writers)].events_per_second
-        rows.append(
-            {
-                "batch": c.batch,
-                "writers": c.writers,
-                "store": c.events_per_second,
-                "store_vs_plain": c.events_per_second / plain,
-                "store_vs_bare": c.events_per_second / bare,
-                "plain_vs_bare": plain / bare,
-            }
-        )
+        row: dict[str, Any] = {
+            "batch": c.batch,
+            "writers": c.writers,
+            "store": c.events_per_second,
+        }
+        plain = by_key.get(("plain", c.batch, c.writers))
+        bare = by_key.get(("bare", c.batch, c.writers))
+        silent = by_key.get(("silent", c.batch, c.writers))
+        if plain is not None:
+            row["store_vs_plain"] = c.events_per_second / plain.events_per_second
+        if bare is not None:
+            row["store_vs_bare"] = c.events_per_second / bare.events_per_second
+        if plain is not None and bare is not None:
+            row["plain_vs_bare"] = plain.events_per_second / bare.events_per_second
+        if silent is not None:
+            row["silent"] = silent.events_per_second
+            row["store_vs_silent"] = c.events_per_second / silent.events_per_second
+            if every_round is not None:
+                pairs = zip(
+                    every_round[("store", c.batch, c.writers)],
+                    every_round[("silent", c.batch, c.writers)],
+                    strict=True,
+                )
+                row["store_vs_silent_rounds"] = [
+                    s.events_per_second / q.events_per_second for s, q in pairs
+                ]
+        rows.append(row)
     return rows
+
+
+def print_ratios(summary: list[dict[str, Any]]) -> None:
+    columns: list[tuple[str, str, str]] = [
+        ("store_vs_plain", "store/plain", ".2f"),
+        ("store_vs_bare", "store/bare", ".2f"),
+        ("plain_vs_bare", "plain/bare", ".2f"),
+        ("silent", "silent ev/s", ".0f"),
+        ("store_vs_silent", "store/silent", ".2f"),
+    ]
+    shown = [col for col in columns if summary and col[0] in summary[0]]
+    rounds = bool(summary) and "store_vs_silent_rounds" in summary[0]
+    print(
+        f"{'batch':>5} {'writers':>7} {'store ev/s':>10} "
+        + " ".join(f"{title:>{len(title)}}" for _, title, _ in shown)
+        + ("   rounds store/silent" if rounds else "")
+    )
+    for row in summary:
+        print(
+            f"{row['batch']:>5} {row['writers']:>7} {row['store']:>10.0f} "
+            + " ".join(f"{row[key]:>{len(title)}{fmt}}" for key, title, fmt in shown)
+            + (
+                "   " + " ".join(f"{r:.2f}" for r in row["store_vs_silent_rounds"])
+                if rounds
+                else ""
+            )
+        )
+    if summary and "store_vs_plain" in summary[0]:
+        worst = min(row["store_vs_plain"] for row in summary)
+        print(f"\nworst store/plain ratio: {worst:.2f} (target >= 0.80)")
+    if summary and "store_vs_silent" in summary[0]:
+        worst = min(row["store_vs_silent"] for row in summary)
+        print(
+            f"cost of NOTIFY: store/silent from {worst:.2f} to "
+            f"{max(row['store_vs_silent'] for row in summary):.2f} "
+            "(events/s with the notification over events/s without it)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,8 +366,19 @@ def main(argv: list[str] | None = None) -> int:
         "synchronous_commit=off, which takes the disk's flush time (and its noise) out and "
         "compares the CPU cost of the three paths",
     )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(DEFAULT_TARGETS),
+        help="what to measure (default: store plain bare); add silent (the store with "
+        "aura.notify = off) for the cost of NOTIFY, e.g. --targets store silent",
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
+    if "store" not in args.targets:
+        parser.error("--targets must include store (every ratio is the store's)")
+    targets = tuple(dict.fromkeys(args.targets))
 
     cluster = None
     dsn = args.dsn
@@ -303,38 +403,25 @@ def main(argv: list[str] | None = None) -> int:
         fsync_value = fsync[0] if fsync else "?"
         sync_value = sync_commit[0] if sync_commit else "?"
         print(f"server: fsync={fsync_value} synchronous_commit={sync_value}")
-        cells = run(dsn, args.batch, args.writers, args.duration, args.rounds)
+        cells, every_round = run(dsn, args.batch, args.writers, args.duration, args.rounds, targets)
     finally:
         if cluster is not None:
             cluster.destroy()
 
     print()
-    print(
-        f"{'batch':>5} {'writers':>7} {'store ev/s':>10} {'store/plain':>11} "
-        f"{'store/bare':>10} {'plain/bare':>10}"
-    )
-    summary = ratios(cells)
-    for row in summary:
-        print(
-            f"{row['batch']:>5} {row['writers']:>7} {row['store']:>10.0f} "
-            f"{row['store_vs_plain']:>11.2f} {row['store_vs_bare']:>10.2f} "
-            f"{row['plain_vs_bare']:>10.2f}"
-        )
-    worst = min(row["store_vs_plain"] for row in summary)
-    print(f"\nworst store/plain ratio: {worst:.2f} (target >= 0.80)")
+    summary = ratios(cells, every_round)
+    print_ratios(summary)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "cells": [asdict(c) for c in cells],
-                    "ratios": summary,
-                    "median_store_vs_plain": statistics.median(
-                        r["store_vs_plain"] for r in summary
-                    ),
-                },
-                indent=2,
+        figures: dict[str, Any] = {"cells": [asdict(c) for c in cells], "ratios": summary}
+        if "plain" in targets:
+            figures["median_store_vs_plain"] = statistics.median(
+                r["store_vs_plain"] for r in summary
             )
-        )
+        if "silent" in targets:
+            figures["median_store_vs_silent"] = statistics.median(
+                r["store_vs_silent"] for r in summary
+            )
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

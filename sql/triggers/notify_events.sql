@@ -3,10 +3,10 @@
 -- one), delivered when it commits. Daemons also poll, so a lost
 -- notification delays a projection by at most its poll interval.
 --
--- A notifying transaction takes a database-wide lock from its pre-commit
+-- A notifying transaction takes a cluster-wide lock from its pre-commit
 -- until its commit ends, so notifying appends commit one at a time.
 -- SET aura.notify = off in a session (or for a role) appends without it;
--- see docs/projections.md for the measured cost.
+-- docs/performance.md ("The cost of NOTIFY") has the measured cost.
 CREATE OR REPLACE FUNCTION aura.notify_events() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
