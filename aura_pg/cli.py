@@ -169,6 +169,7 @@ def _settings(args: argparse.Namespace, listen: bool) -> ProjectorSettings:
         listen=listen,
         shutdown_timeout=args.shutdown_timeout,
         owner=args.owner or default_owner(),
+        synchronous_commit=not args.async_commit,
     )
 
 
@@ -349,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS")
         p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS")
         p.add_argument("--owner", help="name in checkpoint rows (default: host:pid)")
+        p.add_argument(
+            "--async-commit",
+            action="store_true",
+            help="commit batches without waiting for the WAL flush (a crash loses the last "
+            "batches together with their checkpoint; they are applied again)",
+        )
 
     p = sub.add_parser("project", help="run projections (all in the catalog, or the named ones)")
     with_dsn(p)

@@ -10,7 +10,8 @@ SELECT set_config('statement_timeout', %(statement_timeout)s, false),
        set_config('tcp_keepalives_idle', '10', false),
        set_config('tcp_keepalives_interval', '5', false),
        set_config('tcp_keepalives_count', '3', false),
-       set_config('client_connection_check_interval', '5000', false);
+       set_config('client_connection_check_interval', '5000', false),
+       set_config('synchronous_commit', %(synchronous_commit)s, false);
 
 -- name: register
 SELECT aura.register_projection(

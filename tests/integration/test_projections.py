@@ -547,3 +547,17 @@ async def test_a_log_restored_from_another_cluster_is_refused(dsn: str, store: E
     daemon = ProjectorDaemon(dsn, fixture_catalog().select(["tally_set"]), ProjectorSettings())
     with pytest.raises(ProjectionError, match="restored from another cluster"):
         await daemon.run(asyncio.Event())
+
+
+async def test_async_commit_daemons_still_fold_exactly(dsn: str, store: EventStore) -> None:
+    settings = ProjectorSettings(synchronous_commit=False, statement_timeout_ms=1234)
+    async with await connect(dsn, settings, "test") as conn:
+        cur = await conn.execute(
+            "SELECT current_setting('synchronous_commit'), current_setting('statement_timeout'), "
+            "current_setting('tcp_keepalives_idle')"
+        )
+        assert await cur.fetchone() == ("off", "1234ms", "10")
+    append_spread(store, 30)
+    async with running_daemon(dsn, ["tally_set"], synchronous_commit=False):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert_exact_fold(dsn, "tally_set")
