@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import psycopg
 from aura_pg import migrate, projection_admin
 from aura_pg.catalog import load_catalog
 from aura_pg.errors import AuraPgError
-from aura_pg.localdb import LocalCluster, free_port
+from aura_pg.localdb import LocalCluster, temporary_cluster
 from aura_pg.models import NO_STREAM, NewEvent
 from aura_pg.projector import (
     ProjectorDaemon,
@@ -134,14 +133,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     if not args.local:
         print(json.dumps(smoke(_dsn(args)), indent=2))
         return 0
-    workdir = Path(tempfile.mkdtemp(prefix="aura-pg-smoke-"))
-    workdir.chmod(0o755)
-    cluster = LocalCluster(workdir / "data", port=free_port())
-    try:
-        cluster.start()
+    with temporary_cluster(prefix="aura-pg-smoke-") as cluster:
         print(json.dumps(smoke(cluster.dsn()), indent=2))
-    finally:
-        cluster.destroy()
     return 0
 
 

@@ -12,7 +12,10 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,3 +172,33 @@ class LocalCluster:
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user={SERVER_USER} dbname={dbname}"
+
+
+def benchmark_settings(commit: str) -> dict[str, str]:
+    """Server settings of the load benchmarks' throw-away clusters: room for
+    the working set, no checkpoint storms, and durable (``"durable"``) or
+    asynchronous (anything else) commits."""
+    return {
+        "shared_buffers": "'512MB'",
+        "max_wal_size": "'4GB'",
+        "synchronous_commit": "on" if commit == "durable" else "off",
+    }
+
+
+@contextmanager
+def temporary_cluster(
+    settings: Mapping[str, str] | None = None, prefix: str = "aura-pg-"
+) -> Iterator[LocalCluster]:
+    """A throw-away cluster on a free port, started, and removed afterwards.
+
+    Its directory is readable by the server user, which may not be the
+    caller (root runs the server as ``postgres``).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    cluster = LocalCluster(workdir / "data", port=free_port(), settings=dict(settings or {}))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

@@ -31,11 +31,11 @@ production durability settings (fsync on, synchronous_commit on).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -47,7 +47,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.localdb import LocalCluster, free_port
+from aura_pg.localdb import benchmark_settings, temporary_cluster
 
 TARGETS = ("store", "silent", "plain", "bare")
 DEFAULT_TARGETS = ("store", "plain", "bare")
@@ -380,23 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--targets must include store (every ratio is the store's)")
     targets = tuple(dict.fromkeys(args.targets))
 
-    cluster = None
-    dsn = args.dsn
-    if dsn is None:
-        workdir = Path(tempfile.mkdtemp(prefix="aura-pg-bench-"))
-        workdir.chmod(0o755)
-        cluster = LocalCluster(
-            workdir / "data",
-            port=free_port(),
-            settings={
-                "shared_buffers": "'512MB'",
-                "max_wal_size": "'4GB'",
-                "synchronous_commit": "on" if args.commit == "durable" else "off",
-            },
-        )
-        cluster.start()
-        dsn = cluster.dsn()
-    try:
+    with contextlib.ExitStack() as stack:
+        dsn = args.dsn
+        if dsn is None:
+            dsn = stack.enter_context(temporary_cluster(benchmark_settings(args.commit))).dsn()
         with psycopg.connect(dsn) as conn:
             fsync = conn.execute("SHOW fsync").fetchone()
             sync_commit = conn.execute("SHOW synchronous_commit").fetchone()
@@ -404,9 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         sync_value = sync_commit[0] if sync_commit else "?"
         print(f"server: fsync={fsync_value} synchronous_commit={sync_value}")
         cells, every_round = run(dsn, args.batch, args.writers, args.duration, args.rounds, targets)
-    finally:
-        if cluster is not None:
-            cluster.destroy()
 
     print()
     summary = ratios(cells, every_round)

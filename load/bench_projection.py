@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -59,7 +59,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent
 from aura_pg.catalog import ProjectionSpec, load_catalog
-from aura_pg.localdb import LocalCluster, free_port
+from aura_pg.localdb import benchmark_settings, temporary_cluster
 from aura_pg.projector import (
     ProjectionRunner,
     ProjectorDaemon,
@@ -949,30 +949,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.events < 1 or args.duration <= 0 or args.rate <= 0:
         parser.error("--events, --duration and --rate must be positive")
 
-    cluster = None
-    dsn = args.dsn
-    if dsn is None:
-        workdir = Path(tempfile.mkdtemp(prefix="aura-pg-bench-"))
-        workdir.chmod(0o755)
-        cluster = LocalCluster(
-            workdir / "data",
-            port=free_port(),
-            settings={
-                "shared_buffers": "'512MB'",
-                "max_wal_size": "'4GB'",
-                "synchronous_commit": "on" if args.commit == "durable" else "off",
-                # For the latency measured from the commit record's timestamp.
-                "track_commit_timestamp": "on",
-            },
-        )
-        cluster.start()
-        dsn = cluster.dsn()
     began = time.monotonic()
-    try:
+    with contextlib.ExitStack() as stack:
+        dsn = args.dsn
+        if dsn is None:
+            # track_commit_timestamp: for the latency measured from the
+            # commit record's timestamp.
+            settings = {**benchmark_settings(args.commit), "track_commit_timestamp": "on"}
+            dsn = stack.enter_context(temporary_cluster(settings)).dsn()
         figures = run(args, dsn)
-    finally:
-        if cluster is not None:
-            cluster.destroy()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     if figures["problems"]:

@@ -9,9 +9,7 @@ port and removes it afterwards. Set AURA_PG_TEST_HOST and AURA_PG_TEST_PORT
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -21,7 +19,7 @@ from pytest_postgresql.executors import NoopExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from aura_pg import AsyncEventStore, EventStore, migrate
-from aura_pg.localdb import LocalCluster, free_port
+from aura_pg.localdb import free_port, temporary_cluster
 
 TEST_SETTINGS = {
     # Durability is not under test here; speed is welcome.
@@ -43,16 +41,10 @@ def pg_server() -> Iterator[NoopExecutor]:
             dbname="aura_test",
         )
         return
-    workdir = Path(tempfile.mkdtemp(prefix="aura-pg-test-"))
-    workdir.chmod(0o755)
-    cluster = LocalCluster(workdir / "data", port=free_port(), settings=TEST_SETTINGS)
-    cluster.start()
-    try:
+    with temporary_cluster(TEST_SETTINGS, prefix="aura-pg-test-") as cluster:
         yield NoopExecutor(
             host="127.0.0.1", port=cluster.port, user="postgres", options="", dbname="aura_test"
         )
-    finally:
-        cluster.destroy()
 
 
 def _migrate_template(host: str, port: int, user: str, dbname: str, **_: Any) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,9 +91,10 @@ class Daemons:
 
 
 @pytest.fixture
-def daemons(dsn: str) -> Iterator[Daemons]:
-    log_dir = Path(tempfile.mkdtemp(prefix="aura-pg-daemons-"))
-    running = Daemons(dsn, log_dir)
+def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
+    # The daemons' logs stay in pytest's temporary directory for a look
+    # after a failure.
+    running = Daemons(dsn, tmp_path)
     try:
         yield running
     finally:
