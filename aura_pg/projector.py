@@ -296,11 +296,14 @@ class ProjectionRunner:
                 if not await self._acquire(conn, stop):
                     return
                 applied_before = self.events_applied
+                owned_at = time.monotonic()
                 try:
                     await self._work(conn, stop)
                 finally:
-                    if self.events_applied > applied_before:
-                        delay = 0.1  # it worked for a while: reconnect quickly next time
+                    # It worked for a while: reconnect quickly next time. (A
+                    # connection that fails at once keeps backing off.)
+                    if self.events_applied > applied_before or time.monotonic() - owned_at > 10:
+                        delay = 0.1
                 await self._release(conn)
             except (psycopg.OperationalError, _ConnectionLost) as exc:
                 self.reconnects += 1
