@@ -1,0 +1,397 @@
+"""The ``Debate`` aggregate: state folded from a debate stream, and commands
+that check the invariants against that state and return the events to append.
+
+Commands never change the aggregate; they return ``NewEvent`` objects (with
+deterministic idempotency keys) for the repository to append with the
+aggregate's version as the expected version. The state changes only by
+applying recorded events, so the events are the single source of truth.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, TypeVar
+
+from pydantic import ValidationError
+
+from aura_pg.domain.errors import (
+    AlreadyExists,
+    Closed,
+    InvalidCommand,
+    NotAParticipant,
+    NotFound,
+    RuleViolation,
+    UnexpectedEvent,
+)
+from aura_pg.domain.events import (
+    AgentJoined,
+    DebateArgumentAdded,
+    DebateConsensusReached,
+    DebateFailed,
+    DebateRoundCompleted,
+    DebateStarted,
+    DebateTimedOut,
+    DebateVoteCast,
+    EventPayload,
+    Vote,
+    decode,
+    encode,
+)
+from aura_pg.models import NewEvent, RecordedEvent
+
+Stance = Literal["for", "against", "neutral"]
+
+# Float slack for quorum arithmetic: 2/3 of 3 participants must be 2 votes,
+# not 3 because 2/3 * 3 came out as 2.0000000000000004.
+_EPSILON = 1e-9
+
+P = TypeVar("P", bound=EventPayload)
+
+
+class DebateStatus(enum.StrEnum):
+    NEW = "new"
+    """No events yet: only ``start`` is allowed."""
+    OPEN = "open"
+    CONSENSUS = "consensus"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True, slots=True)
+class DebateRules:
+    max_rounds: int = 3
+    quorum: float = 2 / 3
+    timeout_seconds: float = 300.0
+
+
+def votes_needed(quorum: float, participants: int) -> int:
+    """Votes one outcome needs for consensus: the quorum share of the
+    participants, rounded up."""
+    return max(1, math.ceil(quorum * participants - _EPSILON))
+
+
+def _payload(model: type[P], **fields: object) -> P:
+    """Build a payload, turning pydantic's refusal into ``InvalidCommand``."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidCommand(f"{model.TYPE}: {exc}", code="invalid_arguments") from None
+
+
+@dataclass(slots=True)
+class Debate:
+    """A debate as its events left it. ``Debate.fold(events)`` builds one;
+    ``Debate(debate_id)`` is the state before any event (status NEW)."""
+
+    debate_id: str
+    topic: str = ""
+    status: DebateStatus = DebateStatus.NEW
+    participants: tuple[str, ...] = ()
+    started_by: str | None = None
+    rules: DebateRules = field(default_factory=DebateRules)
+    rounds_completed: int = 0
+    arguments: dict[int, dict[str, DebateArgumentAdded]] = field(default_factory=dict)
+    """Per round, per agent: the argument it made."""
+    votes: dict[str, DebateVoteCast] = field(default_factory=dict)
+    started_at: datetime | None = None
+    """recorded_at of DEBATE_STARTED (database time)."""
+    outcome: Vote | None = None
+    decision_id: str | None = None
+    end_reason: str | None = None
+    version: int = 0
+
+    # -- folding -----------------------------------------------------------
+
+    @classmethod
+    def fold(cls, debate_id: str, events: Iterable[RecordedEvent]) -> Debate:
+        debate = cls(debate_id)
+        debate.apply_all(events)
+        return debate
+
+    def apply_all(self, events: Iterable[RecordedEvent]) -> None:
+        for event in events:
+            self.apply(event)
+
+    def apply(self, event: RecordedEvent) -> None:
+        """Apply one recorded event (decoded and upcast). Events are facts:
+        only what would make the state meaningless is refused."""
+        payload = decode(event)
+        if self.status is DebateStatus.NEW and not isinstance(payload, DebateStarted):
+            raise UnexpectedEvent(
+                f"debate {self.debate_id}: {event.type} before DEBATE_STARTED", code="not_started"
+            )
+        match payload:
+            case DebateStarted():
+                if self.status is not DebateStatus.NEW:
+                    raise UnexpectedEvent(
+                        f"debate {self.debate_id}: a second DEBATE_STARTED", code="restarted"
+                    )
+                self.topic = payload.topic
+                self.participants = payload.participants
+                self.started_by = payload.started_by
+                self.rules = DebateRules(
+                    payload.max_rounds, payload.quorum, payload.timeout_seconds
+                )
+                self.started_at = event.recorded_at
+                self.status = DebateStatus.OPEN
+            case AgentJoined():
+                self.participants = (*self.participants, payload.agent_id)
+            case DebateArgumentAdded():
+                self.arguments.setdefault(payload.round, {})[payload.agent_id] = payload
+            case DebateRoundCompleted():
+                self.rounds_completed = max(self.rounds_completed, payload.round)
+            case DebateVoteCast():
+                self.votes[payload.agent_id] = payload
+            case DebateConsensusReached():
+                self.status = DebateStatus.CONSENSUS
+                self.outcome = payload.outcome
+                self.decision_id = payload.decision_id
+            case DebateFailed():
+                self.status = DebateStatus.FAILED
+                self.end_reason = payload.reason
+            case DebateTimedOut():
+                self.status = DebateStatus.TIMED_OUT
+                self.end_reason = "timed out"
+            case _:
+                raise UnexpectedEvent(
+                    f"debate {self.debate_id}: {event.type} does not belong in a debate stream",
+                    code="foreign_event",
+                )
+        self.version = event.version
+
+    # -- derived state -----------------------------------------------------
+
+    @property
+    def current_round(self) -> int:
+        """The round arguments go to: the one after the last completed."""
+        return self.rounds_completed + 1
+
+    @property
+    def is_open(self) -> bool:
+        return self.status is DebateStatus.OPEN
+
+    def votes_for(self) -> int:
+        return sum(1 for v in self.votes.values() if v.vote == "approve")
+
+    def votes_against(self) -> int:
+        return sum(1 for v in self.votes.values() if v.vote == "reject")
+
+    def votes_needed(self) -> int:
+        return votes_needed(self.rules.quorum, len(self.participants))
+
+    def consensus_outcome(self) -> Vote | None:
+        """The outcome whose votes reach the quorum, if one does (quorum > 1/2,
+        so at most one can)."""
+        needed = self.votes_needed()
+        if self.votes_for() >= needed:
+            return "approve"
+        if self.votes_against() >= needed:
+            return "reject"
+        return None
+
+    def quorum_impossible(self) -> bool:
+        """No outcome can reach the quorum even if every participant who has
+        not voted yet votes for it."""
+        remaining = len(self.participants) - len(self.votes)
+        needed = self.votes_needed()
+        return self.votes_for() + remaining < needed and self.votes_against() + remaining < needed
+
+    def timeout_due(self, now: datetime) -> bool:
+        if self.started_at is None:
+            return False
+        return (now - self.started_at).total_seconds() > self.rules.timeout_seconds
+
+    # -- guards ------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self.status is DebateStatus.NEW:
+            raise NotFound(f"debate {self.debate_id} does not exist", code="not_found")
+        if self.status is not DebateStatus.OPEN:
+            raise Closed(
+                f"debate {self.debate_id} has ended ({self.status.value})", code="debate_closed"
+            )
+
+    def _require_participant(self, agent_id: str) -> None:
+        if agent_id not in self.participants:
+            raise NotAParticipant(
+                f"{agent_id} is not a participant of debate {self.debate_id}",
+                code="not_a_participant",
+            )
+
+    def _event(self, payload: EventPayload, key: str) -> NewEvent:
+        return encode(payload, idempotency_key=f"{self.debate_id}:{key}")
+
+    # -- commands ----------------------------------------------------------
+
+    def start(
+        self,
+        topic: str,
+        participants: Sequence[str],
+        started_by: str,
+        rules: DebateRules | None = None,
+    ) -> list[NewEvent]:
+        """Start the debate: at least 3 distinct participants."""
+        if self.status is not DebateStatus.NEW:
+            raise AlreadyExists(f"debate {self.debate_id} exists already", code="already_started")
+        if len(participants) < 3:
+            raise InvalidCommand(
+                f"a debate needs at least 3 participants, not {len(participants)}",
+                code="too_few_participants",
+            )
+        if len(set(participants)) != len(participants):
+            raise InvalidCommand("participants must be distinct", code="duplicate_participants")
+        rules = rules or DebateRules()
+        payload = _payload(
+            DebateStarted,
+            debate_id=self.debate_id,
+            topic=topic,
+            participants=tuple(participants),
+            started_by=started_by,
+            max_rounds=rules.max_rounds,
+            quorum=rules.quorum,
+            timeout_seconds=rules.timeout_seconds,
+        )
+        return [self._event(payload, "started")]
+
+    def join(self, agent_id: str) -> list[NewEvent]:
+        """A new participant joins: while open, before any vote, once."""
+        self._require_open()
+        if agent_id in self.participants:
+            raise RuleViolation(
+                f"{agent_id} is a participant of debate {self.debate_id} already",
+                code="already_joined",
+            )
+        if self.votes:
+            raise RuleViolation(
+                f"debate {self.debate_id}: voting has begun, nobody may join", code="voting_begun"
+            )
+        return [self._event(_payload(AgentJoined, agent_id=agent_id), f"join:{agent_id}")]
+
+    def add_argument(
+        self, agent_id: str, round: int, stance: Stance, text: str, confidence: float
+    ) -> list[NewEvent]:
+        """An argument in the current round: participants only, while open,
+        one per agent and round, and only up to ``max_rounds``."""
+        self._require_open()
+        self._require_participant(agent_id)
+        if round != self.current_round:
+            raise RuleViolation(
+                f"debate {self.debate_id}: round {round} is not the current round "
+                f"{self.current_round}",
+                code="wrong_round",
+            )
+        if round > self.rules.max_rounds:
+            raise RuleViolation(
+                f"debate {self.debate_id}: all {self.rules.max_rounds} rounds are completed",
+                code="rounds_exhausted",
+            )
+        if agent_id in self.arguments.get(round, {}):
+            raise RuleViolation(
+                f"{agent_id} has argued in round {round} of debate {self.debate_id} already",
+                code="already_argued",
+            )
+        payload = _payload(
+            DebateArgumentAdded,
+            agent_id=agent_id,
+            round=round,
+            stance=stance,
+            text=text,
+            confidence=confidence,
+        )
+        return [self._event(payload, f"argument:{round}:{agent_id}")]
+
+    def complete_round(self, round: int) -> list[NewEvent]:
+        """Close the current round once every participant has argued in it.
+
+        Waiting for everybody keeps rounds meaningful; a participant who
+        never argues stalls the debate until it times out.
+        """
+        self._require_open()
+        if round != self.current_round:
+            raise RuleViolation(
+                f"debate {self.debate_id}: round {round} is not the current round "
+                f"{self.current_round}",
+                code="wrong_round",
+            )
+        if round > self.rules.max_rounds:
+            raise RuleViolation(
+                f"debate {self.debate_id}: all {self.rules.max_rounds} rounds are completed",
+                code="rounds_exhausted",
+            )
+        argued = self.arguments.get(round, {})
+        missing = [agent for agent in self.participants if agent not in argued]
+        if missing:
+            raise RuleViolation(
+                f"debate {self.debate_id}: round {round} lacks arguments from {', '.join(missing)}",
+                code="round_incomplete",
+            )
+        payload = _payload(DebateRoundCompleted, round=round, arguments=len(argued))
+        return [self._event(payload, f"round:{round}:completed")]
+
+    def cast_vote(self, agent_id: str, vote: Vote, confidence: float) -> list[NewEvent]:
+        """A participant's vote: once, while open, after a completed round."""
+        self._require_open()
+        self._require_participant(agent_id)
+        if self.rounds_completed < 1:
+            raise RuleViolation(
+                f"debate {self.debate_id}: no round is completed yet", code="no_completed_round"
+            )
+        if agent_id in self.votes:
+            raise RuleViolation(
+                f"{agent_id} has voted in debate {self.debate_id} already", code="already_voted"
+            )
+        payload = _payload(DebateVoteCast, agent_id=agent_id, vote=vote, confidence=confidence)
+        return [self._event(payload, f"vote:{agent_id}")]
+
+    def reach_consensus(self, decision_id: str | None = None) -> list[NewEvent]:
+        """End the debate with the outcome whose votes reach the quorum."""
+        self._require_open()
+        outcome = self.consensus_outcome()
+        if outcome is None:
+            raise RuleViolation(
+                f"debate {self.debate_id}: no outcome has {self.votes_needed()} of "
+                f"{len(self.participants)} votes (approve {self.votes_for()}, "
+                f"reject {self.votes_against()})",
+                code="no_quorum",
+            )
+        payload = _payload(
+            DebateConsensusReached,
+            outcome=outcome,
+            votes_for=self.votes_for(),
+            votes_against=self.votes_against(),
+            decision_id=decision_id,
+        )
+        return [self._event(payload, "end")]
+
+    def fail(self, reason: str) -> list[NewEvent]:
+        """End the debate as failed: only when no outcome can reach the quorum
+        any more, whatever the participants who have not voted do."""
+        self._require_open()
+        if not self.quorum_impossible():
+            raise RuleViolation(
+                f"debate {self.debate_id}: a quorum is still possible", code="quorum_possible"
+            )
+        payload = _payload(
+            DebateFailed,
+            reason=reason,
+            votes_for=self.votes_for(),
+            votes_against=self.votes_against(),
+        )
+        return [self._event(payload, "end")]
+
+    def time_out(self, now: datetime) -> list[NewEvent]:
+        """End the debate as timed out: only when more than ``timeout_seconds``
+        have passed since it started, by the clock passed in."""
+        self._require_open()
+        if not self.timeout_due(now):
+            raise RuleViolation(
+                f"debate {self.debate_id}: the timeout of {self.rules.timeout_seconds}s "
+                "has not passed",
+                code="not_timed_out",
+            )
+        payload = _payload(DebateTimedOut, rounds_completed=self.rounds_completed)
+        return [self._event(payload, "end")]

@@ -1,0 +1,257 @@
+"""The AURA debate domain's events: one pydantic model per event type.
+
+Each payload model has a ``TYPE`` (the event type stored in
+``aura.events.type``) and a ``VERSION``. ``encode`` turns a payload into a
+``NewEvent`` whose metadata carries ``schema_version``; ``decode`` reads a
+recorded event back through the current model, first running the upcasters
+registered for older versions (schema evolution: an event recorded as
+version 1 is read as version 2 without rewriting the log, which is
+append-only).
+
+Streams: ``debate-<debate_id>`` holds a debate's events,
+``decision-<decision_id>`` a decision's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from aura_pg.errors import EventValidationError
+from aura_pg.models import NewEvent, RecordedEvent
+
+AgentId = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+EntityId = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+Vote = Literal["approve", "reject"]
+
+SCHEMA_VERSION_KEY = "schema_version"
+
+
+def debate_stream(debate_id: str) -> str:
+    return f"debate-{debate_id}"
+
+
+def decision_stream(decision_id: str) -> str:
+    return f"decision-{decision_id}"
+
+
+class EventPayload(BaseModel):
+    """Base of every domain event payload."""
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DebateStarted(EventPayload):
+    """Version 2. Version 1 had ``agents`` instead of ``participants`` and
+    no rules; ``upcast_debate_started_v1`` reads it as version 2."""
+
+    TYPE: ClassVar[str] = "DEBATE_STARTED"
+    VERSION: ClassVar[int] = 2
+
+    debate_id: EntityId
+    topic: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    participants: tuple[AgentId, ...] = Field(min_length=3)
+    started_by: AgentId
+    max_rounds: int = Field(default=3, ge=1, le=50)
+    # Share of participants' votes needed for consensus either way.
+    quorum: float = Field(default=2 / 3, gt=0.5, le=1.0)
+    timeout_seconds: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _distinct_participants(self) -> DebateStarted:
+        if len(set(self.participants)) != len(self.participants):
+            raise ValueError("participants must be distinct")
+        return self
+
+
+class AgentJoined(EventPayload):
+    TYPE: ClassVar[str] = "AGENT_JOINED"
+
+    agent_id: AgentId
+
+
+class DebateArgumentAdded(EventPayload):
+    TYPE: ClassVar[str] = "DEBATE_ARGUMENT_ADDED"
+
+    agent_id: AgentId
+    round: int = Field(ge=1)
+    stance: Literal["for", "against", "neutral"]
+    text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class DebateRoundCompleted(EventPayload):
+    TYPE: ClassVar[str] = "DEBATE_ROUND_COMPLETED"
+
+    round: int = Field(ge=1)
+    arguments: int = Field(ge=0)
+
+
+class DebateVoteCast(EventPayload):
+    TYPE: ClassVar[str] = "DEBATE_VOTE_CAST"
+
+    agent_id: AgentId
+    vote: Vote
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class DebateConsensusReached(EventPayload):
+    TYPE: ClassVar[str] = "DEBATE_CONSENSUS_REACHED"
+
+    outcome: Vote
+    votes_for: int = Field(ge=0)
+    votes_against: int = Field(ge=0)
+    # The decision the consensus proposes (its own stream), if any.
+    decision_id: EntityId | None = None
+
+
+class DebateFailed(EventPayload):
+    TYPE: ClassVar[str] = "DEBATE_FAILED"
+
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    votes_for: int = Field(default=0, ge=0)
+    votes_against: int = Field(default=0, ge=0)
+
+
+class DebateTimedOut(EventPayload):
+    TYPE: ClassVar[str] = "DEBATE_TIMED_OUT"
+
+    rounds_completed: int = Field(ge=0)
+
+
+class DecisionProposed(EventPayload):
+    TYPE: ClassVar[str] = "DECISION_PROPOSED"
+
+    decision_id: EntityId
+    debate_id: EntityId
+    proposed_by: AgentId
+    title: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class DecisionApproved(EventPayload):
+    TYPE: ClassVar[str] = "DECISION_APPROVED"
+
+    decision_id: EntityId
+    approved_by: AgentId
+
+
+class DecisionRejected(EventPayload):
+    TYPE: ClassVar[str] = "DECISION_REJECTED"
+
+    decision_id: EntityId
+    rejected_by: AgentId
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+
+
+PAYLOAD_TYPES: Mapping[str, type[EventPayload]] = {
+    model.TYPE: model
+    for model in (
+        DebateStarted,
+        AgentJoined,
+        DebateArgumentAdded,
+        DebateRoundCompleted,
+        DebateVoteCast,
+        DebateConsensusReached,
+        DebateFailed,
+        DebateTimedOut,
+        DecisionProposed,
+        DecisionApproved,
+        DecisionRejected,
+    )
+}
+"""Every domain event type, by its stored name."""
+
+DEBATE_EVENT_TYPES = tuple(t for t in PAYLOAD_TYPES if t.startswith(("DEBATE_", "AGENT_")))
+DECISION_EVENT_TYPES = tuple(t for t in PAYLOAD_TYPES if t.startswith("DECISION_"))
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register a function turning ``event_type`` data of ``from_version``
+    into ``from_version + 1``; ``decode`` chains them up to the current."""
+
+    def register(function: Upcaster) -> Upcaster:
+        key = (event_type, from_version)
+        if key in _UPCASTERS:
+            raise ValueError(f"an upcaster for {event_type} v{from_version} is registered already")
+        _UPCASTERS[key] = function
+        return function
+
+    return register
+
+
+@register_upcaster("DEBATE_STARTED", 1)
+def upcast_debate_started_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 {debate_id, topic, agents, started_by?} -> v2 (default rules)."""
+    upgraded = {key: value for key, value in data.items() if key != "agents"}
+    upgraded["participants"] = data.get("agents", [])
+    upgraded.setdefault(
+        "started_by", upgraded["participants"][0] if upgraded["participants"] else "unknown"
+    )
+    return upgraded
+
+
+def encode(
+    payload: EventPayload,
+    *,
+    idempotency_key: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> NewEvent:
+    """The event to append for ``payload`` (its version in the metadata)."""
+    return NewEvent(
+        payload.TYPE,
+        payload.model_dump(mode="json"),
+        {**(metadata or {}), SCHEMA_VERSION_KEY: payload.VERSION},
+        idempotency_key=idempotency_key,
+    )
+
+
+def decode(event: RecordedEvent) -> EventPayload:
+    """A recorded domain event read through its current payload model.
+
+    Raises EventValidationError for an unknown type, a version newer than
+    this code knows, or data the model refuses.
+    """
+    model = PAYLOAD_TYPES.get(event.type)
+    if model is None:
+        raise EventValidationError(
+            f"event {event.event_id}: unknown domain event type {event.type!r}"
+        )
+    version = event.metadata.get(SCHEMA_VERSION_KEY, 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise EventValidationError(f"event {event.event_id}: invalid schema_version {version!r}")
+    if version > model.VERSION:
+        raise EventValidationError(
+            f"event {event.event_id}: {event.type} v{version} is newer than this code "
+            f"(v{model.VERSION})"
+        )
+    data = dict(event.data)
+    while version < model.VERSION:
+        upcaster = _UPCASTERS.get((event.type, version))
+        if upcaster is None:
+            raise EventValidationError(f"no upcaster for {event.type} v{version}")
+        data = upcaster(data)
+        version += 1
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise EventValidationError(f"event {event.event_id} ({event.type}): {exc}") from None
