@@ -311,6 +311,19 @@ def _rebuild(args: argparse.Namespace, dsn: str) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aura_pg.demo import run_demo
+
+    run_demo(
+        args.dsn if args.dsn is not None else os.environ.get("AURA_PG_DSN"),
+        debates=args.debates,
+        agents=args.agents,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aura-pg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -390,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     for a in actions.choices.values():
         with_dsn(a)
     p.set_defaults(handler=cmd_projections)
+
+    p = sub.add_parser(
+        "demo",
+        help="simulate debates end to end and print the read models "
+        "(on a throw-away local Postgres unless --dsn or $AURA_PG_DSN)",
+    )
+    p.add_argument("--dsn", help="an existing database (default: start a local one)")
+    p.add_argument("--debates", type=int, default=50)
+    p.add_argument("--agents", type=int, default=5)
+    p.add_argument("--workers", type=int, default=8, help="debates run at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_demo)
 
     add_relay_command(sub)
     return parser

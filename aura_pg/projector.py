@@ -657,9 +657,13 @@ class ProjectorDaemon:
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task in tasks or task is listener_task:
-                    failure = task.exception() or RuntimeError(f"{task.get_name()} ended")
-                    log.error("%s failed: %r; stopping the daemon", task.get_name(), failure)
+                if task not in tasks and task is not listener_task:
+                    continue
+                error = task.exception()
+                if error is None and stop.is_set():
+                    continue  # it saw the stop first: a normal shutdown
+                failure = error or RuntimeError(f"{task.get_name()} ended")
+                log.error("%s failed: %r; stopping the daemon", task.get_name(), failure)
         finally:
             stop.set()
             started = time.monotonic()
