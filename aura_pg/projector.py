@@ -123,6 +123,7 @@ async def connect(
         keepalives_interval=5,
         keepalives_count=3,
     )
+    conn.add_notice_handler(_log_notice)
     await conn.execute(
         _queries()["session_settings"],
         {
@@ -132,6 +133,14 @@ async def connect(
         },
     )
     return conn
+
+
+def _log_notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+    """Server notices and warnings (from projection definitions, rebuilds)
+    go to the daemon's log instead of being dropped."""
+    severity = diagnostic.severity_nonlocalized or diagnostic.severity or "NOTICE"
+    level = logging.WARNING if severity == "WARNING" else logging.INFO
+    log.log(level, "postgres %s: %s", severity, diagnostic.message_primary)
 
 
 async def _wait(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:

@@ -561,3 +561,22 @@ async def test_async_commit_daemons_still_fold_exactly(dsn: str, store: EventSto
     async with running_daemon(dsn, ["tally_set"], synchronous_commit=False):
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert_exact_fold(dsn, "tally_set")
+
+
+async def test_warnings_from_a_definition_reach_the_daemon_log(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = fixture_catalog().get("tally_set")
+    loud = spec.model_copy(
+        update={
+            "definition_sql": spec.definition_sql
+            + "\nDO $$ BEGIN RAISE WARNING 'storage fell back to plain tables'; END $$;\n"
+        }
+    )
+    daemon = ProjectorDaemon(dsn, [loud], ProjectorSettings())
+    with caplog.at_level("INFO", logger="aura_pg.projector"):
+        assert await daemon.register() == {"tally_set": "created"}
+    assert any(
+        r.levelname == "WARNING" and "storage fell back to plain tables" in r.getMessage()
+        for r in caplog.records
+    )
