@@ -153,6 +153,11 @@ async def rebuild(
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
+            typed = translate_projection_error(exc)
+            if typed is not None:
+                # Refused (a schema in the way, outside dependents): trying
+                # again would not help.
+                raise typed from None
             # A failing event in the tail: the runner's own retry and
             # dead-letter path deals with it, then we try again.
             log.warning("rebuild of %s: the swap failed (%s); trying again", spec.name, exc)

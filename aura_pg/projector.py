@@ -101,6 +101,8 @@ def backoff_delay(attempt: int, base_ms: int, max_ms: int) -> float:
     """Exponential backoff with jitter, in seconds: half fixed, half random,
     so retrying daemons spread out but never retry at once."""
     ceiling = min(max_ms, base_ms * (1 << min(max(attempt - 1, 0), 30))) / 1000.0
+    # Never retry in a tight loop, whatever the catalog says.
+    ceiling = max(ceiling, 0.01)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -221,8 +223,8 @@ async def check_log_origin(conn: psycopg.AsyncConnection[Any]) -> None:
         raise ProjectionError(
             f"aura.events holds transaction ids up to {row[0]}, but this cluster's next "
             f"transaction id is {row[1]}: the log was restored from another cluster. Advance "
-            "the transaction id counter past it (pg_resetwal -x while stopped) before appending "
-            "or projecting; see docs/event-store.md"
+            "the transaction id counter past it (pg_resetwal -x, with -e if the source's ids had "
+            "wrapped, while stopped) before appending or projecting; see docs/event-store.md"
         )
 
 
@@ -234,10 +236,12 @@ class _PoisonCandidate:
     first_failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnection[Any]) -> bool:
+async def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether ``exc`` means the connection is gone (reconnect), as opposed
     to a failure of the statement (the handler's, a timeout, a deadlock:
-    handled as a failed batch). psycopg files both under OperationalError."""
+    handled as a failed batch). psycopg files both under OperationalError.
+    A connection-class SQLSTATE on a connection that still answers came from
+    inside the statement (a handler using dblink, say): a failed batch."""
     if conn.closed or conn.broken:
         return True
     state = exc.sqlstate
@@ -245,7 +249,27 @@ def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnection[Any]
         return isinstance(exc, psycopg.OperationalError)
     # 08: connection exceptions; 57P01-57P03: admin shutdown, crash
     # shutdown, cannot connect now.
-    return state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    if not (state.startswith("08") or state in ("57P01", "57P02", "57P03")):
+        return False
+    try:
+        await conn.execute("SELECT 1")
+    except psycopg.Error:
+        return True
+    return False
+
+
+# Failures of the moment, not of the event: lock and serialization conflicts,
+# deadlocks, resource shortages (disk full, out of memory), system errors.
+# They are retried with backoff and count for the circuit breaker, but never
+# toward an event's retries: a busy database does not dead-letter good events.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+TRANSIENT_SQLSTATE_CLASSES = ("53", "58")
+
+
+def is_transient(sqlstate: str | None) -> bool:
+    return sqlstate is not None and (
+        sqlstate in TRANSIENT_SQLSTATES or sqlstate.startswith(TRANSIENT_SQLSTATE_CLASSES)
+    )
 
 
 class _ConnectionLost(Exception):
@@ -338,7 +362,7 @@ class ProjectionRunner:
             cur = await conn.execute(query, params)
             return await cur.fetchone()
         except psycopg.Error as exc:
-            if is_connection_failure(exc, conn):
+            if await is_connection_failure(exc, conn):
                 raise _ConnectionLost(str(exc)) from exc
             typed = translate_projection_error(exc)
             if typed is not None:
@@ -475,7 +499,9 @@ class ProjectionRunner:
         at = (self.transaction_id, self.position)
         if self._poison is None or (self._poison.transaction_id, self._poison.position) != at:
             self._poison = _PoisonCandidate(*at)
-        self._poison.attempts += 1
+        transient = is_transient(sqlstate)
+        if not transient:
+            self._poison.attempts += 1
         try:
             recorded = await self._execute(
                 conn,
@@ -507,9 +533,13 @@ class ProjectionRunner:
             sqlstate,
             error,
         )
-        if self._poison.attempts > self._max_retries and self.dead_letter_queue:
+        if not transient and self._poison.attempts > self._max_retries and self.dead_letter_queue:
             return await self._dead_letter(conn, error, sqlstate)
-        delay = backoff_delay(self._poison.attempts, self._retry_base_ms, self._retry_max_ms)
+        delay = backoff_delay(
+            max(self._poison.attempts, failures if transient else 0),
+            self._retry_base_ms,
+            self._retry_max_ms,
+        )
         await _wait(self._stop, None, delay)
         return StepOutcome.BUSY
 

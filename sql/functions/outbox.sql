@@ -24,6 +24,16 @@ BEGIN
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION aura.require_read_committed(p_caller text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% must run in a READ COMMITTED transaction, not %', p_caller,
+            current_setting('transaction_isolation') USING ERRCODE = 'AU007';
+    END IF;
+END;
+$$;
+
 -- Adds or replaces a route, and creates the capturing trigger on first use.
 CREATE OR REPLACE FUNCTION aura.add_outbox_route(
     p_name text, p_sink text, p_topic text, p_event_types text[] DEFAULT NULL
@@ -31,7 +41,9 @@ CREATE OR REPLACE FUNCTION aura.add_outbox_route(
 LANGUAGE plpgsql AS $$
 BEGIN
     -- Serialises route changes: the check for the trigger below must see
-    -- every committed route change.
+    -- every committed route change, which a snapshot taken before the lock
+    -- (REPEATABLE READ, SERIALIZABLE) would not.
+    PERFORM aura.require_read_committed('aura.add_outbox_route');
     LOCK TABLE aura.outbox_routes IN SHARE ROW EXCLUSIVE MODE;
     IF p_event_types IS NOT NULL AND cardinality(p_event_types) = 0 THEN
         RAISE EXCEPTION 'outbox route %: event_types must be NULL (all) or name at least one type',
@@ -56,6 +68,7 @@ $$;
 CREATE OR REPLACE FUNCTION aura.remove_outbox_route(p_name text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM aura.require_read_committed('aura.remove_outbox_route');
     LOCK TABLE aura.outbox_routes IN SHARE ROW EXCLUSIVE MODE;
     DELETE FROM aura.outbox_routes r WHERE r.name = p_name;
     IF NOT FOUND THEN

@@ -14,6 +14,7 @@
 --   AU006  the checkpoint is not where the caller expected: another owner
 --          (or an operator) moved it; reload and carry on
 --   AU007  invalid projection definition or operation
+--   AU008  a handler raised one of the codes above (reported as its own failure)
 
 -- The projection's row, locked; AU005 when there is none.
 CREATE OR REPLACE FUNCTION aura.lock_projection(p_name text) RETURNS aura.projection_checkpoints
@@ -67,6 +68,12 @@ BEGIN
             USING p_events;
     END IF;
     PERFORM set_config('search_path', v_search_path, true);
+EXCEPTION
+    -- A handler raising the engine's own codes would be read as "unknown
+    -- projection" or "checkpoint moved": report it as the handler's error.
+    WHEN SQLSTATE 'AU005' OR SQLSTATE 'AU006' OR SQLSTATE 'AU007' THEN
+        RAISE EXCEPTION 'handler %.% raised %: %', p_schema, p_handler, SQLSTATE, SQLERRM
+            USING ERRCODE = 'AU008';
 END;
 $$;
 
@@ -85,6 +92,11 @@ BEGIN
     PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
     EXECUTE p_definition_sql;
     PERFORM set_config('search_path', v_search_path, true);
+    IF EXISTS (SELECT 1 FROM pg_extension x WHERE x.extnamespace = p_schema::regnamespace) THEN
+        RAISE EXCEPTION 'the definition of % created an extension inside the read model''s schema', p_schema
+            USING ERRCODE = 'AU007',
+                  HINT = 'Create extensions in a schema of their own: CREATE EXTENSION IF NOT EXISTS x SCHEMA public.';
+    END IF;
     v_signature := format('%I.%I(%s)', p_schema, p_handler,
                           CASE p_kind WHEN 'set_based' THEN 'aura.events[]' ELSE 'aura.events' END);
     IF to_regprocedure(v_signature) IS NULL THEN
@@ -101,10 +113,64 @@ BEGIN
 END;
 $$;
 
+-- Objects outside p_schema that depend on something inside it, described;
+-- NULL when none. DROP SCHEMA ... CASCADE would drop them too (a view, a
+-- trigger, a column of an enum or row type from the schema, a default
+-- using its sequence, ...). TimescaleDB keeps chunks and their copies of
+-- constraints in its own schemas and drops them with the hypertable.
+CREATE OR REPLACE FUNCTION aura.outside_dependents(p_schema text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    WITH inside(classid, objid) AS (
+        SELECT 'pg_class'::regclass, c.oid FROM pg_class c
+        WHERE c.relnamespace = p_schema::regnamespace
+        UNION ALL
+        SELECT 'pg_type'::regclass, t.oid FROM pg_type t
+        WHERE t.typnamespace = p_schema::regnamespace
+        UNION ALL
+        SELECT 'pg_proc'::regclass, f.oid FROM pg_proc f
+        WHERE f.pronamespace = p_schema::regnamespace
+        UNION ALL
+        SELECT 'pg_namespace'::regclass, p_schema::regnamespace::oid
+    ),
+    dependents AS (
+        SELECT d.classid, d.objid, d.objsubid,
+               -- The schema a dependent lives in: a trigger, rule, default,
+               -- policy or table constraint lives in its table's.
+               coalesce(
+                   (SELECT c.relnamespace FROM pg_class c WHERE c.oid = CASE d.classid
+                        WHEN 'pg_class'::regclass THEN d.objid
+                        WHEN 'pg_trigger'::regclass
+                            THEN (SELECT tg.tgrelid FROM pg_trigger tg WHERE tg.oid = d.objid)
+                        WHEN 'pg_rewrite'::regclass
+                            THEN (SELECT rw.ev_class FROM pg_rewrite rw WHERE rw.oid = d.objid)
+                        WHEN 'pg_attrdef'::regclass
+                            THEN (SELECT ad.adrelid FROM pg_attrdef ad WHERE ad.oid = d.objid)
+                        WHEN 'pg_policy'::regclass
+                            THEN (SELECT po.polrelid FROM pg_policy po WHERE po.oid = d.objid)
+                        WHEN 'pg_constraint'::regclass
+                            THEN (SELECT nullif(co.conrelid, 0) FROM pg_constraint co
+                                  WHERE co.oid = d.objid)
+                    END),
+                   (SELECT co.connamespace FROM pg_constraint co
+                    WHERE d.classid = 'pg_constraint'::regclass AND co.oid = d.objid),
+                   (SELECT f.pronamespace FROM pg_proc f
+                    WHERE d.classid = 'pg_proc'::regclass AND f.oid = d.objid),
+                   (SELECT t.typnamespace FROM pg_type t
+                    WHERE d.classid = 'pg_type'::regclass AND t.oid = d.objid)
+               ) AS nsp
+        FROM pg_depend d
+        JOIN inside i ON d.refclassid = i.classid AND d.refobjid = i.objid
+        WHERE d.deptype IN ('n', 'a')
+    )
+    SELECT string_agg(DISTINCT pg_describe_object(x.classid, x.objid, x.objsubid), ', ')
+    FROM dependents x
+    WHERE x.nsp IS DISTINCT FROM p_schema::regnamespace::oid
+      AND coalesce(x.nsp::regnamespace::text, '') NOT LIKE '\_timescaledb\_%'
+$$;
+
 -- Drops a read-model schema, refusing when it is not one (only schemas
 -- created by aura.install_projection_schema carry the marker comment) or
--- when objects outside it depend on it (a view elsewhere would be dropped
--- with it).
+-- when objects outside it depend on it (aura.outside_dependents).
 CREATE OR REPLACE FUNCTION aura.drop_read_model_schema(p_schema text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -119,19 +185,7 @@ BEGIN
         RAISE EXCEPTION 'schema % exists and is not an aura-pg read model: refusing to drop it', p_schema
             USING ERRCODE = 'AU007';
     END IF;
-    SELECT string_agg(DISTINCT CASE WHEN v.oid IS NOT NULL THEN 'view ' || v.oid::regclass::text
-                                    ELSE 'constraint ' || c.conname || ' on ' || c.conrelid::regclass::text
-                               END, ', ')
-      INTO v_dependents
-    FROM pg_depend d
-    JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid
-    LEFT JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
-    LEFT JOIN pg_class v ON v.oid = r.ev_class
-    LEFT JOIN pg_constraint c ON d.classid = 'pg_constraint'::regclass AND d.objid = c.oid
-    WHERE t.relnamespace = v_oid
-      AND d.deptype = 'n'
-      AND ((v.oid IS NOT NULL AND v.relnamespace <> v_oid)
-           OR (c.oid IS NOT NULL AND c.connamespace <> v_oid));
+    v_dependents := aura.outside_dependents(p_schema);
     IF v_dependents IS NOT NULL THEN
         RAISE EXCEPTION 'schema % has dependents outside it (%): drop or move them first', p_schema, v_dependents
             USING ERRCODE = 'AU007',
@@ -614,6 +668,9 @@ DECLARE
     v_schema text;
     v_existing aura.projection_checkpoints;
 BEGIN
+    -- Shadow row first, then the live one: the order aura.finish_rebuild
+    -- takes them in.
+    PERFORM 1 FROM aura.projection_checkpoints c WHERE c.name = v_shadow FOR UPDATE;
     v_row := aura.lock_projection(p_name);
     IF v_row.rebuild_of IS NOT NULL THEN
         RAISE EXCEPTION '% is itself a rebuild', p_name USING ERRCODE = 'AU007';

@@ -469,7 +469,9 @@ async def test_rebuild_never_takes_over_or_drops_a_foreign_schema(
         query(dsn, "SELECT aura.drop_read_model_schema('reporting')")
     # A view outside the read model's schema would be dropped with it: refused.
     query(dsn, "CREATE VIEW public.dashboard AS SELECT count(*) FROM tally_set.streams")
-    with pytest.raises(ProjectionError, match=r"dependents outside it \(view dashboard\)"):
+    with pytest.raises(
+        ProjectionError, match=r"dependents outside it \(rule _RETURN on view dashboard\)"
+    ):
         projection_admin.reset(dsn, "tally_set")
     assert query(dsn, "SELECT count(*) > 0 FROM pg_views WHERE viewname = 'dashboard'") == [(True,)]
 
@@ -580,3 +582,124 @@ async def test_warnings_from_a_definition_reach_the_daemon_log(
         r.levelname == "WARNING" and "storage fell back to plain tables" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_handler_errors_with_connection_or_engine_codes_are_handler_failures(
+    dsn: str, store: EventStore
+) -> None:
+    """A handler raising 08001 (say, from dblink) is not a lost connection,
+    and one raising the engine's own AU006 is not a moved checkpoint: both
+    are dead-lettered like any poison event."""
+    append_spread(store, 4)
+    connection_like = store.append("c-1", [NewEvent("A", {"sqlstate": "08001"})]).events[0]
+    engine_like = store.append("c-2", [NewEvent("A", {"sqlstate": "AU006"})]).events[0]
+    append_spread(store, 4, prefix="after")
+    async with running_daemon(dsn, ["tally_set"]) as daemon:
+        await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=30)
+        assert daemon.runners["tally_set"].reconnects == 0
+    states = dict(query(dsn, "SELECT event_id, error_sqlstate FROM aura.dead_letters"))
+    assert states == {connection_like.event_id: "08001", engine_like.event_id: "AU008"}
+    assert_exact_fold(
+        dsn, "tally_set", exclude=[connection_like.global_position, engine_like.global_position]
+    )
+
+
+async def test_lock_conflicts_are_retried_without_dead_lettering(
+    dsn: str, store: EventStore
+) -> None:
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, fixture_catalog().select(["tally_set"]))
+    append_spread(store, 5)
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE tally_set.applied_events IN SHARE MODE")
+        async with running_daemon(dsn, ["tally_set"], lock_timeout_ms=100):
+            # Far longer than max_retries (2) backoffs of at most 50 ms.
+            await wait_for(
+                lambda: status_of(dsn, "tally_set")["consecutive_failures"] >= 4, timeout=30
+            )
+            blocker.rollback()
+            await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=30)
+    assert projection_admin.dead_letters(dsn, "tally_set") == []
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_hypertable_read_models_reset_rebuild_twice_and_abort(
+    dsn: str, store: EventStore
+) -> None:
+    """TimescaleDB keeps chunks (and copies of their foreign keys) in its
+    own schemas: not outside dependents that block a drop."""
+    spec = fixture_catalog().get("tally_set")
+    hyper = spec.model_copy(
+        update={
+            "definition_sql": spec.definition_sql
+            + """
+            CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA public;
+            CREATE TABLE activity (
+                time timestamptz NOT NULL,
+                stream_id text NOT NULL REFERENCES streams (stream_id) DEFERRABLE INITIALLY DEFERRED
+            );
+            SELECT public.create_hypertable('activity', 'time',
+                                            chunk_time_interval => interval '1 day');
+            CREATE FUNCTION apply_hyper(batch aura.events[]) RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM apply_batch(batch);
+                INSERT INTO activity SELECT e.recorded_at, e.stream_id FROM unnest(batch) AS e;
+            END $$;
+            """,
+            "handler": "apply_hyper",
+        }
+    )
+    append_spread(store, 20)
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        await register_projections(conn, [hyper])
+    async with running_daemon(dsn, ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    # The daemon above ran the catalog's definition name with the hypertable one
+    # registered: the row's definition is what runs.
+    assert query(dsn, "SELECT count(*) FROM tally_set.activity") == [(20,)]
+    assert projection_admin.reset(dsn, "tally_set") == "reset"
+    for _ in range(2):
+        assert await projection_admin.rebuild(dsn, hyper) is not None
+    assert query(dsn, "SELECT count(*) FROM tally_set.activity") == [(20,)]
+    assert_exact_fold(dsn, "tally_set")
+    query(dsn, "SELECT aura.begin_rebuild('tally_set')")
+    assert projection_admin.abort_rebuild(dsn, "tally_set") == "aborted"
+
+
+async def test_refused_swaps_and_outside_dependents(dsn: str, store: EventStore) -> None:
+    append_spread(store, 5)
+    spec = fixture_catalog().get("tally_set")
+    assert await projection_admin.rebuild(dsn, spec) is not None
+    # A view outside on the kept previous model: the next swap is refused,
+    # and the rebuild command stops instead of retrying for ever.
+    query(dsn, "CREATE VIEW public.watch_previous AS SELECT * FROM tally_set__previous.streams")
+    with pytest.raises(ProjectionError, match="view watch_previous"):
+        await asyncio.wait_for(projection_admin.rebuild(dsn, spec), 30)
+    query(dsn, "DROP VIEW public.watch_previous")
+    projection_admin.abort_rebuild(dsn, "tally_set")
+    # A column of an outside table typed with the model's row type.
+    query(dsn, "CREATE TABLE public.keeper (s tally_set.streams)")
+    with pytest.raises(ProjectionError, match="keeper"):
+        projection_admin.reset(dsn, "tally_set")
+    assert query(
+        dsn, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'keeper'"
+    ) == [(1,)]
+
+
+async def test_an_extension_inside_a_read_model_schema_is_refused(dsn: str) -> None:
+    spec = fixture_catalog().get("tally_set")
+    bad = spec.model_copy(
+        update={
+            "definition_sql": spec.definition_sql + "\nCREATE EXTENSION IF NOT EXISTS hstore;\n"
+        }
+    )
+    async with await connect(dsn, ProjectorSettings(), "test") as conn:
+        with pytest.raises(CatalogError, match="created an extension inside"):
+            await register_projections(conn, [bad])
+
+
+def test_outbox_routes_change_only_in_read_committed(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.Error, match="READ COMMITTED"):
+            conn.execute("SELECT aura.add_outbox_route('r', 'nats', 't')")
