@@ -5,5 +5,5 @@ COPY aura_pg ./aura_pg
 COPY sql ./sql
 COPY migrations ./migrations
 COPY projections ./projections
-RUN pip install --no-cache-dir ".[binary]"
+RUN pip install --no-cache-dir ".[binary,nats]"
 ENTRYPOINT ["aura-pg"]
