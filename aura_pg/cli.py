@@ -314,13 +314,17 @@ def _rebuild(args: argparse.Namespace, dsn: str) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from aura_pg.demo import run_demo
 
-    run_demo(
-        args.dsn if args.dsn is not None else os.environ.get("AURA_PG_DSN"),
-        debates=args.debates,
-        agents=args.agents,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    try:
+        run_demo(
+            args.dsn if args.dsn is not None else os.environ.get("AURA_PG_DSN"),
+            debates=args.debates,
+            agents=args.agents,
+            seed=args.seed,
+            workers=args.workers,
+        )
+    except KeyboardInterrupt:
+        print("\naura-pg demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -29,11 +29,13 @@ from pydantic import (
 from aura_pg.errors import EventValidationError
 from aura_pg.models import NewEvent, RecordedEvent
 
+# No ':' in ids: idempotency keys are built as "<id>:<command>..." and
+# must not be ambiguous.
 AgentId = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
 ]
 EntityId = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
 ]
 Vote = Literal["approve", "reject"]
 
@@ -203,10 +205,10 @@ def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster]
 def upcast_debate_started_v1(data: dict[str, Any]) -> dict[str, Any]:
     """v1 {debate_id, topic, agents, started_by?} -> v2 (default rules)."""
     upgraded = {key: value for key, value in data.items() if key != "agents"}
-    upgraded["participants"] = data.get("agents", [])
-    upgraded.setdefault(
-        "started_by", upgraded["participants"][0] if upgraded["participants"] else "unknown"
-    )
+    upgraded.setdefault("participants", data.get("agents", []))
+    if not upgraded.get("started_by"):
+        participants = upgraded["participants"]
+        upgraded["started_by"] = participants[0] if participants else "unknown"
     return upgraded
 
 

@@ -453,7 +453,13 @@ def run_simulation(
                 debate_pool.submit(runner.run, plan, debate_id)
                 for plan, debate_id in zip(plans, ids, strict=True)
             ]
-            results = [future.result() for future in futures]
+            try:
+                results = [future.result() for future in futures]
+            except BaseException:
+                # Interrupted (Ctrl-C) or failed: start no further debate;
+                # the ones running finish their current command.
+                debate_pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
     return SimulationSummary(
         seed=seed,

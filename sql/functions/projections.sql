@@ -354,13 +354,15 @@ BEGIN
     END IF;
 
     -- Lock, and check again: the checkpoint may have moved since the read,
-    -- or a rebuild may have swapped in another definition at the same
-    -- checkpoint (the batch was read with the old one's event types).
+    -- or a reset or rebuild swap may have replaced the model at an equal
+    -- checkpoint. This transaction began before that commit, so its catalog
+    -- caches may still resolve the model's names to the replaced one, and
+    -- the batch was read with the old definition's event types: refuse, and
+    -- let the caller retry in a fresh transaction.
     v_locked := aura.lock_projection(p_name);
     PERFORM aura.check_checkpoint(v_locked, p_expected_transaction_id, p_expected_position);
-    IF v_locked.definition_hash <> v_row.definition_hash
-       OR v_locked.schema_name <> v_row.schema_name THEN
-        RAISE EXCEPTION 'projection % was redefined while its batch was read', quote_literal(p_name)
+    IF v_locked.generation <> v_row.generation THEN
+        RAISE EXCEPTION 'projection % was reset or rebuilt while its batch was read', quote_literal(p_name)
             USING ERRCODE = 'AU006';
     END IF;
     v_row := v_locked;
@@ -552,6 +554,7 @@ BEGIN
                                            v_row.handler_kind, v_row.forget_handler);
     UPDATE aura.projection_checkpoints c
        SET transaction_id = '0', global_position = 0, events_applied = 0,
+           generation = c.generation + 1,
            last_applied_position = NULL, last_applied_recorded_at = NULL,
            status = CASE WHEN c.rebuild_of IS NULL THEN 'running' ELSE 'rebuilding' END,
            circuit_state = 'closed', circuit_open_until = NULL,
@@ -632,6 +635,13 @@ DECLARE
     v_search_path text := current_setting('search_path');
 BEGIN
     v_row := aura.lock_projection(p_name);
+    IF p_from_version > 1 AND v_row.forget_handler IS NOT NULL THEN
+        -- Its handler counts what it is given: events it has applied would
+        -- be counted twice. From version 1 the forget handler resets the
+        -- stream first, which makes the replay exact.
+        RAISE EXCEPTION 'projection % has a forget handler: replay % from version 1', p_name, p_stream_id
+            USING ERRCODE = 'AU007';
+    END IF;
     IF p_from_version <= 1 AND v_row.forget_handler IS NOT NULL THEN
         PERFORM set_config('search_path', format('%I, public, pg_temp', v_row.schema_name), true);
         EXECUTE format('SELECT %I.%I($1)', v_row.schema_name, v_row.forget_handler) USING p_stream_id;
@@ -772,6 +782,7 @@ BEGIN
                                   THEN NULL ELSE c.next_definition END,
            transaction_id = v_shadow.transaction_id, global_position = v_shadow.global_position,
            events_applied = v_shadow.events_applied,
+           generation = c.generation + 1,
            last_applied_position = v_shadow.last_applied_position,
            last_applied_recorded_at = v_shadow.last_applied_recorded_at,
            status = CASE WHEN c.status = 'paused' THEN 'paused' ELSE 'running' END,

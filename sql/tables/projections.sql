@@ -40,6 +40,10 @@ CREATE TABLE aura.projection_checkpoints (
     circuit_open_until        timestamptz,
     owner                     text,
     owner_since               timestamptz,
+    -- Bumped by every reset and rebuild swap: a batch read before one of
+    -- those must not be applied after it, even at an equal checkpoint (its
+    -- session may still resolve names to the replaced model).
+    generation                bigint      NOT NULL DEFAULT 0,
     -- A rebuild's shadow row names the projection it will replace.
     rebuild_of                text        REFERENCES aura.projection_checkpoints (name)
                                           ON DELETE CASCADE,

@@ -130,7 +130,7 @@ def wait_caught_up(dsn: str) -> None:
 def test_sigterm_finishes_the_batch_releases_and_exits_zero(dsn: str, daemons: Daemons) -> None:
     writer = start_writer(dsn, 2.0, 200, seed=1)
     process = daemons.start("solo")
-    wait_for_sync(lambda: daemons.owners() == {"solo"}, 30, "ownership")
+    wait_for_sync(lambda: daemons.owners() == {"solo"}, 90, "ownership")
     time.sleep(0.5)  # mid-load
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
@@ -162,7 +162,7 @@ def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
         )
     )
     daemons.start("a")
-    wait_for_sync(lambda: daemons.owners() == {"a"}, 30, "first ownership")
+    wait_for_sync(lambda: daemons.owners() == {"a"}, 90, "first ownership")
     daemons.start("b")
     takeovers: list[float] = []
     for _ in range(4):
@@ -197,7 +197,7 @@ def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
 def test_terminated_backends_under_load_recover(dsn: str, daemons: Daemons) -> None:
     writer = start_writer(dsn, 6.0, 200, seed=3)
     daemons.start("solo")
-    wait_for_sync(lambda: daemons.owners() == {"solo"}, 30, "ownership")
+    wait_for_sync(lambda: daemons.owners() == {"solo"}, 90, "ownership")
     for _ in range(4):
         time.sleep(1.0)
         query(
@@ -216,7 +216,7 @@ def test_poison_event_under_kills_is_dead_lettered_exactly_once(dsn: str, daemon
     writer = start_writer(dsn, 4.0, 150, seed=4, poison_at=100)
     daemons.start("a")
     daemons.start("b")
-    wait_for_sync(lambda: len(daemons.owners()) == 1 and daemons.owners() <= {"a", "b"}, 30)
+    wait_for_sync(lambda: len(daemons.owners()) == 1 and daemons.owners() <= {"a", "b"}, 90)
     for _ in range(2):
         time.sleep(1.0)
         owner = next(iter(daemons.owners() - {None}))

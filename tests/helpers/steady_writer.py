@@ -22,7 +22,9 @@ def main(dsn: str, seconds: float, rate: float, seed: int, poison_at: int | None
     deadline = time.monotonic() + seconds
     appended = 0
     with EventStore.connect(dsn, max_size=1) as store:
-        while time.monotonic() < deadline:
+        # Past POISON_AT however slow the machine is, so the poison event
+        # always exists.
+        while time.monotonic() < deadline or (poison_at is not None and appended <= poison_at):
             data: dict[str, object] = {"seed": seed, "n": appended, "sleep_ms": 1}
             if appended == poison_at:
                 data["poison"] = True

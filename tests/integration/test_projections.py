@@ -703,3 +703,70 @@ def test_outbox_routes_change_only_in_read_committed(dsn: str) -> None:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         with pytest.raises(psycopg.Error, match="READ COMMITTED"):
             conn.execute("SELECT aura.add_outbox_route('r', 'nats', 't')")
+
+
+def test_a_batch_read_before_a_swap_is_refused_even_at_an_equal_checkpoint(
+    dsn: str, store: EventStore
+) -> None:
+    """The daemon reads a batch, waits for the row lock that a rebuild swap
+    holds, and finds the checkpoint equal after the swap (both models were
+    at the same horizon). Its transaction began before the swap, so it must
+    not apply the batch: it gets AU006 and retries in a fresh one."""
+    append_spread(store, 5)
+    spec = fixture_catalog().get("tally_set")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(*_register_sql(spec))
+        live = admin.execute(
+            "SELECT * FROM aura.project_batch('tally_set', '0', 0, 'd')"
+        ).fetchone()
+        assert live is not None and live[3] is True  # caught up
+        shadow_name = admin.execute("SELECT aura.begin_rebuild('tally_set')").fetchone()
+        assert shadow_name == ("tally_set__rebuild",)
+        shadow = admin.execute(
+            "SELECT * FROM aura.project_batch('tally_set__rebuild', '0', 0, 'r')"
+        ).fetchone()
+        assert shadow is not None and (shadow[1], shadow[2]) == (live[1], live[2])
+    with psycopg.connect(dsn) as writer, psycopg.connect(dsn) as swapper:
+        # A writer whose transaction began first commits only after the
+        # swap's catch-up has run: the swap cannot see its event, the
+        # daemon's later read can.
+        writer.execute(
+            'SELECT * FROM aura.append_events(\'late\', \'[{"type": "A", "data": {}}]\')'
+        )
+        swapper.execute("SELECT aura.finish_rebuild('tally_set', 'r')")
+        writer.commit()
+        outcome: list[object] = []
+
+        def daemon_batch() -> None:
+            with psycopg.connect(dsn, autocommit=True) as daemon:
+                try:
+                    outcome.append(
+                        daemon.execute(
+                            "SELECT * FROM aura.project_batch('tally_set', %s::xid8, %s, 'd')",
+                            (live[1], live[2]),
+                        ).fetchone()
+                    )
+                except psycopg.Error as exc:
+                    outcome.append(exc.sqlstate)
+
+        thread = threading.Thread(target=daemon_batch)
+        thread.start()
+        time.sleep(0.5)  # it has read the batch and waits for the row lock
+        assert outcome == []
+        swapper.commit()
+        thread.join(10)
+    assert outcome == ["AU006"]
+    with psycopg.connect(dsn, autocommit=True) as daemon:
+        row = daemon.execute(
+            "SELECT * FROM aura.project_batch('tally_set', %s::xid8, %s, 'd')", (live[1], live[2])
+        ).fetchone()
+        assert row is not None and row[0] == 1
+    assert_exact_fold(dsn, "tally_set")
+    previous = query(dsn, "SELECT count(*) FROM tally_set__previous.applied_events")
+    assert previous == [(5,)]
+
+
+def _register_sql(spec: Any) -> tuple[str, dict[str, Any]]:
+    from aura_pg.projector import _queries, _spec_params
+
+    return _queries()["register"], _spec_params(spec)
