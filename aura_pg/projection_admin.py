@@ -37,13 +37,8 @@ def _call(dsn: str, query: str, params: dict[str, Any]) -> Any:
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute(query, params).fetchone()
-    except psycopg.OperationalError:
-        raise
     except psycopg.Error as exc:
-        typed = translate_projection_error(exc)
-        if typed is not None:
-            raise typed from None
-        raise
+        raise translate_projection_error(exc) or exc from None
     return row[0] if row else None
 
 
@@ -132,10 +127,7 @@ async def rebuild(
             cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
             row = await cur.fetchone()
         except psycopg.Error as exc:
-            typed = translate_projection_error(exc)
-            if typed is not None:
-                raise typed from None
-            raise
+            raise translate_projection_error(exc) or exc from None
         assert row is not None
         shadow = str(row[0])
 

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit
 
 import psycopg
@@ -113,6 +113,11 @@ class Sink(Protocol):
     async def publish(self, message: OutboxMessage) -> None:
         """Deliver the message, or raise DeliveryError (SinkUnavailable)."""
         ...
+
+
+@runtime_checkable
+class ClosableSink(Protocol):
+    """A sink holding a connection, which the relay closes when it stops."""
 
     async def close(self) -> None: ...
 
@@ -362,9 +367,6 @@ class WebhookSink:
         finally:
             connection.close()
 
-    async def close(self) -> None:
-        """Nothing to close: each request has its own connection."""
-
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less if ``stop`` is set."""
@@ -435,7 +437,8 @@ class Relay:
     async def close(self) -> None:
         await self._drop_connection()
         for sink in self.sinks.values():
-            await sink.close()
+            if isinstance(sink, ClosableSink):
+                await sink.close()
 
     # -- the database connection ------------------------------------------
 

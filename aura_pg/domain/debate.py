@@ -215,6 +215,19 @@ class Debate:
                 f"debate {self.debate_id} has ended ({self.status.value})", code="debate_closed"
             )
 
+    def _require_current_round(self, round: int) -> None:
+        if round != self.current_round:
+            raise RuleViolation(
+                f"debate {self.debate_id}: round {round} is not the current round "
+                f"{self.current_round}",
+                code="wrong_round",
+            )
+        if round > self.rules.max_rounds:
+            raise RuleViolation(
+                f"debate {self.debate_id}: all {self.rules.max_rounds} rounds are completed",
+                code="rounds_exhausted",
+            )
+
     def _require_participant(self, agent_id: str) -> None:
         if agent_id not in self.participants:
             raise NotAParticipant(
@@ -278,17 +291,7 @@ class Debate:
         one per agent and round, and only up to ``max_rounds``."""
         self._require_open()
         self._require_participant(agent_id)
-        if round != self.current_round:
-            raise RuleViolation(
-                f"debate {self.debate_id}: round {round} is not the current round "
-                f"{self.current_round}",
-                code="wrong_round",
-            )
-        if round > self.rules.max_rounds:
-            raise RuleViolation(
-                f"debate {self.debate_id}: all {self.rules.max_rounds} rounds are completed",
-                code="rounds_exhausted",
-            )
+        self._require_current_round(round)
         if agent_id in self.arguments.get(round, {}):
             raise RuleViolation(
                 f"{agent_id} has argued in round {round} of debate {self.debate_id} already",
@@ -311,17 +314,7 @@ class Debate:
         never argues stalls the debate until it times out.
         """
         self._require_open()
-        if round != self.current_round:
-            raise RuleViolation(
-                f"debate {self.debate_id}: round {round} is not the current round "
-                f"{self.current_round}",
-                code="wrong_round",
-            )
-        if round > self.rules.max_rounds:
-            raise RuleViolation(
-                f"debate {self.debate_id}: all {self.rules.max_rounds} rounds are completed",
-                code="rounds_exhausted",
-            )
+        self._require_current_round(round)
         argued = self.arguments.get(round, {})
         missing = [agent for agent in self.participants if agent not in argued]
         if missing:

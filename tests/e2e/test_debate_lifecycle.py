@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,11 @@ from aura_pg import EventStore, projection_admin
 from aura_pg.catalog import load_catalog
 from aura_pg.domain import Debate, DebateRepository, DebateStatus, run_simulation
 from aura_pg.domain.events import DebateVoteCast, debate_stream
-from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+from tests.helpers.debate_projections import shipped_daemon
 from tests.helpers.projections import caught_up, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBATE_PROJECTIONS = ("debate_state", "agent_performance")
-
-
-@asynccontextmanager
-async def debate_projector(dsn: str) -> AsyncIterator[ProjectorDaemon]:
-    daemon = ProjectorDaemon(
-        dsn, load_catalog().select(list(DEBATE_PROJECTIONS)), ProjectorSettings(poll_interval=0.2)
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def all_caught_up(dsn: str) -> None:
@@ -47,7 +31,7 @@ async def all_caught_up(dsn: str) -> None:
 
 def fetch(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        return conn.execute(statement, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(statement, params).fetchall()
 
 
 def assert_log_consistent(dsn: str) -> None:
@@ -104,7 +88,7 @@ def assert_read_models_match_the_fold(dsn: str, store: EventStore, debate_ids: l
 async def test_complete_debate_lifecycle(dsn: str, store: EventStore) -> None:
     repository = DebateRepository(store)
     agents = ["ada", "grace", "linus"]
-    async with debate_projector(dsn):
+    async with shipped_daemon(dsn, DEBATE_PROJECTIONS):
         repository.start("life-1", "Adopt event sourcing", agents, started_by="ada")
         for round_ in (1, 2):
             for agent in agents:
@@ -139,7 +123,7 @@ async def test_complete_debate_lifecycle(dsn: str, store: EventStore) -> None:
 
 async def test_many_debates_concurrently_and_after_a_rebuild(dsn: str) -> None:
     with EventStore.connect(dsn, max_size=16) as store:
-        async with debate_projector(dsn):
+        async with shipped_daemon(dsn, DEBATE_PROJECTIONS):
             summary = await asyncio.to_thread(
                 run_simulation, store, debates=24, agents=5, seed=7, workers=6
             )

@@ -5,9 +5,8 @@ the read models must equal."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +15,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from aura_pg.catalog import load_catalog
-from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+from aura_pg.projector import ProjectorDaemon
+from tests.helpers.projections import running_daemon
 
 ENDINGS = {
     "DEBATE_CONSENSUS_REACHED": "consensus",
@@ -25,21 +25,11 @@ ENDINGS = {
 }
 
 
-@asynccontextmanager
-async def shipped_daemon(
+def shipped_daemon(
     dsn: str, names: Sequence[str], **settings: Any
-) -> AsyncIterator[ProjectorDaemon]:
+) -> AbstractAsyncContextManager[ProjectorDaemon]:
     """A projector daemon for the named projections of the shipped catalog."""
-    options: dict[str, Any] = {"poll_interval": 0.2, "shutdown_timeout": 10.0}
-    options.update(settings)
-    daemon = ProjectorDaemon(dsn, load_catalog().select(names), ProjectorSettings(**options))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+    return running_daemon(dsn, names, catalog=load_catalog(), **settings)
 
 
 def rows(dsn: str, statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:

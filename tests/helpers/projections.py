@@ -29,12 +29,13 @@ def fixture_catalog() -> Catalog:
 class RunningDaemon:
     """A projector daemon running as a task of the test's event loop."""
 
-    def __init__(self, dsn: str, names: Sequence[str], **settings: Any) -> None:
+    def __init__(
+        self, dsn: str, names: Sequence[str], *, catalog: Catalog | None = None, **settings: Any
+    ) -> None:
         options: dict[str, Any] = {"poll_interval": 0.2, "shutdown_timeout": 10.0}
         options.update(settings)
-        self.daemon = ProjectorDaemon(
-            dsn, fixture_catalog().select(names), ProjectorSettings(**options)
-        )
+        specs = (catalog or fixture_catalog()).select(names)
+        self.daemon = ProjectorDaemon(dsn, specs, ProjectorSettings(**options))
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.daemon.run(self._stop))
 
@@ -45,9 +46,11 @@ class RunningDaemon:
 
 @asynccontextmanager
 async def running_daemon(
-    dsn: str, names: Sequence[str], **settings: Any
+    dsn: str, names: Sequence[str], *, catalog: Catalog | None = None, **settings: Any
 ) -> AsyncIterator[ProjectorDaemon]:
-    running = RunningDaemon(dsn, names, **settings)
+    """A daemon for the named projections of ``catalog`` (the tests' own by
+    default) while the block runs."""
+    running = RunningDaemon(dsn, names, catalog=catalog, **settings)
     try:
         yield running.daemon
     finally:

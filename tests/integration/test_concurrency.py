@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +16,9 @@ import psycopg
 import pytest
 
 from aura_pg import NO_STREAM, START, Checkpoint, ConcurrencyError, EventStore, NewEvent
+from tests.helpers.threads import run_together
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_together(count: int, work: Callable[[int], Any]) -> list[Any]:
-    """Run work(i) in `count` threads released at the same instant."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def runner(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = work(i)
-        except Exception as exc:  # collected and checked by the caller
-            results[i] = exc
-
-    threads = [threading.Thread(target=runner, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
 
 
 def test_sixteen_writers_racing_for_one_version_one_wins(store: EventStore) -> None:

@@ -5,7 +5,6 @@ simulator's invariants."""
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -35,33 +34,14 @@ from aura_pg.domain import (
 )
 from aura_pg.domain.events import DebateTimedOut, DebateVoteCast, DecisionProposed
 from aura_pg.models import AppendResult, RecordedEvent
+from tests.helpers.threads import run_together
 
 AGENTS = tuple(f"agent-{i}" for i in range(1, 9))
 ENDINGS = {"DEBATE_CONSENSUS_REACHED", "DEBATE_FAILED", "DEBATE_TIMED_OUT"}
 
 
 def no_sleep(_: float) -> None:
-    pass
-
-
-def run_together(count: int, work: Callable[[int], Any]) -> list[Any]:
-    """Run work(i) in `count` threads released at the same instant."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def runner(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = work(i)
-        except Exception as exc:  # collected and checked by the caller
-            results[i] = exc
-
-    threads = [threading.Thread(target=runner, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
+    """The repository's backoff, skipped: these tests race on purpose."""
 
 
 def open_for_votes(repo: DebateRepository, debate_id: str, agents: Sequence[str]) -> None:

@@ -31,6 +31,7 @@ from aura_pg import ANY, EventStore, NewEvent
 from aura_pg.localdb import free_port
 from aura_pg.relay import (
     Backoff,
+    ClosableSink,
     NatsSink,
     OutboxMessage,
     Relay,
@@ -270,7 +271,8 @@ class Recording:
             await self.after(len(self.delivered))
 
     async def close(self) -> None:
-        await self.inner.close()
+        if isinstance(self.inner, ClosableSink):
+            await self.inner.close()
 
 
 def relay(dsn: str, *sinks: Sink, **options: Any) -> Relay:
