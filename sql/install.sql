@@ -16,4 +16,6 @@ BEGIN;
 \ir functions/projections.sql
 \ir functions/outbox.sql
 \ir views/projection_status.sql
+\ir extensions/timescaledb.sql
+\ir functions/project_batch.sql
 COMMIT;
