@@ -38,6 +38,7 @@ from aura_pg.models import (
     RecordedEvent,
     StreamState,
 )
+from aura_pg.observability.tracing import TRACEPARENT
 
 MAX_STREAM_ID_LENGTH: Final = 200
 MAX_TYPE_LENGTH: Final = 200
@@ -111,8 +112,13 @@ def _check_payload_text(what: str, value: dict[str, Any], max_bytes: int) -> Non
         raise EventValidationError(f"{what} contains a NUL character, which jsonb cannot store")
 
 
-def encode_batch(events: Sequence[NewEvent], max_payload_bytes: int) -> str:
+def encode_batch(
+    events: Sequence[NewEvent], max_payload_bytes: int, traceparent: str | None = None
+) -> str:
     """Validate a batch and encode it as the JSON array aura.append_events takes.
+
+    ``traceparent`` (the appending span's W3C trace context) goes into each
+    event's metadata, unless the event carries one of its own.
 
     The batch is serialised once; payloads are examined one by one only when
     that fails or the batch is big enough that one of them could be too large.
@@ -140,15 +146,20 @@ def encode_batch(events: Sequence[NewEvent], max_payload_bytes: int) -> str:
             raise EventValidationError(f"event id {event.event_id} repeats within the batch")
         keys.add(key)
         ids.add(event.event_id)
+        metadata = (
+            {}
+            if event.metadata is None
+            else _payload_object(f"event {index} metadata", event.metadata)
+        )
+        if traceparent is not None and TRACEPARENT not in metadata:
+            metadata = {**metadata, TRACEPARENT: traceparent}
         items.append(
             {
                 "event_id": str(event.event_id),
                 "type": event.type,
                 "idempotency_key": key,
                 "data": _payload_object(f"event {index} data", event.data),
-                "metadata": {}
-                if event.metadata is None
-                else _payload_object(f"event {index} metadata", event.metadata),
+                "metadata": metadata,
             }
         )
     try:
@@ -179,7 +190,7 @@ def expected_version_param(expected: ExpectedVersion) -> str:
     return str(expected)
 
 
-def _as_batch(events: NewEvent | Iterable[NewEvent]) -> Sequence[NewEvent]:
+def as_batch(events: NewEvent | Iterable[NewEvent]) -> Sequence[NewEvent]:
     if isinstance(events, NewEvent):
         return (events,)
     if isinstance(events, str | bytes | Mapping):
@@ -192,15 +203,16 @@ def append(
     events: NewEvent | Iterable[NewEvent],
     expected_version: ExpectedVersion,
     max_payload_bytes: int,
+    traceparent: str | None = None,
 ) -> Operation:
     _check_name("stream_id", stream_id, MAX_STREAM_ID_LENGTH)
     expected = expected_version_param(expected_version)
-    batch = _as_batch(events)
+    batch = as_batch(events)
     rows = yield Statement(
         _QUERIES["append_events"],
         {
             "stream_id": stream_id,
-            "events": encode_batch(batch, max_payload_bytes),
+            "events": encode_batch(batch, max_payload_bytes, traceparent),
             "expected_version": expected,
         },
     )

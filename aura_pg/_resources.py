@@ -15,6 +15,7 @@ from typing import LiteralString
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 _NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_LEADING_COMMENTS = re.compile(r"\A(?:[ \t]*--[^\n]*\n)+")
 
 
 def resource_dir(name: str) -> Traversable:
@@ -56,5 +57,8 @@ def named_queries(relative_path: str) -> dict[str, LiteralString]:
     for mark, following in zip(marks, [*marks[1:], None], strict=True):
         end = following.start() if following else len(text)
         body = text[mark.end() : end].strip().rstrip(";").strip()
-        queries[mark.group(1)] = body
+        # The comments stay in the file for the reader; the server (and the
+        # span names that database instrumentation takes from the first
+        # word) gets the statement.
+        queries[mark.group(1)] = _LEADING_COMMENTS.sub("", body)
     return queries

@@ -21,6 +21,12 @@ from aura_pg.catalog import load_catalog
 from aura_pg.errors import AuraPgError
 from aura_pg.localdb import LocalCluster, temporary_cluster
 from aura_pg.models import NO_STREAM, NewEvent
+from aura_pg.observability.command import (
+    add_observability_options,
+    configure_command_logging,
+    observed_daemon,
+)
+from aura_pg.observability.tracing import configure_tracing
 from aura_pg.projector import (
     ProjectorDaemon,
     ProjectorSettings,
@@ -138,12 +144,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(verbose: bool, log_format: str = "auto") -> None:
+    configure_command_logging(logging.DEBUG if verbose else logging.INFO, log_format)
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -167,14 +169,23 @@ def _settings(args: argparse.Namespace, listen: bool) -> ProjectorSettings:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     specs = load_catalog(args.catalog).select(args.names)
     daemon = ProjectorDaemon(_dsn(args), specs, _settings(args, listen=not args.no_listen))
 
-    async def main() -> None:
-        await daemon.run(_stop_on_signals())
+    projections = [spec.name for spec in specs]
+    with observed_daemon(_dsn(args), args, "projector", projections) as heartbeat:
 
-    asyncio.run(main())
+        async def main() -> None:
+            stop = _stop_on_signals()
+            beating = asyncio.create_task(heartbeat.run(stop))
+            try:
+                await daemon.run(stop)
+            finally:
+                stop.set()
+                await beating
+
+        asyncio.run(main())
     return 0
 
 
@@ -314,6 +325,7 @@ def _rebuild(args: argparse.Namespace, dsn: str) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from aura_pg.demo import run_demo
 
+    provider = configure_tracing("aura-pg-demo")  # OTEL_TRACES_EXPORTER=console shows spans
     try:
         run_demo(
             args.dsn if args.dsn is not None else os.environ.get("AURA_PG_DSN"),
@@ -325,6 +337,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\naura-pg demo: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if provider is not None:
+            provider.shutdown()
     return 0
 
 
@@ -373,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--no-listen", action="store_true", help="poll only, no LISTEN/NOTIFY")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_observability_options(p)
     p.set_defaults(handler=cmd_project)
 
     p = sub.add_parser("projections", help="inspect and operate projections")

@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,8 @@ import psycopg
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import CatalogError, ProjectionError, StaleCheckpoint, UnknownProjection
+from aura_pg.observability import metrics, tracing
+from aura_pg.observability.logging import bind
 
 log = logging.getLogger("aura_pg.projector")
 
@@ -77,6 +80,36 @@ class BatchResult:
     position: int
     caught_up: bool
     status: str
+    # The applied events, in apply order (None when nothing was applied).
+    event_ids: list[uuid.UUID] | None = None
+    event_types: list[str] | None = None
+    stream_ids: list[str] | None = None
+    versions: list[int] | None = None
+    recorded_times: list[datetime] | None = None
+    traceparents: list[str | None] | None = None
+    # The database's clock when the batch was done (just before its commit).
+    finished_at: datetime | None = None
+
+    def end_to_end_seconds(self) -> list[float]:
+        """Per applied event: from its append to this batch, by the
+        database's clock (no skew between hosts)."""
+        if not self.recorded_times or self.finished_at is None:
+            return []
+        return [(self.finished_at - t).total_seconds() for t in self.recorded_times]
+
+    def traced_events(self) -> list[tuple[uuid.UUID, str, str, int, str | None]]:
+        if not self.event_ids:
+            return []
+        return list(
+            zip(
+                self.event_ids,
+                self.event_types or (),
+                self.stream_ids or (),
+                self.versions or (),
+                self.traceparents or (),
+                strict=True,
+            )
+        )
 
 
 class StepOutcome(enum.Enum):
@@ -234,6 +267,8 @@ class _PoisonCandidate:
     position: int
     attempts: int = 0
     first_failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    event_id: uuid.UUID | None = None
+    event_type: str | None = None
 
 
 async def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -321,6 +356,7 @@ class ProjectionRunner:
         connection loss, database restarts and losing the ownership.
         Raises UnknownProjection when the projection's row is gone."""
         self._stop = stop
+        bind(projection=self.name)  # this task's log lines name the projection
         delay = 0.1
         while not stop.is_set() and not self.finished:
             conn: psycopg.AsyncConnection[Any] | None = None
@@ -340,6 +376,7 @@ class ProjectionRunner:
                 await self._release(conn)
             except (psycopg.OperationalError, _ConnectionLost) as exc:
                 self.reconnects += 1
+                metrics.record_projection_error(self.name, "connection")
                 log.warning(
                     "projection %s: connection lost (%s); reconnecting in %.1fs",
                     self.name,
@@ -449,17 +486,36 @@ class ProjectionRunner:
             "owner": self.settings.owner,
             "limit": 1 if single else None,
         }
+        start_ns = time.time_ns()
+        started = time.perf_counter()
         try:
-            row = await self._execute(conn, _queries()["project_batch"], params)
+            # Our own spans describe the batch; an idle poll leaves no trace.
+            with tracing.suppress_instrumentation():
+                row = await self._execute(conn, _queries()["project_batch"], params)
         except StaleCheckpoint as exc:
+            metrics.record_projection_error(self.name, "stale_checkpoint")
+            tracing.record_batch_spans(self.name, start_ns, time.time_ns(), (), error=exc)
             log.warning("projection %s: %s; reloading", self.name, exc)
             await self._reload(conn)
             return StepOutcome.BUSY
         except psycopg.Error as exc:
+            tracing.record_batch_spans(self.name, start_ns, time.time_ns(), (), error=exc)
             return await self._failed(conn, exc, isolated=single)
+        duration = time.perf_counter() - started
         assert row is not None
         result = BatchResult(*row)
         self.transaction_id, self.position = result.transaction_id, result.position
+        if result.applied:
+            metrics.record_applied_batch(
+                self.name, result.event_types or (), duration, result.end_to_end_seconds()
+            )
+            tracing.record_batch_spans(
+                self.name,
+                start_ns,
+                time.time_ns(),
+                result.traced_events(),
+                attributes={"aura.checkpoint": f"{result.transaction_id}/{result.position}"},
+            )
         if result.status == "paused":
             self._poison = None  # retries start afresh after a resume
             return StepOutcome.IDLE
@@ -494,12 +550,22 @@ class ProjectionRunner:
                 sqlstate,
                 error,
             )
+            metrics.record_projection_error(
+                self.name, "transient" if is_transient(sqlstate) else "handler"
+            )
             self._isolate_remaining = max(self._batch_size, 1)
             return StepOutcome.BUSY
         at = (self.transaction_id, self.position)
         if self._poison is None or (self._poison.transaction_id, self._poison.position) != at:
             self._poison = _PoisonCandidate(*at)
         transient = is_transient(sqlstate)
+        if self._poison.event_type is None:
+            event = await self._execute(conn, _queries()["next_event"], {"name": self.name})
+            if event is not None:
+                self._poison.event_id, _, self._poison.event_type = event
+        metrics.record_projection_error(
+            self.name, "transient" if transient else "handler", self._poison.event_type
+        )
         if not transient:
             self._poison.attempts += 1
         try:
@@ -532,6 +598,7 @@ class ProjectionRunner:
             circuit_state,
             sqlstate,
             error,
+            extra={"event_id": str(self._poison.event_id), "event_type": self._poison.event_type},
         )
         if not transient and self._poison.attempts > self._max_retries and self.dead_letter_queue:
             return await self._dead_letter(conn, error, sqlstate)
@@ -575,6 +642,7 @@ class ProjectionRunner:
         assert row is not None
         dead_letter_id, self.transaction_id, self.position = row
         self.dead_lettered += 1
+        metrics.record_dead_lettered(event_type)
         log.error(
             "projection %s: event %s (%s, position %s) dead-lettered as #%s after %d attempts: %s",
             self.name,
@@ -584,6 +652,7 @@ class ProjectionRunner:
             dead_letter_id,
             self._poison.attempts,
             error,
+            extra={"event_id": str(event_id), "event_type": event_type},
         )
         self._poison = None
         self._isolate_remaining = max(self._isolate_remaining - 1, 0)
@@ -620,7 +689,8 @@ class Listener:
                     async for _ in conn.notifies(timeout=self.settings.listen_keepalive):
                         self.notifications += 1
                         self.wake()
-                    await conn.execute("SELECT 1")
+                    with tracing.suppress_instrumentation():
+                        await conn.execute("SELECT 1")
             except psycopg.OperationalError as exc:
                 if stop.is_set():
                     return

@@ -43,6 +43,13 @@ from psycopg.rows import TupleRow
 
 from aura_pg._resources import named_queries
 from aura_pg.errors import AuraPgError
+from aura_pg.observability import metrics
+from aura_pg.observability.command import (
+    add_observability_options,
+    configure_command_logging,
+    observed_daemon,
+)
+from aura_pg.observability.endpoint import Heartbeat
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -505,6 +512,8 @@ class Relay:
         """Publish one claimed row: None, or the reason it failed."""
         row_id, sink_name, topic, message_id, payload, headers, attempts = row
         sink = self.sinks[sink_name]
+        started = time.perf_counter()
+        error: BaseException | None = None
         try:
             message = OutboxMessage(
                 id=row_id,
@@ -517,12 +526,13 @@ class Relay:
             )
             await sink.publish(message)
         except DeliveryError as exc:
-            return exc
+            error = exc
         except Exception as exc:
             # A sink's bug must not stop the relay: the row records it.
             log.exception("sink %s failed on outbox row %s", sink_name, row_id)
-            return exc
-        return None
+            error = exc
+        metrics.record_delivery(sink_name, time.perf_counter() - started, delivered=error is None)
+        return error
 
     async def _batch(self) -> tuple[int, RelayStats]:
         """Claim, publish, record, commit: (rows claimed, what was recorded)."""
@@ -679,27 +689,26 @@ def _sinks(args: argparse.Namespace) -> list[Sink]:
     return sinks
 
 
-async def _serve(relay: Relay, once: bool) -> RelayStats:
+async def _serve(relay: Relay, once: bool, heartbeat: Heartbeat) -> RelayStats:
     """Run the relay; SIGTERM or SIGINT ends it after the batch in flight."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    beating = asyncio.create_task(heartbeat.run(stop))
     try:
         async with relay:
             return await (relay.run_once(stop) if once else relay.run(stop))
     finally:
+        stop.set()
+        await beating
         for signum in signals:
             loop.remove_signal_handler(signum)
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_command_logging(args.log_level.upper(), args.log_format)
     try:
         sinks = _sinks(args)
     except ValueError as exc:
@@ -721,7 +730,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
         ", ".join(sorted(relay.sinks)), args.batch_size, args.poll_interval, args.max_attempts,
     )  # fmt: skip
     try:
-        stats = asyncio.run(_serve(relay, args.once))
+        with observed_daemon(_dsn(args), args, "relay") as heartbeat:
+            stats = asyncio.run(_serve(relay, args.once, heartbeat))
     except psycopg.Error as exc:
         print(f"aura-pg relay: {str(exc).strip()}", file=sys.stderr)
         return 1
@@ -796,6 +806,7 @@ def add_relay_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--once", action="store_true", help="publish what is due now, print a summary, exit"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_observability_options(p)
     p.set_defaults(handler=cmd_relay)
 
 

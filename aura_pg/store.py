@@ -21,6 +21,7 @@ from aura_pg.models import (
     Page,
     RecordedEvent,
 )
+from aura_pg.observability.appends import observed_append
 
 
 def _translated(exc: psycopg.Error, statement: ops.Statement) -> Exception:
@@ -133,10 +134,19 @@ class EventStore(_StoreSettings):
         conn: psycopg.Connection[Any] | None = None,
     ) -> AppendResult:
         """Append events to a stream, all or nothing; see docs/event-store.md."""
-        result: AppendResult = self._run(
-            ops.append(stream_id, events, expected_version, self.max_payload_bytes), conn
-        )
-        return result
+        batch = ops.as_batch(events)
+        with observed_append(stream_id, batch) as observation:
+            observation.result = self._run(
+                ops.append(
+                    stream_id,
+                    batch,
+                    expected_version,
+                    self.max_payload_bytes,
+                    observation.traceparent,
+                ),
+                conn,
+            )
+        return observation.result
 
     def read_stream(
         self,
@@ -283,10 +293,19 @@ class AsyncEventStore(_StoreSettings):
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> AppendResult:
         """Append events to a stream, all or nothing; see docs/event-store.md."""
-        result: AppendResult = await self._run(
-            ops.append(stream_id, events, expected_version, self.max_payload_bytes), conn
-        )
-        return result
+        batch = ops.as_batch(events)
+        with observed_append(stream_id, batch) as observation:
+            observation.result = await self._run(
+                ops.append(
+                    stream_id,
+                    batch,
+                    expected_version,
+                    self.max_payload_bytes,
+                    observation.traceparent,
+                ),
+                conn,
+            )
+        return observation.result
 
     async def read_stream(
         self,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what a fresh Debian machine lacks to run aura-pg and its tests:
 # PostgreSQL 15 with server headers, TimescaleDB (Debian package where one
-# exists, otherwise built from Debian's own source package), and the Python
-# virtual environment. Idempotent: every step is skipped when already done.
+# exists, otherwise built from Debian's own source package), the tools the
+# tests drive (nats-server; prometheus and promtool; docker-compose, which
+# only validates docker-compose.yml), and the Python virtual environment.
+# Idempotent: every step is skipped when already done.
 set -euo pipefail
 
 PG_MAJOR="${AURA_PG_MAJOR:-15}"
@@ -26,7 +28,7 @@ apt_update_once() {
 
 need_pkgs=()
 for pkg in "postgresql-${PG_MAJOR}" "postgresql-client-${PG_MAJOR}" "postgresql-server-dev-${PG_MAJOR}" \
-           cmake make gcc dpkg-dev libssl-dev nats-server; do
+           cmake make gcc dpkg-dev libssl-dev nats-server prometheus docker-compose; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
     need_pkgs+=("$pkg")
   fi

@@ -51,7 +51,9 @@ FROM aura.projection_checkpoints c
 WHERE c.name = %(name)s;
 
 -- name: project_batch
-SELECT b.applied, b.transaction_id::text, b.global_position, b.caught_up, b.status
+SELECT b.applied, b.transaction_id::text, b.global_position, b.caught_up, b.status,
+       b.event_ids, b.event_types, b.stream_ids, b.versions, b.recorded_times,
+       b.traceparents, clock_timestamp()
 FROM aura.project_batch(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
                         %(limit)s) AS b;
 

@@ -14,10 +14,13 @@ import psycopg
 import pytest
 
 from aura_pg.localdb import free_port
+from aura_pg.observability import names
+from tests.helpers.metrics import answering, http_get, scrape, value
+from tests.helpers.projections import wait_for_sync
 from tests.integration.test_relay import WebhookServer, add_route, append, outbox
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Until the lead wires `relay` into aura_pg.cli, the module runs it alone.
+# `aura-pg relay`, run by this interpreter.
 RELAY = [sys.executable, "-m", "aura_pg.cli", "relay"]
 
 
@@ -103,6 +106,43 @@ def test_once_drains_and_prints_a_summary(dsn: str, webhook_server: WebhookServe
     again = run_relay(*args)
     assert json.loads(again.stdout) == {"batches": 0, "delivered": 0, "failed": 0, "dead": 0}
     assert len(webhook_server.received) == 2
+
+
+def test_metrics_count_deliveries_failures_and_the_backlog(
+    dsn: str, webhook_server: WebhookServer
+) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    append(dsn, "T", "T", "T")
+    port = free_port()
+    relay = start_relay(
+        "--dsn", dsn, "--webhook", f"hook={webhook_server.url('/h')}", "--poll-interval", "0.1",
+        "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--backoff-base", "30",
+    )  # fmt: skip
+    try:
+        wait_for_sync(lambda: answering(port), 60, "the relay's metrics server")
+        wait_for_sync(lambda: len(webhook_server.received) == 3, 30, "three deliveries")
+        wait_for_sync(
+            lambda: all(row["status"] == "delivered" for row in outbox(dsn)), 30, "delivered"
+        )
+        samples = scrape(port)
+        assert value(samples, names.OUTBOX_PUBLISHED, sink="webhook") == 3
+        assert value(samples, names.OUTBOX_PUBLISH_DURATION + "_count", sink="webhook") == 3
+        assert value(samples, names.OUTBOX_PENDING, sink="webhook", topic="hook") == 0
+
+        webhook_server.status = 500
+        append(dsn, "T")
+        wait_for_sync(lambda: len(webhook_server.received) == 4, 30, "the failing delivery")
+        wait_for_sync(lambda: outbox(dsn)[-1]["attempts"] == 1, 30, "the failure recorded")
+        samples = scrape(port)
+        assert value(samples, names.OUTBOX_PUBLISH_FAILURES, sink="webhook") == 1
+        assert value(samples, names.OUTBOX_PENDING, sink="webhook", topic="hook") == 1
+        assert value(samples, names.OUTBOX_OLDEST_PENDING_AGE) > 0
+        assert value(samples, names.SYSTEM_HEALTH_SCORE) < 100  # 1 failure in 4 attempts
+        assert http_get(port, "/ready")[0] == 200
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        _, stderr = relay.communicate(timeout=20)
+    assert relay.returncode == 0, stderr
 
 
 def test_dsn_from_environment(dsn: str, webhook_server: WebhookServer) -> None:

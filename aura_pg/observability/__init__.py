@@ -1,0 +1,1 @@
+"""Metrics, health, traces and logs for aura-pg processes."""
