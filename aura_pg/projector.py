@@ -80,22 +80,29 @@ class BatchResult:
     position: int
     caught_up: bool
     status: str
-    # The applied events, in apply order (None when nothing was applied).
+    # The applied events counted by type (None when nothing was applied).
+    type_names: list[str] | None = None
+    type_counts: list[int] | None = None
+    # Their seconds from append to the end of the batch, as histogram
+    # buckets (index into LATENCY_BUCKETS + [inf]) with counts, and the sum.
+    end_to_end_buckets: list[int] | None = None
+    end_to_end_counts: list[int] | None = None
+    end_to_end_seconds: float | None = None
+    # Only when traced: the applied events (the lists in the same order).
     event_ids: list[uuid.UUID] | None = None
     event_types: list[str] | None = None
     stream_ids: list[str] | None = None
     versions: list[int] | None = None
-    recorded_times: list[datetime] | None = None
     traceparents: list[str | None] | None = None
-    # The database's clock when the batch was done (just before its commit).
-    finished_at: datetime | None = None
 
-    def end_to_end_seconds(self) -> list[float]:
-        """Per applied event: from its append to this batch, by the
-        database's clock (no skew between hosts)."""
-        if not self.recorded_times or self.finished_at is None:
-            return []
-        return [(self.finished_at - t).total_seconds() for t in self.recorded_times]
+    def counts_by_type(self) -> dict[str, int]:
+        return dict(zip(self.type_names or (), self.type_counts or (), strict=True))
+
+    def end_to_end(self) -> metrics.BucketCounts:
+        return metrics.BucketCounts(
+            dict(zip(self.end_to_end_buckets or (), self.end_to_end_counts or (), strict=True)),
+            self.end_to_end_seconds or 0.0,
+        )
 
     def traced_events(self) -> list[tuple[uuid.UUID, str, str, int, str | None]]:
         if not self.event_ids:
@@ -485,6 +492,9 @@ class ProjectionRunner:
             "position": self.position,
             "owner": self.settings.owner,
             "limit": 1 if single else None,
+            "traced": tracing.recording(),
+            "bounds": len(metrics.LATENCY_BOUNDS),
+            "negated_bounds": metrics.NEGATED_LATENCY_BOUNDS,
         }
         start_ns = time.time_ns()
         started = time.perf_counter()
@@ -507,7 +517,7 @@ class ProjectionRunner:
         self.transaction_id, self.position = result.transaction_id, result.position
         if result.applied:
             metrics.record_applied_batch(
-                self.name, result.event_types or (), duration, result.end_to_end_seconds()
+                self.name, result.counts_by_type(), duration, result.end_to_end()
             )
             tracing.record_batch_spans(
                 self.name,

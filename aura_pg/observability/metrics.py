@@ -10,23 +10,27 @@ the same lag, dead letters and debates, whichever projections it runs.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
+import math
 import threading
-from collections import Counter as TypeCounter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, LiteralString
 
 import psycopg
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from psycopg import sql
 
 from aura_pg._resources import named_queries
 from aura_pg.observability import names
 from aura_pg.observability.health import HealthInputs, OutcomeWindow, health_score
+from aura_pg.observability.tracing import suppress_instrumentation
 
 log = logging.getLogger("aura_pg.metrics")
 
@@ -41,17 +45,104 @@ EVENTS_PROCESSED = Counter(
     "(status: success, failed, dead_lettered)",
     ["event_type", "status"],
 )
-EVENT_PROCESSING_DURATION = Histogram(
+
+
+LATENCY_BOUNDS: Final = tuple(names.LATENCY_BUCKETS)
+# For the projector's query, which counts events into these buckets in SQL.
+NEGATED_LATENCY_BOUNDS: Final = [-bound for bound in reversed(LATENCY_BOUNDS)]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketCounts:
+    """Observations already counted into buckets: bucket index (into the
+    bounds plus +Inf) to count, and the sum of the observed values."""
+
+    counts: dict[int, int]
+    total: float
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it."""
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
+    return text
+
+
+class BulkHistogram(Collector):
+    """A labelled histogram that takes many observations in one call.
+
+    prometheus_client's Histogram observes one value at a time, about a
+    microsecond each: for a 5,000-event batch observed once per event that
+    is milliseconds per batch, a fifth of a fast catch-up. Here a batch
+    costs one call: one value observed many times, or counts already made
+    per bucket (by the projector's query, in SQL). Exposed like any
+    histogram (``_bucket``, ``_sum``, ``_count``)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float] = names.LATENCY_BUCKETS,
+        registry: Any = REGISTRY,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self._bounds = [*buckets, math.inf]
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, labels: Sequence[str], value: float, count: int = 1) -> None:
+        """``count`` observations of ``value``."""
+        index = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            counts, total = self._series.setdefault(tuple(labels), ([0] * len(self._bounds), [0.0]))
+            counts[index] += count
+            total[0] += value * count
+
+    def add_counts(self, labels: Sequence[str], counted: BucketCounts) -> None:
+        """Observations counted into this histogram's buckets elsewhere."""
+        if not counted.counts:
+            return
+        with self._lock:
+            counts, total = self._series.setdefault(tuple(labels), ([0] * len(self._bounds), [0.0]))
+            for index, n in counted.counts.items():
+                counts[index] += n
+            total[0] += counted.total
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        with self._lock:
+            series = [
+                (labels, list(counts), total[0]) for labels, (counts, total) in self._series.items()
+            ]
+        for labels, counts, total in series:
+            cumulative = list(itertools.accumulate(counts))
+            family.add_metric(
+                list(labels),
+                [(_le(b), float(c)) for b, c in zip(self._bounds, cumulative, strict=True)],
+                total,
+            )
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+
+EVENT_PROCESSING_DURATION = BulkHistogram(
     names.EVENT_PROCESSING_DURATION,
     "Time the projector spent on the batch that carried the event, read to commit",
     ["event_type"],
-    buckets=names.LATENCY_BUCKETS,
 )
-EVENT_END_TO_END = Histogram(
+EVENT_END_TO_END = BulkHistogram(
     names.EVENT_END_TO_END,
     "From an event's append to the commit of the read-model write that applied it",
     ["projection_name"],
-    buckets=names.LATENCY_BUCKETS,
 )
 PROJECTION_ERRORS = Counter(
     names.PROJECTION_ERRORS.removesuffix("_total"),
@@ -104,27 +195,20 @@ OUTBOX_PUBLISH_DURATION = Histogram(
 OUTCOMES = OutcomeWindow()
 
 
-def count_by_type(event_types: Iterable[str]) -> TypeCounter[str]:
-    return TypeCounter(event_types)
-
-
 def record_applied_batch(
     projection: str,
-    event_types: Sequence[str],
+    counts_by_type: Mapping[str, int],
     duration: float,
-    end_to_end: Iterable[float],
+    end_to_end: BucketCounts,
 ) -> None:
-    """A batch committed: count its events, time it once per event."""
+    """A batch committed: count its events by type, time it once per event,
+    and add its events' times from append to commit."""
     PROJECTION_BATCH_DURATION.labels(projection).observe(duration)
-    for event_type, count in count_by_type(event_types).items():
+    for event_type, count in counts_by_type.items():
         EVENTS_PROCESSED.labels(event_type, "success").inc(count)
-        histogram = EVENT_PROCESSING_DURATION.labels(event_type)
-        for _ in range(count):
-            histogram.observe(duration)
-    latency = EVENT_END_TO_END.labels(projection)
-    for seconds in end_to_end:
-        latency.observe(max(seconds, 0.0))
-    OUTCOMES.record(successes=len(event_types))
+        EVENT_PROCESSING_DURATION.observe((event_type,), duration, count)
+    EVENT_END_TO_END.add_counts((projection,), end_to_end)
+    OUTCOMES.record(successes=sum(counts_by_type.values()))
 
 
 def record_projection_error(
@@ -329,7 +413,8 @@ class DatabaseCollector(Collector):
         return self._conn
 
     def snapshot(self) -> DatabaseSnapshot:
-        with self._lock:
+        # A scrape's queries every 15 s are not worth a trace each.
+        with self._lock, suppress_instrumentation():
             try:
                 snap = read_snapshot(self._session())
             except psycopg.Error as exc:
@@ -342,7 +427,7 @@ class DatabaseCollector(Collector):
     def query_one(self, query: LiteralString, params: dict[str, Any]) -> tuple[Any, ...] | None:
         """One row of a query on the collector's connection (psycopg errors
         propagate; the connection is reopened next time)."""
-        with self._lock:
+        with self._lock, suppress_instrumentation():
             try:
                 return self._session().execute(query, params).fetchone()
             except psycopg.Error:

@@ -46,6 +46,14 @@ def tracer() -> trace.Tracer:
     return _tracer
 
 
+def recording() -> bool:
+    """Whether spans go anywhere: an SDK tracer provider is installed. The
+    projector asks for the per-event details only then."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
 def current_traceparent() -> str | None:
     """The W3C traceparent of the current span, or None outside any trace."""
     if not trace.get_current_span().get_span_context().is_valid:

@@ -1,17 +1,20 @@
 -- Migration 0003: aura.project_batch also returns what it applied, so the
--- daemon can count, time and trace each event without reading it again.
--- The arrays are in apply order; they are NULL when nothing was applied.
--- traceparents holds each event's metadata->>'traceparent' (the W3C trace
--- context of the span that appended it), or NULL.
+-- daemon can count, time and trace each event without reading it again:
+-- the applied events' types and recording times, and, when p_trace is
+-- true, their ids, streams, versions and traceparents (metadata->>
+-- 'traceparent', the W3C trace context of the span that appended each).
+-- The arrays are gathered in the same pass that reads the batch; those of
+-- one call are in the same order (not necessarily the apply order), and
+-- NULL when nothing was applied.
 --
 -- Applies the next batch of a projection and advances its checkpoint, in
 -- the caller's transaction. The caller names the checkpoint it holds; if
 -- the projection is elsewhere (another owner, an operator), AU006 and
 -- nothing is applied. Returns how many events were applied, the new
 -- checkpoint, whether the projection has caught up, its status, and the
--- applied events' ids, types, streams, versions, recording times and trace
--- contexts. Paused projections and open circuits apply nothing; once an
--- open circuit's recovery time has passed, one event is tried (half-open).
+-- arrays above. Paused projections and open circuits apply nothing; once
+-- an open circuit's recovery time has passed, one event is tried
+-- (half-open).
 --
 --   SELECT applied, transaction_id, global_position, caught_up, status
 --   FROM aura.project_batch('stream_summary', '0', 0);
@@ -22,11 +25,12 @@ CREATE FUNCTION aura.project_batch(
     p_expected_transaction_id xid8,
     p_expected_position       bigint,
     p_owner                   text    DEFAULT NULL,
-    p_limit                   integer DEFAULT NULL
+    p_limit                   integer DEFAULT NULL,
+    p_trace                   boolean DEFAULT false
 ) RETURNS TABLE (applied integer, transaction_id xid8, global_position bigint,
                  caught_up boolean, status text,
-                 event_ids uuid[], event_types text[], stream_ids text[], versions bigint[],
-                 recorded_times timestamptz[], traceparents text[])
+                 event_types text[], recorded_times timestamptz[],
+                 event_ids uuid[], stream_ids text[], versions bigint[], traceparents text[])
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -38,6 +42,12 @@ DECLARE
     v_last    aura.events;
     v_horizon_tx  xid8;
     v_horizon_pos bigint;
+    v_types   text[];
+    v_times   timestamptz[];
+    v_ids     uuid[];
+    v_streams text[];
+    v_versions bigint[];
+    v_traceparents text[];
     v_tx      xid8;
     v_pos     bigint;
 BEGIN
@@ -49,7 +59,7 @@ BEGIN
     IF v_row.status = 'paused'
        OR v_row.circuit_state = 'open' AND v_row.circuit_open_until > clock_timestamp() THEN
         RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status,
-            NULL::uuid[], NULL::text[], NULL::text[], NULL::bigint[], NULL::timestamptz[], NULL::text[];
+            NULL::text[], NULL::timestamptz[], NULL::uuid[], NULL::text[], NULL::bigint[], NULL::text[];
         RETURN;
     END IF;
     v_limit := coalesce(p_limit, v_row.batch_size);
@@ -61,10 +71,20 @@ BEGIN
     END IF;
 
     -- One statement, hence one snapshot: the batch and the horizon agree.
-    SELECT b.events, b.n, h.transaction_id, h.global_position
-      INTO v_events, v_count, v_horizon_tx, v_horizon_pos
+    -- The side arrays need no order of their own (no sort each): being
+    -- aggregated from the same rows, they agree with each other.
+    SELECT b.events, b.n, h.transaction_id, h.global_position,
+           b.types, b.times, b.ids, b.streams, b.versions, b.traceparents
+      INTO v_events, v_count, v_horizon_tx, v_horizon_pos,
+           v_types, v_times, v_ids, v_streams, v_versions, v_traceparents
     FROM (SELECT array_agg(e ORDER BY e.transaction_id, e.global_position) AS events,
-                 count(*)::integer AS n
+                 count(*)::integer AS n,
+                 array_agg(e.type) AS types,
+                 array_agg(e.recorded_at) AS times,
+                 array_agg(e.event_id) FILTER (WHERE p_trace) AS ids,
+                 array_agg(e.stream_id) FILTER (WHERE p_trace) AS streams,
+                 array_agg(e.version) FILTER (WHERE p_trace) AS versions,
+                 array_agg(e.metadata ->> 'traceparent') FILTER (WHERE p_trace) AS traceparents
           FROM aura.read_all(v_row.transaction_id, v_row.global_position, v_limit,
                              v_row.event_types) AS e) AS b
     LEFT JOIN LATERAL aura.read_horizon() AS h ON true;
@@ -94,7 +114,7 @@ BEGIN
        AND v_row.status <> 'failed' AND v_row.owner IS NOT DISTINCT FROM coalesce(p_owner, v_row.owner) THEN
         -- Idle: nothing to write, and no lock taken.
         RETURN QUERY SELECT 0, v_tx, v_pos, true, v_row.status,
-            NULL::uuid[], NULL::text[], NULL::text[], NULL::bigint[], NULL::timestamptz[], NULL::text[];
+            NULL::text[], NULL::timestamptz[], NULL::uuid[], NULL::text[], NULL::bigint[], NULL::text[];
         RETURN;
     END IF;
 
@@ -113,7 +133,7 @@ BEGIN
     v_row := v_locked;
     IF v_row.status = 'paused' THEN
         RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status,
-            NULL::uuid[], NULL::text[], NULL::text[], NULL::bigint[], NULL::timestamptz[], NULL::text[];
+            NULL::text[], NULL::timestamptz[], NULL::uuid[], NULL::text[], NULL::bigint[], NULL::text[];
         RETURN;
     END IF;
     IF v_count > 0 THEN
@@ -135,12 +155,7 @@ BEGIN
            updated_at = now()
      WHERE c.name = p_name
     RETURNING c.status INTO v_row.status;
-    RETURN QUERY
-    SELECT v_count, v_tx, v_pos, v_count < v_limit, v_row.status,
-           array_agg(e.event_id ORDER BY e.ordinality), array_agg(e.type ORDER BY e.ordinality),
-           array_agg(e.stream_id ORDER BY e.ordinality), array_agg(e.version ORDER BY e.ordinality),
-           array_agg(e.recorded_at ORDER BY e.ordinality),
-           array_agg(e.metadata ->> 'traceparent' ORDER BY e.ordinality)
-    FROM unnest(v_events) WITH ORDINALITY AS e;
+    RETURN QUERY SELECT v_count, v_tx, v_pos, v_count < v_limit, v_row.status,
+        v_types, v_times, v_ids, v_streams, v_versions, v_traceparents;
 END;
 $$;

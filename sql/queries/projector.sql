@@ -51,11 +51,35 @@ FROM aura.projection_checkpoints c
 WHERE c.name = %(name)s;
 
 -- name: project_batch
+-- For metrics: the applied events counted by type, and their times from
+-- append to now (just before the commit, by the database's clock) counted
+-- into the histogram's buckets here, so a batch of thousands sends a few
+-- numbers. %(negated_bounds)s are the bucket bounds negated, ascending:
+-- width_bucket(-s, ...) counts the bounds >= s, so the bucket (bounds <= s
+-- excluded, as Prometheus's "le" wants) is %(bounds)s minus that. For
+-- traces, only when the daemon records them (%(traced)s): each applied
+-- event's id, type, stream, version and traceparent.
 SELECT b.applied, b.transaction_id::text, b.global_position, b.caught_up, b.status,
-       b.event_ids, b.event_types, b.stream_ids, b.versions, b.recorded_times,
-       b.traceparents, clock_timestamp()
+       t.type_names, t.type_counts, h.buckets, h.bucket_counts, h.seconds,
+       b.event_ids, CASE WHEN %(traced)s THEN b.event_types END, b.stream_ids, b.versions,
+       b.traceparents
 FROM aura.project_batch(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
-                        %(limit)s) AS b;
+                        %(limit)s, %(traced)s) AS b
+LEFT JOIN LATERAL (
+    SELECT array_agg(n.type) AS type_names, array_agg(n.events) AS type_counts
+    FROM (SELECT e AS type, count(*)::integer AS events
+          FROM unnest(b.event_types) AS e GROUP BY e) AS n
+) AS t ON true
+LEFT JOIN LATERAL (
+    SELECT array_agg(x.bucket) AS buckets, array_agg(x.events) AS bucket_counts,
+           sum(x.seconds) AS seconds
+    FROM (SELECT %(bounds)s - width_bucket(-z.s, %(negated_bounds)s::float8[]) AS bucket,
+                 count(*)::integer AS events, sum(z.s) AS seconds
+          FROM (SELECT greatest(date_part('epoch', c.finished - r), 0) AS s
+                FROM unnest(b.recorded_times) AS r,
+                     (SELECT clock_timestamp() AS finished) AS c) AS z
+          GROUP BY 1) AS x
+) AS h ON true;
 
 -- name: record_failure
 SELECT f.consecutive_failures, f.circuit_state, f.circuit_open_until
