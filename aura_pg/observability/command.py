@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Final
 
+from aura_pg.errors import AuraPgError
 from aura_pg.observability.endpoint import DaemonEndpoints, Heartbeat
 from aura_pg.observability.logging import configure_logging
 from aura_pg.observability.tracing import configure_tracing
@@ -67,14 +68,20 @@ def observed_daemon(
         if args.metrics_port is None:
             yield heartbeat
             return
-        endpoints = DaemonEndpoints(
-            dsn,
-            service=service,
-            host=args.metrics_host,
-            port=args.metrics_port,
-            heartbeat=heartbeat,
-            projections=projections,
-        )
+        try:
+            endpoints = DaemonEndpoints(
+                dsn,
+                service=service,
+                host=args.metrics_host,
+                port=args.metrics_port,
+                heartbeat=heartbeat,
+                projections=projections,
+            )
+        except OSError as exc:
+            raise AuraPgError(
+                f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: "
+                f"{exc.strerror or exc} (choose another --metrics-port)"
+            ) from exc
         with endpoints.serving():
             yield heartbeat
     finally:

@@ -39,14 +39,6 @@ _QUERIES: Final = named_queries("queries/metrics.sql")
 CIRCUIT_STATES: Final = ("closed", "half_open", "open")
 PROJECTION_STATES: Final = ("running", "paused", "failed", "rebuilding")
 
-EVENTS_PROCESSED = Counter(
-    names.EVENTS_PROCESSED.removesuffix("_total"),
-    "Events handled by projections, one count per projection and attempt outcome "
-    "(status: success, failed, dead_lettered)",
-    ["event_type", "status"],
-)
-
-
 LATENCY_BOUNDS: Final = tuple(names.LATENCY_BUCKETS)
 # For the projector's query, which counts events into these buckets in SQL.
 NEGATED_LATENCY_BOUNDS: Final = [-bound for bound in reversed(LATENCY_BOUNDS)]
@@ -132,6 +124,14 @@ class BulkHistogram(Collector):
 
     def describe(self) -> Iterator[Metric]:
         yield self._family()
+
+
+EVENTS_PROCESSED = Counter(
+    names.EVENTS_PROCESSED.removesuffix("_total"),
+    "Events handled by projections, one count per projection and attempt outcome "
+    "(status: success, failed, dead_lettered)",
+    ["event_type", "status"],
+)
 
 
 EVENT_PROCESSING_DURATION = BulkHistogram(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -184,3 +185,18 @@ def test_ready_fails_when_the_schema_is_not_current(
     assert status_code == 503
     assert "aura-pg migrate" in json.loads(body)["reasons"][0]
     assert daemon.stop() == 0
+
+
+def test_a_metrics_port_in_use_is_a_clear_error(dsn: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [AURA_PG, "project", "tally_set", "--dsn", dsn, "--catalog", str(FIXTURE_CATALOG),
+             "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
