@@ -33,10 +33,14 @@ _tracer = trace.get_tracer("aura_pg")
 
 __all__ = [
     "TRACEPARENT",
+    "append_span",
     "configure_tracing",
     "current_traceparent",
+    "event_attributes",
     "producer_context",
+    "record_batch_spans",
     "record_error",
+    "recording",
     "suppress_instrumentation",
     "tracer",
 ]
