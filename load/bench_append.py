@@ -1,4 +1,4 @@
-"""Append throughput: EventStore.append against two references, in one run.
+"""Append throughput: EventStore.append against its references, in one run.
 
 For single-event and 100-event batches at 1, 4 and 16 concurrent writers
 (separate processes, each with its own connection), it measures events/s of
@@ -14,10 +14,16 @@ For single-event and 100-event batches at 1, 4 and 16 concurrent writers
           (same columns, defaults, indexes and constraints; no function, no NOTIFY)
   bare    the same INSERT into a table with no indexes, constraints or
           triggers: the physical limit of this machine
+  eventsourcing
+          the eventsourcing library's PostgresApplicationRecorder (Python
+          package eventsourcing[postgres]) inserting the same events (the
+          same JSON payload as state, one originator per stream, the same
+          versions) into its own table: the library's gap-free
+          notification ids (not measured unless asked: --targets)
 
 and prints the ratios store/plain and store/bare (and store/silent, the
-cost of NOTIFY, when silent is measured), plus the append latency
-percentiles. By default it starts a throw-away local cluster with
+cost of NOTIFY, when silent is measured; store/eventsourcing when that
+is), plus the append latency percentiles. By default it starts a throw-away local cluster with
 production durability settings (fsync on, synchronous_commit on).
 
     python load/bench_append.py                    # full run: 3 rounds of 5 s per cell
@@ -25,6 +31,7 @@ production durability settings (fsync on, synchronous_commit on).
     python load/bench_append.py --commit async      # CPU cost, without flush noise
     python load/bench_append.py --targets store silent   # the cost of NOTIFY alone
     python load/bench_append.py --targets store silent plain bare
+    python load/bench_append.py --targets store plain eventsourcing
     python load/bench_append.py --dsn "host=... dbname=..." --json out.json
 """
 
@@ -49,7 +56,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from aura_pg import EventStore, NewEvent
 from aura_pg.localdb import benchmark_settings, temporary_cluster
 
-TARGETS = ("store", "silent", "plain", "bare")
+TARGETS = ("store", "silent", "plain", "bare", "eventsourcing")
 DEFAULT_TARGETS = ("store", "plain", "bare")
 STORE_TARGETS = ("store", "silent")
 STREAMS_PER_WRITER = 50
@@ -70,6 +77,42 @@ SELECT (e->>'event_id')::uuid, %(stream_id)s, %(base_version)s + ord, e->>'type'
        sha256(convert_to(%(stream_id)s || ':' || (e->>'event_id'), 'UTF8'))
 FROM jsonb_array_elements(%(events)s::jsonb) WITH ORDINALITY AS t(e, ord)
 """
+
+
+EVENTSOURCING_TABLE = "bench_eventsourcing_events"
+
+
+def eventsourcing_recorder(dsn: str) -> tuple[Any, Any]:
+    """The eventsourcing library's datastore and application recorder on
+    the benchmark database (imported here: only that target needs it)."""
+    from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+
+    params = conninfo_to_dict(dsn)
+    datastore = PostgresDatastore(
+        dbname=str(params.get("dbname", "postgres")),
+        host=str(params.get("host", "localhost")),
+        port=str(params.get("port", "5432")),
+        user=str(params.get("user", "postgres")),
+        password=str(params.get("password", "")),
+        pool_size=1,
+    )
+    return datastore, PostgresApplicationRecorder(datastore, events_table_name=EVENTSOURCING_TABLE)
+
+
+def stored_events(events: list[NewEvent], originator: uuid.UUID, base_version: int) -> list[Any]:
+    """The same events as the eventsourcing library stores them: the JSON of
+    data and metadata as state, the next versions of the originator."""
+    from eventsourcing.persistence import StoredEvent
+
+    return [
+        StoredEvent(
+            originator_id=originator,
+            originator_version=base_version + i,
+            topic=e.type,
+            state=json.dumps({"data": e.data, "metadata": e.metadata}).encode(),
+        )
+        for i, e in enumerate(events, start=1)
+    ]
 
 
 def without_notify(dsn: str) -> str:
@@ -118,10 +161,13 @@ def writer_main(
     versions = [0] * STREAMS_PER_WRITER
     latencies: list[float] = []
     count = 0
+    originators = [uuid.uuid4() for _ in range(STREAMS_PER_WRITER)]
     if target in STORE_TARGETS:
         store = EventStore.connect(
             dsn if target == "store" else without_notify(dsn), min_size=1, max_size=1
         )
+    elif target == "eventsourcing":
+        datastore, recorder = eventsourcing_recorder(dsn)
     else:
         conn = psycopg.connect(dsn, autocommit=True)
         insert = PLAIN_INSERT.format(table="events_plain" if target == "plain" else "events_bare")
@@ -137,6 +183,9 @@ def writer_main(
         events = make_events(batch, writer, n)
         if target in STORE_TARGETS:
             store.append(stream_id, events)
+        elif target == "eventsourcing":
+            recorder.insert_events(stored_events(events, originators[slot], versions[slot]))
+            versions[slot] += batch
         else:
             conn.execute(
                 insert,
@@ -152,6 +201,8 @@ def writer_main(
         n += 1
     if target in STORE_TARGETS:
         store.close()
+    elif target == "eventsourcing":
+        datastore.close()
     else:
         conn.close()
     results.put((count, latencies))
@@ -211,6 +262,15 @@ def prepare(dsn: str) -> None:
     migrate.upgrade(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(REFERENCE_TABLES)
+        conn.execute(f"DROP TABLE IF EXISTS {EVENTSOURCING_TABLE}")
+
+
+def prepare_eventsourcing(dsn: str) -> None:
+    datastore, recorder = eventsourcing_recorder(dsn)
+    try:
+        recorder.create_table()
+    finally:
+        datastore.close()
 
 
 def settle(dsn: str) -> None:
@@ -237,6 +297,8 @@ def run(
     order) so that drift in the machine hits them all alike; keep medians.
     Returns the median cells and every round's cell, by (target, batch, writers)."""
     prepare(dsn)
+    if "eventsourcing" in targets:
+        prepare_eventsourcing(dsn)
     cells: list[Cell] = []
     every_round: dict[tuple[str, int, int], list[Cell]] = {}
     header = (
@@ -288,6 +350,10 @@ def ratios(
         plain = by_key.get(("plain", c.batch, c.writers))
         bare = by_key.get(("bare", c.batch, c.writers))
         silent = by_key.get(("silent", c.batch, c.writers))
+        library = by_key.get(("eventsourcing", c.batch, c.writers))
+        if library is not None:
+            row["eventsourcing"] = library.events_per_second
+            row["store_vs_eventsourcing"] = c.events_per_second / library.events_per_second
         if plain is not None:
             row["store_vs_plain"] = c.events_per_second / plain.events_per_second
         if bare is not None:
@@ -317,6 +383,8 @@ def print_ratios(summary: list[dict[str, Any]]) -> None:
         ("plain_vs_bare", "plain/bare", ".2f"),
         ("silent", "silent ev/s", ".0f"),
         ("store_vs_silent", "store/silent", ".2f"),
+        ("eventsourcing", "eventsourcing ev/s", ".0f"),
+        ("store_vs_eventsourcing", "store/eventsourcing", ".2f"),
     ]
     shown = [col for col in columns if summary and col[0] in summary[0]]
     rounds = bool(summary) and "store_vs_silent_rounds" in summary[0]
@@ -345,6 +413,18 @@ def print_ratios(summary: list[dict[str, Any]]) -> None:
             f"{max(row['store_vs_silent'] for row in summary):.2f} "
             "(events/s with the notification over events/s without it)"
         )
+    if summary and "store_vs_eventsourcing" in summary[0]:
+        # The targets: single events at 16 writers 3x, 100-event batches 1.5x.
+        for row in summary:
+            goal = 3.0 if (row["batch"], row["writers"]) == (1, 16) else None
+            goal = 1.5 if row["batch"] == 100 else goal
+            if goal is not None:
+                ratio = row["store_vs_eventsourcing"]
+                verdict = "met" if ratio >= goal else "missed"
+                print(
+                    f"store/eventsourcing, batch {row['batch']}, {row['writers']} writers: "
+                    f"{ratio:.2f} (target >= {goal:.1f}: {verdict})"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=TARGETS,
         default=list(DEFAULT_TARGETS),
         help="what to measure (default: store plain bare); add silent (the store with "
-        "aura.notify = off) for the cost of NOTIFY, e.g. --targets store silent",
+        "aura.notify = off) for the cost of NOTIFY, e.g. --targets store silent, and "
+        "eventsourcing for the eventsourcing library's recorder",
     )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
@@ -404,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         if "silent" in targets:
             figures["median_store_vs_silent"] = statistics.median(
                 r["store_vs_silent"] for r in summary
+            )
+        if "eventsourcing" in targets:
+            figures["median_store_vs_eventsourcing"] = statistics.median(
+                r["store_vs_eventsourcing"] for r in summary
             )
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
