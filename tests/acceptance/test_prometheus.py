@@ -10,9 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 
 from aura_pg import EventStore, NewEvent
 from aura_pg.localdb import free_port
+from tests.helpers.metrics import fetch
 from tests.helpers.projections import FIXTURE_CATALOG, caught_up, query, wait_for_sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,11 +81,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 def http_get(url: str) -> tuple[int, bytes]:
+    """(status, body); status 0 while nothing listens yet."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return fetch(url, timeout=5)
     except OSError:
         return 0, b""
 

@@ -10,13 +10,19 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
-    """(status, body) of a GET on 127.0.0.1:port; error statuses included."""
+def fetch(url: str, timeout: float = 10) -> tuple[int, bytes]:
+    """(status, body) of a GET; error statuses included, connection errors raised."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        return exc.code, exc.read()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET on 127.0.0.1:port."""
+    status, body = fetch(f"http://127.0.0.1:{port}{path}")
+    return status, body.decode()
 
 
 def answering(port: int) -> bool:
