@@ -28,8 +28,10 @@ from aura_pg.observability.command import (
 )
 from aura_pg.observability.tracing import configure_tracing
 from aura_pg.projector import (
+    WAKE_SOURCES,
     ProjectorDaemon,
     ProjectorSettings,
+    WakeSource,
     default_owner,
     register_projections,
 )
@@ -115,7 +117,7 @@ def smoke(dsn: str) -> dict[str, object]:
 async def _project_until_caught_up(dsn: str, timeout: float = 60.0) -> list[str]:
     """Run the shipped projections until none is behind; their names."""
     specs = load_catalog().projections
-    daemon = ProjectorDaemon(dsn, specs, ProjectorSettings(poll_interval=0.1, listen=False))
+    daemon = ProjectorDaemon(dsn, specs, ProjectorSettings(poll_interval=0.1, wake="poll"))
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     names = [spec.name for spec in specs]
@@ -158,10 +160,10 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _settings(args: argparse.Namespace, listen: bool) -> ProjectorSettings:
+def _settings(args: argparse.Namespace, wake: WakeSource) -> ProjectorSettings:
     return ProjectorSettings(
         poll_interval=args.poll_interval,
-        listen=listen,
+        wake=wake,
         shutdown_timeout=args.shutdown_timeout,
         owner=args.owner or default_owner(),
         synchronous_commit=not args.async_commit,
@@ -171,7 +173,7 @@ def _settings(args: argparse.Namespace, listen: bool) -> ProjectorSettings:
 def cmd_project(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose, args.log_format)
     specs = load_catalog(args.catalog).select(args.names)
-    daemon = ProjectorDaemon(_dsn(args), specs, _settings(args, listen=not args.no_listen))
+    daemon = ProjectorDaemon(_dsn(args), specs, _settings(args, wake=args.wake))
 
     projections = [spec.name for spec in specs]
     with observed_daemon(_dsn(args), args, "projector", projections) as heartbeat:
@@ -304,7 +306,7 @@ def _rebuild(args: argparse.Namespace, dsn: str) -> int:
         return await projection_admin.rebuild(
             dsn,
             spec,
-            _settings(args, listen=False),
+            _settings(args, wake="poll"),
             progress=_rebuild_progress(interactive),
             stop=_stop_on_signals(),
         )
@@ -386,7 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_dsn(p)
     with_daemon_options(p)
     p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--no-listen", action="store_true", help="poll only, no LISTEN/NOTIFY")
+    p.add_argument(
+        "--wake",
+        choices=WAKE_SOURCES,
+        default="watch",
+        help="how runners learn of new events besides their poll: watch the read horizon "
+        "every 10 ms (default), LISTEN for NOTIFY from writers with aura.notify = on, "
+        "or poll only",
+    )
+    p.add_argument(
+        "--no-listen",
+        dest="wake",
+        action="store_const",
+        const="poll",
+        help="the same as --wake poll (kept for older deployments)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     add_observability_options(p)
     p.set_defaults(handler=cmd_project)

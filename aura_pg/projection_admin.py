@@ -118,7 +118,7 @@ async def rebuild(
     atomically (``aura.finish_rebuild``). Resumes an interrupted rebuild.
     Returns None when stopped before the swap (the shadow stays, to resume).
     """
-    settings = settings or ProjectorSettings(listen=False, poll_interval=0.2)
+    settings = settings or ProjectorSettings(wake="poll", poll_interval=0.2)
     stop = stop or asyncio.Event()
     started = time.monotonic()
     async with await connect(dsn, settings, f"rebuild {spec.name}") as conn:

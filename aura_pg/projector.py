@@ -5,10 +5,23 @@ with its own connection, which holds the projection's advisory lock (the
 ownership: when the process dies, Postgres releases it and another daemon
 takes over) and sends ``aura.project_batch``, which applies a batch and
 advances the checkpoint in one statement, hence one transaction, with a
-compare-and-set on the checkpoint. A listener connection wakes the runners
-on ``NOTIFY aura_events``; each runner also polls, so a lost notification,
-a dropped listener or a pooler in between delays it by one poll interval
-at most.
+compare-and-set on the checkpoint.
+
+How runners learn there is work (``ProjectorSettings.wake``):
+
+* ``watch`` (the default): one log-watcher connection per daemon reads the
+  read horizon every ``watch_interval`` seconds (10 ms) and wakes the runners
+  that are behind it. It slows down to ``watch_idle_interval`` while the log
+  is still, and returns to full speed at the first movement. Appends pay
+  nothing for it, unlike NOTIFY, whose cluster-wide lock makes notifying
+  commits take turns.
+* ``listen``: a listener connection wakes the runners on ``NOTIFY
+  aura_events``, sent by appends in sessions that ``SET aura.notify = on``.
+* ``poll``: neither.
+
+Each runner also polls every ``poll_interval`` (1 s), so a lost wake-up, a
+dropped watcher or listener, or a pooler in between delays it by one poll
+interval at most.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, LiteralString
+from typing import Any, Literal, LiteralString, get_args
 
 import psycopg
 
@@ -38,6 +51,9 @@ from aura_pg.observability.logging import bind
 log = logging.getLogger("aura_pg.projector")
 
 NOTIFY_CHANNEL = "aura_events"
+
+WakeSource = Literal["watch", "listen", "poll"]
+WAKE_SOURCES: tuple[WakeSource, ...] = get_args(WakeSource)
 
 
 def _queries() -> dict[str, LiteralString]:
@@ -52,7 +68,12 @@ def default_owner() -> str:
 @dataclass(frozen=True)
 class ProjectorSettings:
     poll_interval: float = 1.0
-    listen: bool = True
+    wake: WakeSource = "watch"
+    # The log watcher's tick while the log moves, and the slowest it gets
+    # while the log is still (each quiet tick is 1.5 times the last, so
+    # about 0.3 s of stillness takes it from 10 to 100 ms).
+    watch_interval: float = 0.01
+    watch_idle_interval: float = 0.1
     shutdown_timeout: float = 30.0
     owner: str = field(default_factory=default_owner)
     statement_timeout_ms: int = 60_000
@@ -71,6 +92,13 @@ class ProjectorSettings:
             raise ValueError(f"poll_interval must be > 0, not {self.poll_interval!r}")
         if not self.shutdown_timeout > 0:
             raise ValueError(f"shutdown_timeout must be > 0, not {self.shutdown_timeout!r}")
+        if self.wake not in WAKE_SOURCES:
+            raise ValueError(f"wake must be one of {', '.join(WAKE_SOURCES)}, not {self.wake!r}")
+        if not 0 < self.watch_interval <= self.watch_idle_interval:
+            raise ValueError(
+                "need 0 < watch_interval <= watch_idle_interval, not "
+                f"{self.watch_interval!r} and {self.watch_idle_interval!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -357,6 +385,11 @@ class ProjectionRunner:
         self._trial_next = False
         self._poison: _PoisonCandidate | None = None
         self._stop = asyncio.Event()
+
+    @property
+    def checkpoint(self) -> tuple[int, int]:
+        """(transaction id, position) as numbers, to compare with the horizon."""
+        return int(self.transaction_id), self.position
 
     async def run(self, stop: asyncio.Event) -> None:
         """Own and run the projection until ``stop`` is set; survives
@@ -714,6 +747,71 @@ class Listener:
                     await conn.close()
 
 
+class LogWatcher:
+    """Reads the read horizon on its own connection; wakes the runners
+    behind it when it moves.
+
+    The horizon is the newest event ``aura.read_all`` can return: it moves
+    only when events become readable (their transaction and every older one
+    have ended), so a wake-up always finds work, and no runner is woken for
+    appends still in flight. Reconnects with backoff when the connection
+    drops, and wakes everyone on each (re)connect.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        settings: ProjectorSettings,
+        wake: Callable[[tuple[int, int] | None], None],
+    ) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.wake = wake
+        self.connected = False
+        self.horizon: tuple[int, int] | None = None
+        self.ticks = 0
+        self.moves = 0
+        self.reconnects = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
+        query = _queries()["watch_horizon"]
+        while not stop.is_set():
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await connect(self.dsn, self.settings, "projector watcher")
+                self.connected = True
+                delay = 0.1
+                self.horizon = None
+                self.wake(None)
+                interval = self.settings.watch_interval
+                while not stop.is_set():
+                    with tracing.suppress_instrumentation():
+                        cur = await conn.execute(query)
+                        row = await cur.fetchone()
+                    self.ticks += 1
+                    horizon = (int(row[0]), int(row[1])) if row and row[0] is not None else (0, 0)
+                    if horizon != self.horizon:
+                        self.moves += 1
+                        self.horizon = horizon
+                        self.wake(horizon)
+                        interval = self.settings.watch_interval
+                    else:
+                        interval = min(interval * 1.5, self.settings.watch_idle_interval)
+                    await _wait(stop, None, interval)
+            except psycopg.OperationalError as exc:
+                if stop.is_set():
+                    return
+                self.reconnects += 1
+                log.warning("watcher: connection lost (%s); reconnecting in %.1fs", exc, delay)
+                await _wait(stop, None, delay)
+                delay = min(delay * 2, self.settings.reconnect_max_delay)
+            finally:
+                self.connected = False
+                if conn is not None:
+                    await conn.close()
+
+
 class ProjectorDaemon:
     """Registers catalog projections and runs them until stopped."""
 
@@ -735,13 +833,25 @@ class ProjectorDaemon:
             for spec in self.specs
         }
         self.listener = (
-            Listener(dsn, self.settings, self._wake_all) if self.settings.listen else None
+            Listener(dsn, self.settings, self._wake_all) if self.settings.wake == "listen" else None
+        )
+        self.watcher = (
+            LogWatcher(dsn, self.settings, self._wake_behind)
+            if self.settings.wake == "watch"
+            else None
         )
         self.registered: dict[str, str] = {}
 
     def _wake_all(self) -> None:
         for runner in self.runners.values():
             runner.wake.set()
+
+    def _wake_behind(self, horizon: tuple[int, int] | None) -> None:
+        """Wake the runners whose checkpoint is before ``horizon`` (all of
+        them when it is None)."""
+        for runner in self.runners.values():
+            if horizon is None or runner.checkpoint < horizon:
+                runner.wake.set()
 
     async def register(self) -> dict[str, str]:
         async with await connect(self.dsn, self.settings, "projector setup") as conn:
@@ -760,14 +870,17 @@ class ProjectorDaemon:
             "projector %s: running %s (%s)",
             self.settings.owner,
             ", ".join(self.runners),
-            "listen + poll" if self.listener else "poll only",
+            "poll only" if self.settings.wake == "poll" else f"{self.settings.wake} + poll",
         )
         tasks = [
             asyncio.create_task(runner.run(stop), name=f"projection {name}")
             for name, runner in self.runners.items()
         ]
+        waker = self.listener or self.watcher
         listener_task = (
-            asyncio.create_task(self.listener.run(stop), name="listener") if self.listener else None
+            asyncio.create_task(waker.run(stop), name=f"{self.settings.wake}er")
+            if waker is not None
+            else None
         )
         watched: list[asyncio.Future[Any]] = [*tasks, asyncio.ensure_future(stop.wait())]
         if listener_task is not None:

@@ -18,4 +18,5 @@ BEGIN;
 \ir views/projection_status.sql
 \ir extensions/timescaledb.sql
 \ir functions/project_batch.sql
+\ir triggers/notify_opt_in.sql
 COMMIT;

@@ -143,3 +143,9 @@ SELECT aura.retry_dead_letter(%(id)s);
 
 -- name: skip_dead_letter
 SELECT aura.skip_dead_letter(%(id)s, %(note)s);
+
+-- name: watch_horizon
+-- The log watcher's tick: the newest event aura.read_all can return now.
+-- One backward step of the (transaction_id, global_position) index, bounded
+-- by the snapshot's xmin, however many events are still in flight above it.
+SELECT h.transaction_id::text, h.global_position FROM aura.read_horizon() AS h;

@@ -1,6 +1,6 @@
 """Postgres itself dies (immediate shutdown: no checkpoint, crash recovery
 on restart) under a daemon that is applying batches, on a cluster of this
-test's own. The daemon reconnects by itself, its listener too, and the read
+test's own. The daemon reconnects by itself, its log watcher too, and the read
 models end exactly the fold of the log."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ async def test_daemon_recovers_from_an_immediate_postgres_restart(
                 timeout=60,
                 what="catch-up after the restart",
             )
-            assert daemon.listener is not None and daemon.listener.reconnects >= 1
+            assert daemon.watcher is not None and daemon.watcher.reconnects >= 1
             assert all(r.reconnects >= 1 for r in daemon.runners.values())
     finally:
         stop.set()

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from aura_pg import EventStore, NewEvent, projection_admin
 from aura_pg.errors import CatalogError, ProjectionError, UnknownProjection
@@ -282,33 +283,102 @@ async def test_a_definition_without_its_handler_is_a_catalog_error(dsn: str) -> 
     assert not query(dsn, "SELECT 1 FROM pg_namespace WHERE nspname = 'tally_set'")
 
 
-async def test_notifications_wake_the_daemon_long_before_its_poll(
+async def test_the_log_watcher_wakes_the_daemon_long_before_its_poll(
     dsn: str, store: EventStore
 ) -> None:
     async with running_daemon(dsn, ["tally_set"], poll_interval=30.0) as daemon:
-        await wait_for(lambda: daemon.listener is not None and daemon.listener.connected)
+        assert daemon.listener is None
+        await wait_for(lambda: daemon.watcher is not None and daemon.watcher.connected)
         await wait_for(lambda: daemon.runners["tally_set"].owning)
         store.append("wake", [NewEvent("A", {})])
         await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
 
-        # Kill the listener's connection: it reconnects and wakes everyone.
+        # Kill the watcher's connection: it reconnects and wakes everyone.
         query(
             dsn,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'aura-pg projector listener' "
+            "WHERE application_name = 'aura-pg projector watcher' "
             "AND datname = current_database()",
         )
-        assert daemon.listener is not None
-        await wait_for(lambda: daemon.listener is not None and daemon.listener.reconnects >= 1)
-        await wait_for(lambda: daemon.listener is not None and daemon.listener.connected)
+        assert daemon.watcher is not None
+        await wait_for(lambda: daemon.watcher is not None and daemon.watcher.reconnects >= 1)
+        await wait_for(lambda: daemon.watcher is not None and daemon.watcher.connected)
         store.append("wake", [NewEvent("A", {})])
         await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
     assert_exact_fold(dsn, "tally_set")
 
 
+async def test_the_watcher_wakes_runners_when_an_older_append_commits_late(
+    dsn: str, store: EventStore
+) -> None:
+    """An append that commits after a younger one holds the read horizon
+    back; when it commits, the horizon jumps past both and the watcher wakes
+    the runner, within a few ticks rather than the 30 s poll."""
+    async with running_daemon(dsn, ["tally_set"], poll_interval=30.0) as daemon:
+        await wait_for(lambda: daemon.runners["tally_set"].owning)
+        await wait_for(lambda: daemon.watcher is not None and daemon.watcher.horizon is not None)
+        with psycopg.connect(dsn) as slow:
+            slow.execute(
+                "SELECT * FROM aura.append_events('late', %s::jsonb, 'any')",
+                ['[{"type": "A", "data": {}}]'],
+            )
+            store.append("early", [NewEvent("A", {})])
+            await asyncio.sleep(0.5)
+            # The younger append is committed but not readable yet.
+            assert query(dsn, "SELECT count(*) FROM tally_set.applied_events") == [(0,)]
+            assert daemon.runners["tally_set"].position == 0
+            slow.commit()
+        await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
+        watcher = daemon.watcher
+        assert watcher is not None and watcher.moves >= 2
+    assert_exact_fold(dsn, "tally_set")
+
+
+async def test_listen_mode_wakes_on_notifications_from_writers_that_opt_in(dsn: str) -> None:
+    notifying = EventStore.connect(make_conninfo(dsn, options="-c aura.notify=on"), max_size=1)
+    try:
+        async with running_daemon(dsn, ["tally_set"], wake="listen", poll_interval=30.0) as daemon:
+            assert daemon.watcher is None
+            await wait_for(lambda: daemon.listener is not None and daemon.listener.connected)
+            await wait_for(lambda: daemon.runners["tally_set"].owning)
+            notifying.append("wake", [NewEvent("A", {})])
+            await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
+            assert daemon.listener is not None and daemon.listener.notifications >= 1
+
+            # Kill the listener's connection: it reconnects and wakes everyone.
+            query(
+                dsn,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'aura-pg projector listener' "
+                "AND datname = current_database()",
+            )
+            await wait_for(lambda: daemon.listener is not None and daemon.listener.reconnects >= 1)
+            await wait_for(lambda: daemon.listener is not None and daemon.listener.connected)
+            notifying.append("wake", [NewEvent("A", {})])
+            await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
+    finally:
+        notifying.close()
+    assert_exact_fold(dsn, "tally_set")
+
+
+def test_appends_notify_only_in_sessions_that_opt_in(dsn: str, store: EventStore) -> None:
+    notifying = EventStore.connect(make_conninfo(dsn, options="-c aura.notify=on"), max_size=1)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as listener:
+            listener.execute("LISTEN aura_events")
+            store.append("quiet", [NewEvent("A", {})])
+            store.append("quiet", [NewEvent("A", {}), NewEvent("B", {})])
+            assert list(listener.notifies(timeout=0.5)) == []
+            notifying.append("loud", [NewEvent("A", {}), NewEvent("B", {})])
+            received = list(listener.notifies(timeout=1.0, stop_after=2))
+            assert [n.channel for n in received] == ["aura_events"]
+    finally:
+        notifying.close()
+
+
 async def test_poll_only_mode_still_applies_everything(dsn: str, store: EventStore) -> None:
-    async with running_daemon(dsn, ["tally_set"], listen=False, poll_interval=0.2) as daemon:
-        assert daemon.listener is None
+    async with running_daemon(dsn, ["tally_set"], wake="poll", poll_interval=0.2) as daemon:
+        assert daemon.listener is None and daemon.watcher is None
         append_spread(store, 15)
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert_exact_fold(dsn, "tally_set")

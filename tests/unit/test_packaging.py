@@ -24,6 +24,8 @@ def test_wheel_contains_sql_and_migrations(tmp_path: Path, monkeypatch: pytest.M
         "aura_pg/_migrations/versions/0001_event_store_core.py",
         "aura_pg/_migrations/versions/0002_projections_outbox.py",
         "aura_pg/_migrations/versions/0003_observed_batches.py",
+        "aura_pg/_migrations/versions/0004_notify_opt_in.py",
+        "aura_pg/_sql/triggers/notify_opt_in.sql",
         "aura_pg/_sql/functions/project_batch.sql",
         "aura_pg/_sql/queries/metrics.sql",
         "aura_pg/observability/names.py",
