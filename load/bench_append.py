@@ -4,12 +4,14 @@ For single-event and 100-event batches at 1, 4 and 16 concurrent writers
 (separate processes, each with its own connection), it measures events/s of
 
   store   EventStore.append (the aura.append_events function: validation,
-          stream version compare-and-set, idempotency lookup), with the
-          append notification on, as deployed (trigger aura.events_notify:
-          pg_notify('aura_events') in every appending transaction)
-  silent  the same EventStore.append on connections with aura.notify = off
-          (libpq options '-c aura.notify=off'): the trigger still fires but
-          sends no notification (not measured unless asked: --targets)
+          stream version compare-and-set, idempotency lookup), as deployed:
+          no notification (aura.notify is off unless a session turns it on)
+  watched the same, while --watchers processes run the projector's log
+          watcher (the read horizon every 10 ms, as each projector daemon
+          does): what prompt wake-ups cost the appends now
+  notify  the same EventStore.append on connections with aura.notify = on
+          (libpq options '-c aura.notify=on'): pg_notify('aura_events') in
+          every appending transaction, the wake-up of --wake listen daemons
   plain   one plain INSERT of the identical rows into a copy of aura.events
           (same columns, defaults, indexes and constraints; no function, no NOTIFY)
   bare    the same INSERT into a table with no indexes, constraints or
@@ -21,16 +23,18 @@ For single-event and 100-event batches at 1, 4 and 16 concurrent writers
           versions) into its own table: the library's gap-free
           notification ids (not measured unless asked: --targets)
 
-and prints the ratios store/plain and store/bare (and store/silent, the
-cost of NOTIFY, when silent is measured; store/eventsourcing when that
-is), plus the append latency percentiles. By default it starts a throw-away local cluster with
-production durability settings (fsync on, synchronous_commit on).
+and prints the ratios store/plain and store/bare (and notify/store, the
+cost of NOTIFY, watched/store, the cost of the log watcher, and
+store/eventsourcing, when those are measured), plus the append latency
+percentiles. Targets other than store, plain and bare are measured only
+when asked (--targets). By default it starts a throw-away local cluster
+with production durability settings (fsync on, synchronous_commit on).
 
     python load/bench_append.py                    # full run: 3 rounds of 5 s per cell
     python load/bench_append.py --duration 1 --writers 1 4 --batch 1
     python load/bench_append.py --commit async      # CPU cost, without flush noise
-    python load/bench_append.py --targets store silent   # the cost of NOTIFY alone
-    python load/bench_append.py --targets store silent plain bare
+    python load/bench_append.py --targets store notify watched   # the cost of wake-ups
+    python load/bench_append.py --targets store notify plain bare
     python load/bench_append.py --targets store plain eventsourcing
     python load/bench_append.py --dsn "host=... dbname=..." --json out.json
 """
@@ -56,9 +60,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from aura_pg import EventStore, NewEvent
 from aura_pg.localdb import benchmark_settings, temporary_cluster
 
-TARGETS = ("store", "silent", "plain", "bare", "eventsourcing")
+TARGETS = ("store", "watched", "notify", "plain", "bare", "eventsourcing")
 DEFAULT_TARGETS = ("store", "plain", "bare")
-STORE_TARGETS = ("store", "silent")
+STORE_TARGETS = ("store", "watched", "notify")
+# Measured against the store, round by round: (target, the ratio's key).
+STORE_VARIANTS = (("notify", "notify_vs_store"), ("watched", "watched_vs_store"))
 STREAMS_PER_WRITER = 50
 
 REFERENCE_TABLES = """
@@ -115,11 +121,31 @@ def stored_events(events: list[NewEvent], originator: uuid.UUID, base_version: i
     ]
 
 
-def without_notify(dsn: str) -> str:
-    """The connection string with ``-c aura.notify=off`` added to its options."""
+def with_notify(dsn: str) -> str:
+    """The connection string with ``-c aura.notify=on`` added to its options."""
     options = conninfo_to_dict(dsn).get("options")
-    extra = "-c aura.notify=off"
+    extra = "-c aura.notify=on"
     return make_conninfo(dsn, options=f"{options} {extra}" if options else extra)
+
+
+def watcher_main(dsn: str, ready: Any, stop: Any) -> None:
+    """One projector daemon's log watcher, and nothing else, until ``stop``."""
+    import asyncio
+
+    from aura_pg.projector import LogWatcher, ProjectorSettings
+
+    async def watch() -> None:
+        stopping = asyncio.Event()
+        watcher = LogWatcher(dsn, ProjectorSettings(), lambda _horizon: None)
+        task = asyncio.create_task(watcher.run(stopping))
+        while not watcher.connected:
+            await asyncio.sleep(0.01)
+        ready.release()
+        await asyncio.to_thread(stop.wait)
+        stopping.set()
+        await task
+
+    asyncio.run(watch())
 
 
 def make_events(batch: int, writer: int, n: int) -> list[NewEvent]:
@@ -164,7 +190,7 @@ def writer_main(
     originators = [uuid.uuid4() for _ in range(STREAMS_PER_WRITER)]
     if target in STORE_TARGETS:
         store = EventStore.connect(
-            dsn if target == "store" else without_notify(dsn), min_size=1, max_size=1
+            with_notify(dsn) if target == "notify" else dsn, min_size=1, max_size=1
         )
     elif target == "eventsourcing":
         datastore, recorder = eventsourcing_recorder(dsn)
@@ -227,7 +253,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index] * 1000
 
 
-def measure(dsn: str, target: str, batch: int, writers: int, duration: float) -> Cell:
+def measure(
+    dsn: str, target: str, batch: int, writers: int, duration: float, watchers: int = 1
+) -> Cell:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(writers)
     results = ctx.Queue()
@@ -235,13 +263,28 @@ def measure(dsn: str, target: str, batch: int, writers: int, duration: float) ->
         ctx.Process(target=writer_main, args=(dsn, target, batch, w, duration, barrier, results))
         for w in range(writers)
     ]
-    for process in processes:
-        process.start()
-    outcomes = [results.get(timeout=duration + 120) for _ in processes]
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"writer process failed ({process.exitcode})")
+    ready, stop = ctx.Semaphore(0), ctx.Event()
+    watching = [
+        ctx.Process(target=watcher_main, args=(dsn, ready, stop))
+        for _ in range(watchers if target == "watched" else 0)
+    ]
+    try:
+        for process in watching:
+            process.start()
+        for _ in watching:
+            if not ready.acquire(timeout=60):
+                raise RuntimeError("a log watcher did not connect")
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=duration + 120) for _ in processes]
+        for process in processes:
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"writer process failed ({process.exitcode})")
+    finally:
+        stop.set()
+        for process in watching:
+            process.join(30)
     latencies = sorted(lat for _, lats in outcomes for lat in lats)
     total = sum(count for count, _ in outcomes)
     return Cell(
@@ -292,6 +335,7 @@ def run(
     duration: float,
     rounds: int,
     targets: tuple[str, ...] = DEFAULT_TARGETS,
+    watchers: int = 1,
 ) -> tuple[list[Cell], dict[tuple[str, int, int], list[Cell]]]:
     """Measure every cell `rounds` times, targets interleaved (in a rotating
     order) so that drift in the machine hits them all alike; keep medians.
@@ -302,7 +346,7 @@ def run(
     cells: list[Cell] = []
     every_round: dict[tuple[str, int, int], list[Cell]] = {}
     header = (
-        f"{'batch':>5} {'writers':>7} {'target':>6} {'events/s':>10} {'appends':>8} "
+        f"{'batch':>5} {'writers':>7} {'target':>7} {'events/s':>10} {'appends':>8} "
         f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}   rounds events/s"
     )
     print(header)
@@ -313,16 +357,16 @@ def run(
                 shift = round_ % len(targets)
                 order = targets[shift:] + targets[:shift]
                 for target in order:
-                    measure(dsn, target, batch, writers, min(0.5, duration))  # warm-up
+                    measure(dsn, target, batch, writers, min(0.5, duration), watchers)  # warm-up
                     settle(dsn)
-                    samples[target].append(measure(dsn, target, batch, writers, duration))
+                    samples[target].append(measure(dsn, target, batch, writers, duration, watchers))
             for target in targets:
                 every_round[(target, batch, writers)] = samples[target]
                 cell = median_cell(samples[target])
                 cells.append(cell)
                 spread = " ".join(f"{c.events_per_second:.0f}" for c in samples[target])
                 print(
-                    f"{batch:>5} {writers:>7} {target:>6} {cell.events_per_second:>10.0f} "
+                    f"{batch:>5} {writers:>7} {target:>7} {cell.events_per_second:>10.0f} "
                     f"{cell.appends:>8} {cell.p50_ms:>7.2f} {cell.p95_ms:>7.2f} "
                     f"{cell.p99_ms:>7.2f}   {spread}",
                     flush=True,
@@ -334,9 +378,10 @@ def ratios(
     cells: list[Cell], every_round: dict[tuple[str, int, int], list[Cell]] | None = None
 ) -> list[dict[str, Any]]:
     """Per (batch, writers): the store's events/s and its ratios to the
-    references that were measured. store/silent is the cost of NOTIFY
-    (below 1: notifying appends are slower); with it come the ratios of
-    each round's pair (measured back to back), which drift less."""
+    references that were measured. notify/store is the cost of NOTIFY and
+    watched/store the cost of the log watchers (below 1: slower); with them
+    come the ratios of each round's pair (measured back to back), which
+    drift less."""
     by_key = {(c.target, c.batch, c.writers): c for c in cells}
     rows = []
     for c in cells:
@@ -349,7 +394,6 @@ def ratios(
         }
         plain = by_key.get(("plain", c.batch, c.writers))
         bare = by_key.get(("bare", c.batch, c.writers))
-        silent = by_key.get(("silent", c.batch, c.writers))
         library = by_key.get(("eventsourcing", c.batch, c.writers))
         if library is not None:
             row["eventsourcing"] = library.events_per_second
@@ -360,18 +404,19 @@ def ratios(
             row["store_vs_bare"] = c.events_per_second / bare.events_per_second
         if plain is not None and bare is not None:
             row["plain_vs_bare"] = plain.events_per_second / bare.events_per_second
-        if silent is not None:
-            row["silent"] = silent.events_per_second
-            row["store_vs_silent"] = c.events_per_second / silent.events_per_second
+        for variant, key in STORE_VARIANTS:
+            other = by_key.get((variant, c.batch, c.writers))
+            if other is None:
+                continue
+            row[variant] = other.events_per_second
+            row[key] = other.events_per_second / c.events_per_second
             if every_round is not None:
                 pairs = zip(
+                    every_round[(variant, c.batch, c.writers)],
                     every_round[("store", c.batch, c.writers)],
-                    every_round[("silent", c.batch, c.writers)],
                     strict=True,
                 )
-                row["store_vs_silent_rounds"] = [
-                    s.events_per_second / q.events_per_second for s, q in pairs
-                ]
+                row[f"{key}_rounds"] = [v.events_per_second / s.events_per_second for v, s in pairs]
         rows.append(row)
     return rows
 
@@ -381,38 +426,39 @@ def print_ratios(summary: list[dict[str, Any]]) -> None:
         ("store_vs_plain", "store/plain", ".2f"),
         ("store_vs_bare", "store/bare", ".2f"),
         ("plain_vs_bare", "plain/bare", ".2f"),
-        ("silent", "silent ev/s", ".0f"),
-        ("store_vs_silent", "store/silent", ".2f"),
+        ("notify", "notify ev/s", ".0f"),
+        ("notify_vs_store", "notify/store", ".2f"),
+        ("watched", "watched ev/s", ".0f"),
+        ("watched_vs_store", "watched/store", ".2f"),
         ("eventsourcing", "eventsourcing ev/s", ".0f"),
         ("store_vs_eventsourcing", "store/eventsourcing", ".2f"),
     ]
     shown = [col for col in columns if summary and col[0] in summary[0]]
-    rounds = bool(summary) and "store_vs_silent_rounds" in summary[0]
+    round_keys = [key for _, key in STORE_VARIANTS if summary and f"{key}_rounds" in summary[0]]
     print(
         f"{'batch':>5} {'writers':>7} {'store ev/s':>10} "
         + " ".join(f"{title:>{len(title)}}" for _, title, _ in shown)
-        + ("   rounds store/silent" if rounds else "")
+        + "".join(f"   rounds {key.replace('_vs_', '/')}" for key in round_keys)
     )
     for row in summary:
         print(
             f"{row['batch']:>5} {row['writers']:>7} {row['store']:>10.0f} "
             + " ".join(f"{row[key]:>{len(title)}{fmt}}" for key, title, fmt in shown)
-            + (
-                "   " + " ".join(f"{r:.2f}" for r in row["store_vs_silent_rounds"])
-                if rounds
-                else ""
+            + "".join(
+                "   " + " ".join(f"{r:.2f}" for r in row[f"{key}_rounds"]) for key in round_keys
             )
         )
     if summary and "store_vs_plain" in summary[0]:
         worst = min(row["store_vs_plain"] for row in summary)
         print(f"\nworst store/plain ratio: {worst:.2f} (target >= 0.80)")
-    if summary and "store_vs_silent" in summary[0]:
-        worst = min(row["store_vs_silent"] for row in summary)
-        print(
-            f"cost of NOTIFY: store/silent from {worst:.2f} to "
-            f"{max(row['store_vs_silent'] for row in summary):.2f} "
-            "(events/s with the notification over events/s without it)"
-        )
+    for variant, key in STORE_VARIANTS:
+        if summary and key in summary[0]:
+            values = [row[key] for row in summary]
+            print(
+                f"{variant}/store from {min(values):.2f} to {max(values):.2f} "
+                f"(events/s {'with NOTIFY' if variant == 'notify' else 'with log watchers'} "
+                "over events/s of the store as deployed)"
+            )
     if summary and "store_vs_eventsourcing" in summary[0]:
         # The targets: single events at 16 writers 3x, 100-event batches 1.5x.
         for row in summary:
@@ -451,9 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=TARGETS,
         default=list(DEFAULT_TARGETS),
-        help="what to measure (default: store plain bare); add silent (the store with "
-        "aura.notify = off) for the cost of NOTIFY, e.g. --targets store silent, and "
-        "eventsourcing for the eventsourcing library's recorder",
+        help="what to measure (default: store plain bare); add notify (the store with "
+        "aura.notify = on) for the cost of NOTIFY, watched (the store while log watchers "
+        "run) for theirs, and eventsourcing for the eventsourcing library's recorder",
+    )
+    parser.add_argument(
+        "--watchers",
+        type=int,
+        default=1,
+        help="log watchers running during the watched target: one per projector daemon (default 1)",
     )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
@@ -471,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         fsync_value = fsync[0] if fsync else "?"
         sync_value = sync_commit[0] if sync_commit else "?"
         print(f"server: fsync={fsync_value} synchronous_commit={sync_value}")
-        cells, every_round = run(dsn, args.batch, args.writers, args.duration, args.rounds, targets)
+        cells, every_round = run(
+            dsn, args.batch, args.writers, args.duration, args.rounds, targets, args.watchers
+        )
 
     print()
     summary = ratios(cells, every_round)
@@ -482,10 +536,9 @@ def main(argv: list[str] | None = None) -> int:
             figures["median_store_vs_plain"] = statistics.median(
                 r["store_vs_plain"] for r in summary
             )
-        if "silent" in targets:
-            figures["median_store_vs_silent"] = statistics.median(
-                r["store_vs_silent"] for r in summary
-            )
+        for variant, key in STORE_VARIANTS:
+            if variant in targets:
+                figures[f"median_{key}"] = statistics.median(r[key] for r in summary)
         if "eventsourcing" in targets:
             figures["median_store_vs_eventsourcing"] = statistics.median(
                 r["store_vs_eventsourcing"] for r in summary

@@ -23,7 +23,7 @@ def test_bench_append_prints_figures_and_ratios(empty_dsn: str, tmp_path: Path) 
         [
             sys.executable, "load/bench_append.py", "--dsn", empty_dsn, "--duration", "0.3",
             "--rounds", "1", "--batch", "1", "3", "--writers", "2", "--json", str(out),
-            "--targets", "store", "plain", "bare", "eventsourcing",
+            "--targets", "store", "watched", "notify", "plain", "bare", "eventsourcing",
         ],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
@@ -32,9 +32,11 @@ def test_bench_append_prints_figures_and_ratios(empty_dsn: str, tmp_path: Path) 
     figures = json.loads(out.read_text())
     assert {(c["target"], c["batch"]) for c in figures["cells"]} == {
         (target, batch)
-        for target in ("store", "plain", "bare", "eventsourcing")
+        for target in ("store", "watched", "notify", "plain", "bare", "eventsourcing")
         for batch in (1, 3)
     }
     assert figures["median_store_vs_eventsourcing"] > 0
+    assert figures["median_notify_vs_store"] > 0 and figures["median_watched_vs_store"] > 0
+    assert "notify/store from" in run.stdout and "watched/store from" in run.stdout
     assert all(c["events_per_second"] > 0 for c in figures["cells"])
     assert [(r["batch"], r["writers"]) for r in figures["ratios"]] == [(1, 2), (3, 2)]

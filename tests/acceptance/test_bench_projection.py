@@ -39,8 +39,12 @@ def test_bench_projection_quick_verifies_its_read_models(empty_dsn: str, tmp_pat
         ("bench_set_5000", 3000),
     ]
     assert [(r["wake_up"], r["notify"]) for r in figures["latency"]] == [
+        ("watch + poll 1s", False),
         ("listen + poll 1s", True),
         ("poll only 1s", False),
         ("poll only 0.1s", False),
     ]
     assert all(r["events"] > 0 and math.isfinite(r["p95_ms"]) for r in figures["latency"])
+    watching, listening = figures["latency"][:2]
+    assert watching["wake_ups"] > 0 and watching["watch_ticks"] >= watching["wake_ups"]
+    assert listening["wake_ups"] > 0 and listening["watch_ticks"] == 0
