@@ -11,8 +11,9 @@ How runners learn there is work (``ProjectorSettings.wake``):
 
 * ``watch`` (the default): one log-watcher connection per daemon reads the
   read horizon every ``watch_interval`` seconds (10 ms) and wakes the runners
-  that are behind it. It slows down to ``watch_idle_interval`` while the log
-  is still, and returns to full speed at the first movement. Appends pay
+  that are behind it. After ``watch_hold`` (1 s) without movement it slows
+  down to ``watch_idle_interval`` (50 ms), and returns to full speed at the
+  first movement. Appends pay
   nothing for it, unlike NOTIFY, whose cluster-wide lock makes notifying
   commits take turns.
 * ``listen``: a listener connection wakes the runners on ``NOTIFY
@@ -69,11 +70,14 @@ def default_owner() -> str:
 class ProjectorSettings:
     poll_interval: float = 1.0
     wake: WakeSource = "watch"
-    # The log watcher's tick while the log moves, and the slowest it gets
-    # while the log is still (each quiet tick is 1.5 times the last, so
-    # about 0.3 s of stillness takes it from 10 to 100 ms).
+    # The log watcher reads the horizon every watch_interval while the log
+    # moves and for watch_hold seconds after it last moved (bursts with
+    # short pauses keep the fast tick), then slows down, each quiet tick 1.5
+    # times the last, to watch_idle_interval: the most an event appended
+    # after a long quiet spell waits for its wake-up.
     watch_interval: float = 0.01
-    watch_idle_interval: float = 0.1
+    watch_idle_interval: float = 0.05
+    watch_hold: float = 1.0
     shutdown_timeout: float = 30.0
     owner: str = field(default_factory=default_owner)
     statement_timeout_ms: int = 60_000
@@ -94,6 +98,8 @@ class ProjectorSettings:
             raise ValueError(f"shutdown_timeout must be > 0, not {self.shutdown_timeout!r}")
         if self.wake not in WAKE_SOURCES:
             raise ValueError(f"wake must be one of {', '.join(WAKE_SOURCES)}, not {self.wake!r}")
+        if not self.watch_hold >= 0:
+            raise ValueError(f"watch_hold must be >= 0, not {self.watch_hold!r}")
         if not 0 < self.watch_interval <= self.watch_idle_interval:
             raise ValueError(
                 "need 0 < watch_interval <= watch_idle_interval, not "
@@ -785,6 +791,7 @@ class LogWatcher:
                 self.horizon = None
                 self.wake(None)
                 interval = self.settings.watch_interval
+                moved_at = time.monotonic()
                 while not stop.is_set():
                     with tracing.suppress_instrumentation():
                         cur = await conn.execute(query)
@@ -796,7 +803,8 @@ class LogWatcher:
                         self.horizon = horizon
                         self.wake(horizon)
                         interval = self.settings.watch_interval
-                    else:
+                        moved_at = time.monotonic()
+                    elif time.monotonic() - moved_at > self.settings.watch_hold:
                         interval = min(interval * 1.5, self.settings.watch_idle_interval)
                     await _wait(stop, None, interval)
             except psycopg.OperationalError as exc:

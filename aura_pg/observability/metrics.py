@@ -141,7 +141,8 @@ EVENT_PROCESSING_DURATION = BulkHistogram(
 )
 EVENT_END_TO_END = BulkHistogram(
     names.EVENT_END_TO_END,
-    "From an event's append to the commit of the read-model write that applied it",
+    "From an event's recorded_at (its append transaction's start) to the end of the batch "
+    "that applied it, just before that batch commits (the database's clock)",
     ["projection_name"],
 )
 PROJECTION_ERRORS = Counter(
