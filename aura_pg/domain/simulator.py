@@ -228,8 +228,9 @@ class SimulationSummary:
         return tuple(r.debate_id for r in self.results)
 
 
-class _Tally:
-    """Counters shared by the worker threads."""
+class SimulationTally:
+    """Counters shared by the worker threads (events, conflicts, commands,
+    outcomes), reported through ``progress``."""
 
     def __init__(self, total: int, progress: Callable[[SimulationProgress], None] | None) -> None:
         self.lock = threading.Lock()
@@ -277,12 +278,16 @@ class _Tally:
                 )
 
 
-class _Runner:
+class DebateRunner:
+    """Runs planned debates through the repository, one command at a time
+    (the agents of a round at once on ``agent_pool``). Load tools subclass
+    it and override ``execute`` to time or count each command."""
+
     def __init__(
         self,
         repository: DebateRepository,
         rules: DebateRules,
-        tally: _Tally,
+        tally: SimulationTally,
         agent_pool: ThreadPoolExecutor | None,
     ) -> None:
         self.repository = repository
@@ -290,23 +295,24 @@ class _Runner:
         self.tally = tally
         self.agent_pool = agent_pool
 
-    def _run(self, command: Callable[[], CommandResult | ConsensusResult]) -> None:
+    def execute(self, command: Callable[[], CommandResult | ConsensusResult]) -> None:
+        """Run one repository command and count its result."""
         self.tally.record(command())
 
     def _together(self, commands: list[Callable[[], CommandResult]]) -> None:
         """Run the commands at once on the agent pool (in order without one)."""
         if self.agent_pool is None:
             for command in commands:
-                self._run(command)
+                self.execute(command)
             return
-        futures = [self.agent_pool.submit(self._run, command) for command in commands]
+        futures = [self.agent_pool.submit(self.execute, command) for command in commands]
         for future in futures:
             future.result()
 
     def run(self, plan: DebatePlan, debate_id: str) -> DebateResult:
         repo = self.repository
         moderator = plan.moderator
-        self._run(
+        self.execute(
             partial(
                 repo.start, debate_id, plan.topic, plan.initial_participants, moderator, self.rules
             )
@@ -319,7 +325,7 @@ class _Runner:
         for round_ in range(1, plan.rounds + 1):
             for agent in plan.agents:
                 if agent.joins_at_round == round_:
-                    self._run(partial(repo.join, debate_id, agent.agent_id))
+                    self.execute(partial(repo.join, debate_id, agent.agent_id))
             self._together(
                 [
                     partial(
@@ -343,10 +349,10 @@ class _Runner:
             if clock > self.rules.timeout_seconds:
                 timed_out = True
                 break
-            self._run(partial(repo.complete_round, debate_id, round_))
+            self.execute(partial(repo.complete_round, debate_id, round_))
 
         if timed_out:
-            self._run(partial(repo.time_out, debate_id, started_at + timedelta(seconds=clock)))
+            self.execute(partial(repo.time_out, debate_id, started_at + timedelta(seconds=clock)))
         else:
             self._together(
                 [
@@ -383,15 +389,15 @@ class _Runner:
                 f"no quorum: {debate.votes_for()} approve, {debate.votes_against()} reject "
                 f"of {len(debate.participants)}, {debate.votes_needed()} needed"
             )
-            self._run(partial(repo.fail, debate_id, reason))
+            self.execute(partial(repo.fail, debate_id, reason))
             return
-        self._run(partial(repo.reach_consensus, debate_id, moderator))
+        self.execute(partial(repo.reach_consensus, debate_id, moderator))
         decision_id = decision_id_for(debate_id)
         if outcome == "approve":
-            self._run(partial(repo.decisions.approve, decision_id, moderator))
+            self.execute(partial(repo.decisions.approve, decision_id, moderator))
         else:
             reason = "the debate's consensus was to reject"
-            self._run(partial(repo.decisions.reject, decision_id, moderator, reason))
+            self.execute(partial(repo.decisions.reject, decision_id, moderator, reason))
         self.tally.decided(outcome)
 
 
@@ -437,18 +443,18 @@ def run_simulation(
     prefix = prefix or f"sim{seed}-{uuid.uuid4().hex[:8]}"
     plans = [plan_debate(seed, index, agents, rules) for index in range(1, debates + 1)]
     ids = [f"{prefix}-{plan.index:04d}" for plan in plans]
-    tally = _Tally(debates, progress)
+    tally = SimulationTally(debates, progress)
     repository = DebateRepository(store, retry=retry)
 
     if workers == 1:
-        runner = _Runner(repository, rules, tally, None)
+        runner = DebateRunner(repository, rules, tally, None)
         results = [runner.run(plan, debate_id) for plan, debate_id in zip(plans, ids, strict=True)]
     else:
         with (
             ThreadPoolExecutor(workers, thread_name_prefix="debate") as debate_pool,
             ThreadPoolExecutor(2 * workers, thread_name_prefix="agent") as agent_pool,
         ):
-            runner = _Runner(repository, rules, tally, agent_pool)
+            runner = DebateRunner(repository, rules, tally, agent_pool)
             futures = [
                 debate_pool.submit(runner.run, plan, debate_id)
                 for plan, debate_id in zip(plans, ids, strict=True)
