@@ -5,13 +5,16 @@
    projector daemon (`aura-pg project`, its own process, log watcher on)
    keeps the shipped stream_summary (set-based) and event_type_counts (per
    event) projections up to date.
-2. Python: py-spy samples one writer and the daemon for the whole run
-   (`py-spy record --format raw`, idle threads left out, so waiting for the
-   server does not count) and the script prints the share of wall time each
-   process spent on the CPU in Python and its functions with the most
-   samples, inclusive and self.
+   Three phases of --duration seconds each: the writers alone, with the
+   daemon, and with the daemon while py-spy samples (--rate 0 skips it);
+   the events/s of each show what the daemon and the profiler cost.
+2. Python: in the last phase py-spy samples one writer and the daemon
+   (`py-spy record --format raw --nonblocking`) and the script prints, per
+   process, the share of samples waiting for the server, idle, and working,
+   and its functions with the most samples, inclusive and self.
 3. Server: pg_stat_statements (track = all: statements inside functions
-   too) over the same run, the statements with the most execution time.
+   too) over the phase with the daemon, the statements with the most
+   execution time.
 4. Plans: auto_explain, loaded into one session with nested statements and
    its level at NOTICE, prints EXPLAIN (ANALYZE, BUFFERS) of every statement
    inside one --batch-event aura.append_events call and inside one
@@ -121,9 +124,18 @@ def frame_name(frame: str) -> str:
     return f"{name} ({module})" if module else name
 
 
-def summarise_stacks(raw: Path, seconds: float, rate: int, top: int) -> dict[str, Any]:
+# Leaf frames that mean the thread is waiting: for the server's answer (the
+# psycopg wait loops, the event loop's epoll) or idle (pool worker threads).
+WAITING_FOR_SERVER = ("Connection.wait (", "AsyncConnection.wait (", "EpollSelector.select (")
+IDLE = ("Condition.wait (", "Event.wait (", "Queue.get (")
+
+
+def summarise_stacks(raw: Path, top: int) -> dict[str, Any]:
     """Samples per function (inclusive: on the stack; self: at its top) from
-    py-spy's collapsed stacks, as shares of the samples taken."""
+    py-spy's collapsed stacks (root first), as shares of all samples, and
+    the shares whose top frame is a wait for the server or an idle wait.
+    py-spy's own idle detection is unreliable here (threads waiting for a
+    core count as running), hence the classification by top frame."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
     samples = 0
@@ -132,29 +144,29 @@ def summarise_stacks(raw: Path, seconds: float, rate: int, top: int) -> dict[str
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [frame_name(f) for f in stack.split(";")[1:]]  # the first is the thread
+        frames = [frame_name(f) for f in stack.split(";")]
         samples += count
         for name in set(frames):
             inclusive[name] += count
-        if frames:
-            own[frames[-1]] += count
-    expected = seconds * rate
+        own[frames[-1]] += count
+    waiting = sum(n for name, n in own.items() if name.startswith(WAITING_FOR_SERVER))
+    idle = sum(n for name, n in own.items() if name.startswith(IDLE))
+    total = samples or 1
     return {
         "samples": samples,
-        "busy_share": samples / expected if expected else 0.0,
-        "inclusive": [(name, count / samples) for name, count in inclusive.most_common(top)]
-        if samples
-        else [],
-        "self": [(name, count / samples) for name, count in own.most_common(top)]
-        if samples
-        else [],
+        "waiting_for_server": waiting / total,
+        "idle": idle / total,
+        "working": (samples - waiting - idle) / total,
+        "inclusive": [(name, n / total) for name, n in inclusive.most_common(top)],
+        "self": [(name, n / total) for name, n in own.most_common(top)],
     }
 
 
 def print_profile(title: str, profile: dict[str, Any]) -> None:
     print(
-        f"\n{title}: {profile['samples']} samples, on the CPU in Python "
-        f"{profile['busy_share']:.0%} of the wall time"
+        f"\n{title}: {profile['samples']} samples; top frame waiting for the server "
+        f"{profile['waiting_for_server']:.0%}, idle {profile['idle']:.0%}, "
+        f"other work (Python, libpq calls) {profile['working']:.0%}"
     )
     print(f"  {'inclusive':>9}  function")
     for name, share in profile["inclusive"]:
@@ -196,18 +208,16 @@ def explain_hot_statements(dsn: str, batch: int, explain_events: int) -> list[st
         with EventStore.connect(dsn, min_size=1, max_size=1) as store:
             for n in range(explain_events):
                 store.append(f"explain-{n % 50}", make_events(1, 0, n))
-        conn.execute(AUTO_EXPLAIN)
-        plans.append(f"=== aura.append_events of {batch} events ===")
-        conn.execute(
-            "SELECT * FROM aura.append_events(%s, %s::jsonb, 'any')",
-            (
-                f"explain-{uuid.uuid4().hex[:8]}",
-                json.dumps(
-                    [{"type": e.type, "data": e.data, "metadata": e.metadata}
-                     for e in make_events(batch, 0, 0)]
-                ),
-            ),
+        batch_json = json.dumps(
+            [{"type": e.type, "data": e.data, "metadata": e.metadata}
+             for e in make_events(batch, 0, 0)]
         )  # fmt: skip
+        append = "SELECT * FROM aura.append_events(%s, %s::jsonb, 'any')"
+        # Once before explaining: the session's first call compiles and plans.
+        conn.execute(append, (f"explain-{uuid.uuid4().hex[:8]}", batch_json))
+        conn.execute(AUTO_EXPLAIN)
+        plans.append(f"=== aura.append_events of {batch} events (a new stream) ===")
+        conn.execute(append, (f"explain-{uuid.uuid4().hex[:8]}", batch_json))
         for name in PROJECTIONS:
             row = conn.execute(
                 "SELECT transaction_id::text, global_position FROM aura.projection_checkpoints "
@@ -222,12 +232,11 @@ def explain_hot_statements(dsn: str, batch: int, explain_events: int) -> list[st
     return plans
 
 
-def run(args: argparse.Namespace, dsn: str, out: Path) -> dict[str, Any]:
-    migrate.upgrade(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        conn.execute("SELECT pg_stat_statements_reset()")
-    daemon = start_daemon(dsn)
+def workload(
+    dsn: str, args: argparse.Namespace, daemon_pid: int | None, stacks: Path | None
+) -> tuple[int, float]:
+    """--writers writers appending for --duration seconds; with ``stacks``,
+    py-spy samples one writer (and the daemon) meanwhile. (events, seconds)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(args.writers + 1)
     stop = ctx.Event()
@@ -241,40 +250,67 @@ def run(args: argparse.Namespace, dsn: str, out: Path) -> dict[str, Any]:
             process.start()
         barrier.wait(timeout=120)
         began = time.monotonic()
-        assert writers[0].pid is not None
-        spies = [
-            py_spy(writers[0].pid, args.duration, args.rate, out / "writer.txt"),
-            py_spy(daemon.pid, args.duration, args.rate, out / "daemon.txt"),
-        ]
+        spies = []
+        if stacks is not None:
+            assert writers[0].pid is not None
+            spies.append(py_spy(writers[0].pid, args.duration, args.rate, stacks / "writer.txt"))
+            if daemon_pid is not None:
+                spies.append(py_spy(daemon_pid, args.duration, args.rate, stacks / "daemon.txt"))
         time.sleep(args.duration)
         stop.set()
         appended = sum(results.get(timeout=120) for _ in writers)
         seconds = time.monotonic() - began
-        for process in writers:
-            process.join(60)
         for spy in spies:
             _, err = spy.communicate(timeout=120)
             if spy.returncode != 0:
                 raise RuntimeError(f"py-spy failed: {err.decode(errors='replace').strip()}")
-        wait_caught_up(dsn, 120)
     finally:
         stop.set()
+        for process in writers:
+            process.join(60)
+    return appended, seconds
+
+
+def run(args: argparse.Namespace, dsn: str, out: Path) -> dict[str, Any]:
+    migrate.upgrade(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    figures: dict[str, Any] = {}
+    print(
+        f"workload: {args.batch}-event appends from {args.writers} writers, "
+        f"{args.duration:g} s per phase"
+    )
+    alone = workload(dsn, args, None, None)
+    daemon = start_daemon(dsn)
+    try:
+        wait_caught_up(dsn, 120)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+        projected = workload(dsn, args, daemon.pid, None)
+        wait_caught_up(dsn, 120)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(TOP_STATEMENTS, {"limit": args.top}).fetchall()
+        profiled = workload(dsn, args, daemon.pid, out) if args.rate else None
+        wait_caught_up(dsn, 120)
+    finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
-    print(
-        f"workload: {appended} events in {args.batch}-event appends from {args.writers} writers "
-        f"in {seconds:.1f} s: {appended / seconds:.0f} events/s, projected by one daemon"
-    )
-    figures: dict[str, Any] = {"events": appended, "seconds": seconds}
-    for who in ("writer", "daemon"):
-        profile = summarise_stacks(out / f"{who}.txt", args.duration, args.rate, args.top)
+    phases = [("writers alone", alone), ("with the projector daemon", projected)]
+    if profiled is not None:
+        phases.append(("with the daemon, under py-spy", profiled))
+    for label, (events, seconds) in phases:
+        print(f"  {label:<30} {events:>8} events {events / seconds:>8.0f} events/s")
+        figures[label] = {"events": events, "events_per_second": events / seconds}
+    for who in ("writer", "daemon") if args.rate else ():
+        profile = summarise_stacks(out / f"{who}.txt", args.top)
         figures[who] = profile
         print_profile(f"{who} (py-spy, {args.rate} Hz)", profile)
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(TOP_STATEMENTS, {"limit": args.top}).fetchall()
     total = sum(r[2] for r in rows) or 1.0
-    print("\npg_stat_statements: most execution time during the workload (top: called by a client)")
+    print(
+        "\npg_stat_statements, the phase with the daemon (not under py-spy): most execution "
+        "time (top: sent by a client)"
+    )
     print(f"{'top':>3} {'calls':>8} {'total ms':>9} {'share':>6} {'mean ms':>8} {'rows':>8}  query")
     for top, calls, total_ms, mean_ms, nrows, _blocks, _wal, query in rows:
         print(
