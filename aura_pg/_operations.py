@@ -137,8 +137,14 @@ def encode_batch(
             _check_name(f"event {index} type", event.type, MAX_TYPE_LENGTH)
             if len(_VALID_TYPES) < _VALID_TYPES_MAX:
                 _VALID_TYPES.add(event.type)
-        key = event.key
-        if event.idempotency_key is not None:
+        # The id's text once (str(UUID) is not free); a key left to default
+        # to it is not sent: the server takes the event id (as it does for
+        # events appended from SQL).
+        event_id = str(event.event_id)
+        key = event.idempotency_key
+        if key is None:
+            key = event_id
+        else:
             _check_name(f"event {index} idempotency_key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
         if key in keys:
             raise EventValidationError(f"idempotency key {key!r} repeats within the batch")
@@ -153,15 +159,15 @@ def encode_batch(
         )
         if traceparent is not None and TRACEPARENT not in metadata:
             metadata = {**metadata, TRACEPARENT: traceparent}
-        items.append(
-            {
-                "event_id": str(event.event_id),
-                "type": event.type,
-                "idempotency_key": key,
-                "data": _payload_object(f"event {index} data", event.data),
-                "metadata": metadata,
-            }
-        )
+        item: dict[str, Any] = {
+            "event_id": event_id,
+            "type": event.type,
+            "data": _payload_object(f"event {index} data", event.data),
+            "metadata": metadata,
+        }
+        if event.idempotency_key is not None:
+            item["idempotency_key"] = key
+        items.append(item)
     try:
         text = _dumps(items)
     except (TypeError, ValueError):

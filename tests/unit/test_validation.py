@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from typing import Any
@@ -124,7 +125,6 @@ def test_batch_encoding_carries_every_field() -> None:
     statement = append("debate-1", [event], NO_STREAM)
     assert statement.params["stream_id"] == "debate-1"
     assert statement.params["expected_version"] == "no_stream"
-    import json
 
     (encoded,) = json.loads(statement.params["events"])
     assert encoded == {
@@ -139,6 +139,10 @@ def test_batch_encoding_carries_every_field() -> None:
 def test_key_defaults_to_event_id() -> None:
     event = NewEvent("T", {})
     assert event.key == str(event.event_id)
+    # Left to the server, which takes the event id: not sent twice.
+    (encoded,) = json.loads(append(events=event).params["events"])
+    assert "idempotency_key" not in encoded
+    assert encoded["event_id"] == str(event.event_id)
 
 
 def test_single_event_is_accepted_without_a_list() -> None:
