@@ -708,43 +708,38 @@ class ProjectionRunner:
         return StepOutcome.BUSY
 
 
-class Listener:
-    """LISTEN aura_events on its own connection; wakes the runners.
+class _WakeSource:
+    """A connection of its own that wakes runners (``_serve``); reconnects
+    with backoff when it drops, and wakes everyone on each (re)connect,
+    since whatever happened while it was away went unseen."""
 
-    Reconnects with backoff when the connection drops, and wakes everyone
-    on each (re)connect, since notifications sent while it was away are
-    lost.
-    """
+    role = "wake source"
 
-    def __init__(self, dsn: str, settings: ProjectorSettings, wake: Callable[[], None]) -> None:
+    def __init__(self, dsn: str, settings: ProjectorSettings) -> None:
         self.dsn = dsn
         self.settings = settings
-        self.wake = wake
         self.connected = False
-        self.notifications = 0
         self.reconnects = 0
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        raise NotImplementedError
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.1
         while not stop.is_set():
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
-                conn = await connect(self.dsn, self.settings, "projector listener")
-                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                conn = await connect(self.dsn, self.settings, f"projector {self.role}")
                 self.connected = True
                 delay = 0.1
-                self.wake()
-                while not stop.is_set():
-                    async for _ in conn.notifies(timeout=self.settings.listen_keepalive):
-                        self.notifications += 1
-                        self.wake()
-                    with tracing.suppress_instrumentation():
-                        await conn.execute("SELECT 1")
+                await self._serve(conn, stop)
             except psycopg.OperationalError as exc:
                 if stop.is_set():
                     return
                 self.reconnects += 1
-                log.warning("listener: connection lost (%s); reconnecting in %.1fs", exc, delay)
+                log.warning(
+                    "%s: connection lost (%s); reconnecting in %.1fs", self.role, exc, delay
+                )
                 await _wait(stop, None, delay)
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
             finally:
@@ -753,16 +748,39 @@ class Listener:
                     await conn.close()
 
 
-class LogWatcher:
+class Listener(_WakeSource):
+    """LISTEN aura_events on its own connection; wakes the runners on each
+    notification (sent by appends where aura.notify = on)."""
+
+    role = "listener"
+
+    def __init__(self, dsn: str, settings: ProjectorSettings, wake: Callable[[], None]) -> None:
+        super().__init__(dsn, settings)
+        self.wake = wake
+        self.notifications = 0
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        self.wake()
+        while not stop.is_set():
+            async for _ in conn.notifies(timeout=self.settings.listen_keepalive):
+                self.notifications += 1
+                self.wake()
+            with tracing.suppress_instrumentation():
+                await conn.execute("SELECT 1")
+
+
+class LogWatcher(_WakeSource):
     """Reads the read horizon on its own connection; wakes the runners
     behind it when it moves.
 
     The horizon is the newest event ``aura.read_all`` can return: it moves
     only when events become readable (their transaction and every older one
     have ended), so a wake-up always finds work, and no runner is woken for
-    appends still in flight. Reconnects with backoff when the connection
-    drops, and wakes everyone on each (re)connect.
+    appends still in flight.
     """
+
+    role = "watcher"
 
     def __init__(
         self,
@@ -770,54 +788,33 @@ class LogWatcher:
         settings: ProjectorSettings,
         wake: Callable[[tuple[int, int] | None], None],
     ) -> None:
-        self.dsn = dsn
-        self.settings = settings
+        super().__init__(dsn, settings)
         self.wake = wake
-        self.connected = False
         self.horizon: tuple[int, int] | None = None
         self.ticks = 0
         self.moves = 0
-        self.reconnects = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
+    async def _serve(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         query = _queries()["watch_horizon"]
+        self.horizon = None
+        self.wake(None)
+        interval = self.settings.watch_interval
+        moved_at = time.monotonic()
         while not stop.is_set():
-            conn: psycopg.AsyncConnection[Any] | None = None
-            try:
-                conn = await connect(self.dsn, self.settings, "projector watcher")
-                self.connected = True
-                delay = 0.1
-                self.horizon = None
-                self.wake(None)
+            with tracing.suppress_instrumentation():
+                cur = await conn.execute(query)
+                row = await cur.fetchone()
+            self.ticks += 1
+            horizon = (int(row[0]), int(row[1])) if row and row[0] is not None else (0, 0)
+            if horizon != self.horizon:
+                self.moves += 1
+                self.horizon = horizon
+                self.wake(horizon)
                 interval = self.settings.watch_interval
                 moved_at = time.monotonic()
-                while not stop.is_set():
-                    with tracing.suppress_instrumentation():
-                        cur = await conn.execute(query)
-                        row = await cur.fetchone()
-                    self.ticks += 1
-                    horizon = (int(row[0]), int(row[1])) if row and row[0] is not None else (0, 0)
-                    if horizon != self.horizon:
-                        self.moves += 1
-                        self.horizon = horizon
-                        self.wake(horizon)
-                        interval = self.settings.watch_interval
-                        moved_at = time.monotonic()
-                    elif time.monotonic() - moved_at > self.settings.watch_hold:
-                        interval = min(interval * 1.5, self.settings.watch_idle_interval)
-                    await _wait(stop, None, interval)
-            except psycopg.OperationalError as exc:
-                if stop.is_set():
-                    return
-                self.reconnects += 1
-                log.warning("watcher: connection lost (%s); reconnecting in %.1fs", exc, delay)
-                await _wait(stop, None, delay)
-                delay = min(delay * 2, self.settings.reconnect_max_delay)
-            finally:
-                self.connected = False
-                if conn is not None:
-                    await conn.close()
+            elif time.monotonic() - moved_at > self.settings.watch_hold:
+                interval = min(interval * 1.5, self.settings.watch_idle_interval)
+            await _wait(stop, None, interval)
 
 
 class ProjectorDaemon:

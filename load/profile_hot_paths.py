@@ -51,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from bench_append import make_events  # the same events as the append benchmark
 
-from aura_pg import EventStore, NewEvent, migrate
+from aura_pg import EventStore, migrate
 from aura_pg.localdb import benchmark_settings, temporary_cluster
 
 PROJECTIONS = ("stream_summary", "event_type_counts")
@@ -76,17 +77,6 @@ SET auto_explain.log_timing = on;
 SET auto_explain.log_nested_statements = on;
 SET auto_explain.log_level = notice;
 """
-
-
-def make_events(batch: int, writer: int, n: int) -> list[NewEvent]:
-    return [
-        NewEvent(
-            "AGENT_VOTED",
-            {"writer": writer, "n": n, "i": i, "vote": "approve", "reason": "x" * 60},
-            metadata={"correlation_id": f"c-{writer}-{n}", "actor": f"agent-{writer}"},
-        )
-        for i in range(batch)
-    ]
 
 
 def writer_main(
