@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from aura_pg.cli import _settings, build_parser
 from aura_pg.projector import WAKE_SOURCES, ProjectorSettings
 
 
@@ -31,3 +32,18 @@ def test_the_defaults_watch_the_log_every_10_ms_and_poll_every_second() -> None:
 def test_bad_settings_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ProjectorSettings(**changes)
+
+
+@pytest.mark.parametrize(
+    ("argv", "wake"),
+    [
+        ([], "watch"),
+        (["--wake", "listen"], "listen"),
+        (["--wake", "poll"], "poll"),
+        (["--no-listen"], "poll"),
+    ],
+)
+def test_aura_pg_project_chooses_its_wake_up(argv: list[str], wake: str) -> None:
+    args = build_parser().parse_args(["project", *argv])
+    assert args.wake == wake
+    assert _settings(args, wake=args.wake).wake == wake
