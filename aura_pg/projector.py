@@ -13,9 +13,8 @@ How runners learn there is work (``ProjectorSettings.wake``):
   read horizon every ``watch_interval`` seconds (10 ms) and wakes the runners
   that are behind it. After ``watch_hold`` (1 s) without movement it slows
   down to ``watch_idle_interval`` (50 ms), and returns to full speed at the
-  first movement. Appends pay
-  nothing for it, unlike NOTIFY, whose cluster-wide lock makes notifying
-  commits take turns.
+  first movement. Appends pay nothing for it, unlike NOTIFY, whose
+  cluster-wide lock makes notifying commits take turns.
 * ``listen``: a listener connection wakes the runners on ``NOTIFY
   aura_events``, sent by appends in sessions that ``SET aura.notify = on``.
 * ``poll``: neither.
@@ -27,6 +26,7 @@ interval at most.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
@@ -708,12 +708,12 @@ class ProjectionRunner:
         return StepOutcome.BUSY
 
 
-class _WakeSource:
+class _WakeConnection(abc.ABC):
     """A connection of its own that wakes runners (``_serve``); reconnects
     with backoff when it drops, and wakes everyone on each (re)connect,
     since whatever happened while it was away went unseen."""
 
-    role = "wake source"
+    role: str
 
     def __init__(self, dsn: str, settings: ProjectorSettings) -> None:
         self.dsn = dsn
@@ -721,8 +721,9 @@ class _WakeSource:
         self.connected = False
         self.reconnects = 0
 
+    @abc.abstractmethod
     async def _serve(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
-        raise NotImplementedError
+        """Wake runners while connected, until ``stop`` is set."""
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.1
@@ -748,7 +749,7 @@ class _WakeSource:
                     await conn.close()
 
 
-class Listener(_WakeSource):
+class Listener(_WakeConnection):
     """LISTEN aura_events on its own connection; wakes the runners on each
     notification (sent by appends where aura.notify = on)."""
 
@@ -770,7 +771,7 @@ class Listener(_WakeSource):
                 await conn.execute("SELECT 1")
 
 
-class LogWatcher(_WakeSource):
+class LogWatcher(_WakeConnection):
     """Reads the read horizon on its own connection; wakes the runners
     behind it when it moves.
 
