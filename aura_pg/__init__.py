@@ -31,6 +31,7 @@ from aura_pg.models import (
     uuid7,
 )
 from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+from aura_pg.retry import AppendRetry
 from aura_pg.store import AsyncEventStore, EventStore
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "START",
     "STREAM_EXISTS",
     "AppendResult",
+    "AppendRetry",
     "AppendedEvent",
     "AsyncEventStore",
     "AuraPgError",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
@@ -22,6 +24,7 @@ from aura_pg.models import (
     RecordedEvent,
 )
 from aura_pg.observability.appends import observed_append
+from aura_pg.retry import AppendRetry, log_retry
 
 
 def _translated(exc: psycopg.Error, statement: ops.Statement) -> Exception:
@@ -36,6 +39,15 @@ def _autocommit_pool(pool_kwargs: dict[str, Any]) -> dict[str, Any]:
     """
     connection_kwargs = {"autocommit": True, **pool_kwargs.get("kwargs", {})}
     return {**pool_kwargs, "kwargs": connection_kwargs}
+
+
+def _check_retry(retry: AppendRetry | None, conn: object) -> None:
+    if retry is not None and not isinstance(retry, AppendRetry):
+        raise TypeError(f"retry must be an AppendRetry, not {type(retry).__name__}")
+    if retry is not None and conn is not None:
+        # A failed statement aborts the caller's transaction: there is
+        # nothing left to retry in, and only the caller can start over.
+        raise ValueError("retry cannot be used with conn=: retry the caller's transaction")
 
 
 class _StoreSettings:
@@ -132,20 +144,39 @@ class EventStore(_StoreSettings):
         expected_version: ExpectedVersion = ANY,
         *,
         conn: psycopg.Connection[Any] | None = None,
+        retry: AppendRetry | None = None,
     ) -> AppendResult:
-        """Append events to a stream, all or nothing; see docs/event-store.md."""
+        """Append events to a stream, all or nothing; see docs/event-store.md.
+
+        With ``retry``, transient failures (a lost connection, a restarting
+        server) send the same batch again: the events are recorded exactly
+        once whatever happened to the failed attempts (aura_pg.retry)."""
         batch = ops.as_batch(events)
+        _check_retry(retry, conn)
         with observed_append(stream_id, batch) as observation:
-            observation.result = self._run(
-                ops.append(
-                    stream_id,
-                    batch,
-                    expected_version,
-                    self.max_payload_bytes,
-                    observation.traceparent,
-                ),
-                conn,
-            )
+            began = time.monotonic()
+            attempt = 1
+            while True:
+                try:
+                    observation.result = self._run(
+                        ops.append(
+                            stream_id,
+                            batch,
+                            expected_version,
+                            self.max_payload_bytes,
+                            observation.traceparent,
+                        ),
+                        conn,
+                    )
+                    break
+                except psycopg.Error as exc:
+                    elapsed = time.monotonic() - began
+                    delay = None if retry is None else retry.next_delay(exc, attempt, elapsed)
+                    if delay is None:
+                        raise
+                    log_retry(stream_id, attempt, exc, delay)
+                    time.sleep(delay)
+                    attempt += 1
         return observation.result
 
     def read_stream(
@@ -291,20 +322,36 @@ class AsyncEventStore(_StoreSettings):
         expected_version: ExpectedVersion = ANY,
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
+        retry: AppendRetry | None = None,
     ) -> AppendResult:
-        """Append events to a stream, all or nothing; see docs/event-store.md."""
+        """Append events to a stream, all or nothing; see docs/event-store.md.
+        ``retry`` as in ``EventStore.append``."""
         batch = ops.as_batch(events)
+        _check_retry(retry, conn)
         with observed_append(stream_id, batch) as observation:
-            observation.result = await self._run(
-                ops.append(
-                    stream_id,
-                    batch,
-                    expected_version,
-                    self.max_payload_bytes,
-                    observation.traceparent,
-                ),
-                conn,
-            )
+            began = time.monotonic()
+            attempt = 1
+            while True:
+                try:
+                    observation.result = await self._run(
+                        ops.append(
+                            stream_id,
+                            batch,
+                            expected_version,
+                            self.max_payload_bytes,
+                            observation.traceparent,
+                        ),
+                        conn,
+                    )
+                    break
+                except psycopg.Error as exc:
+                    elapsed = time.monotonic() - began
+                    delay = None if retry is None else retry.next_delay(exc, attempt, elapsed)
+                    if delay is None:
+                        raise
+                    log_retry(stream_id, attempt, exc, delay)
+                    await asyncio.sleep(delay)
+                    attempt += 1
         return observation.result
 
     async def read_stream(

@@ -52,6 +52,7 @@ from aura_pg.domain.repository import CommandResult, ConsensusResult, DebateRepo
 from aura_pg.domain.simulator import DebateRunner, SimulationTally, plan_debate
 from aura_pg.errors import ConcurrencyError, IdempotencyConflict
 from aura_pg.models import ANY, AppendResult, ExpectedVersion, NewEvent
+from aura_pg.retry import AppendRetry
 from aura_pg.store import EventStore
 
 # Outcomes of one EventStore.append call.
@@ -158,12 +159,13 @@ class TimedStore(EventStore):
         expected_version: ExpectedVersion = ANY,
         *,
         conn: psycopg.Connection[Any] | None = None,
+        retry: AppendRetry | None = None,
     ) -> AppendResult:
         batch = [events] if isinstance(events, NewEvent) else list(events)
         began = time.time()
         started = time.perf_counter()
         try:
-            result = super().append(stream_id, batch, expected_version, conn=conn)
+            result = super().append(stream_id, batch, expected_version, conn=conn, retry=retry)
         except ConcurrencyError:
             self.recorder.append(began, time.perf_counter() - started, len(batch), CONFLICT)
             raise

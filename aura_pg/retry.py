@@ -1,0 +1,105 @@
+"""Retrying appends through transient failures, exactly once.
+
+An append whose connection breaks may or may not have committed: the
+server can commit and then lose the connection before the reply arrives.
+``AppendRetry`` sends the very same batch again (the same event ids, so the
+same idempotency keys), and the store answers a batch it already recorded
+as a duplicate with the positions it recorded first. So whatever the first
+attempt's fate, the events end up in the log exactly once.
+
+Only failures that say nothing about the append itself are retried: a lost
+or refused connection, a server shutting down or starting up, too many
+connections, a pool with no connection to give, deadlocks and
+serialization failures. Everything the store raises on purpose (invalid
+events, version conflicts, idempotency conflicts) and every other database
+error is raised at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+log = logging.getLogger("aura_pg.retry")
+
+# SQLSTATEs worth another attempt: the connection classes (08), the server
+# shutting down or not yet accepting connections (57P01-57P03), too many
+# connections (53300), and transaction rollbacks a retry resolves
+# (serialization failure, deadlock).
+_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves an append's outcome to another attempt."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        # No answer from the server at all: the connection broke or never
+        # opened (a refused or reset connection). Wrong credentials and
+        # unknown databases come with a SQLSTATE, so they are not here.
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in _TRANSIENT_STATES
+
+
+@dataclass(frozen=True)
+class AppendRetry:
+    """How ``append(..., retry=AppendRetry())`` rides out transient failures.
+
+    At most ``attempts`` attempts, and no new attempt once ``budget``
+    seconds have passed since the first. Between attempts it sleeps
+    exponentially longer, from ``base_delay`` up to ``max_delay`` seconds,
+    half fixed and half random, so writers that failed together do not
+    return together.
+    """
+
+    attempts: int = 8
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+    budget: float = 30.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise ValueError(f"attempts must be an int, not {self.attempts!r}")
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if not 0 < self.base_delay <= self.max_delay:
+            raise ValueError(
+                f"need 0 < base_delay <= max_delay, not {self.base_delay!r} and {self.max_delay!r}"
+            )
+        if not self.budget > 0:
+            raise ValueError(f"budget must be > 0 seconds, not {self.budget!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
+        ceiling = min(self.max_delay, self.base_delay * float(2 ** min(attempt - 1, 30)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def next_delay(self, exc: BaseException, attempt: int, elapsed: float) -> float | None:
+        """The wait before another attempt after ``exc`` ended attempt
+        number ``attempt``, ``elapsed`` seconds after the first began; None
+        when the failure is not transient or the attempts or the budget
+        are spent."""
+        if not is_transient(exc) or attempt >= self.attempts:
+            return None
+        delay = self.delay(attempt)
+        if elapsed + delay > self.budget:
+            return None
+        return delay
+
+
+def log_retry(stream_id: str, attempt: int, exc: BaseException, delay: float) -> None:
+    log.warning(
+        "append to %r: attempt %d failed (%s: %s); sending the same batch again in %.2fs",
+        stream_id,
+        attempt,
+        type(exc).__name__,
+        str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        delay,
+    )

@@ -1,0 +1,81 @@
+"""Which failures an append retries, and how long it waits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import PoolTimeout
+
+from aura_pg import AppendRetry, ConcurrencyError, EventValidationError
+from aura_pg.retry import is_transient
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.OperationalError("server closed the connection unexpectedly"),
+        psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+        psycopg.errors.CannotConnectNow("the database system is starting up"),
+        psycopg.errors.CrashShutdown("terminating connection because of crash"),
+        psycopg.errors.TooManyConnections("too many clients"),
+        psycopg.errors.ConnectionFailure("connection failure"),
+        psycopg.errors.SerializationFailure("could not serialize access"),
+        psycopg.errors.DeadlockDetected("deadlock detected"),
+        PoolTimeout("couldn't get a connection after 30.00 sec"),
+    ],
+)
+def test_failures_that_say_nothing_about_the_append_are_retried(exc: Exception) -> None:
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.errors.InvalidPassword("password authentication failed"),
+        psycopg.errors.InvalidCatalogName('database "nope" does not exist'),
+        psycopg.errors.UniqueViolation("duplicate key"),
+        psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+        psycopg.errors.UndefinedFunction("function aura.append_events does not exist"),
+        psycopg.ProgrammingError("no results to fetch"),
+        ConcurrencyError("s", 1, 2),
+        EventValidationError("bad"),
+        RuntimeError("not a database error"),
+    ],
+)
+def test_everything_else_is_raised_at_once(exc: Exception) -> None:
+    assert not is_transient(exc)
+    assert AppendRetry().next_delay(exc, 1, 0.0) is None
+
+
+def test_waits_grow_exponentially_with_jitter_up_to_the_cap() -> None:
+    policy = AppendRetry(base_delay=0.1, max_delay=1.0)
+    for attempt, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (40, 1.0)]:
+        waits = [policy.delay(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= wait <= ceiling for wait in waits)
+        assert max(waits) - min(waits) > ceiling / 10  # jittered, not fixed
+
+
+def test_attempts_and_the_time_budget_end_the_retries() -> None:
+    lost = psycopg.OperationalError("connection lost")
+    policy = AppendRetry(attempts=3, base_delay=0.1, max_delay=0.1, budget=1.0)
+    assert policy.next_delay(lost, 1, 0.0) is not None
+    assert policy.next_delay(lost, 2, 0.0) is not None
+    assert policy.next_delay(lost, 3, 0.0) is None  # the third attempt was the last
+    assert policy.next_delay(lost, 1, 0.96) is None  # the wait would end past the budget
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"attempts": 0}, "attempts must be at least 1"),
+        ({"attempts": True}, "attempts must be an int"),
+        ({"base_delay": 0}, "need 0 < base_delay <= max_delay"),
+        ({"base_delay": 3.0, "max_delay": 1.0}, "need 0 < base_delay <= max_delay"),
+        ({"budget": 0}, "budget must be > 0"),
+    ],
+)
+def test_bad_policies_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AppendRetry(**changes)
