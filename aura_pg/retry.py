@@ -24,28 +24,45 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from aura_pg.observability import metrics
+
 log = logging.getLogger("aura_pg.retry")
 
-# SQLSTATEs worth another attempt: the connection classes (08), the server
-# shutting down or not yet accepting connections (57P01-57P03), too many
-# connections (53300), and transaction rollbacks a retry resolves
-# (serialization failure, deadlock).
-_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+# SQLSTATEs worth another attempt, by the reason the retries metric counts:
+# the server shutting down or not yet accepting connections, too many
+# connections, and the transaction rollbacks a retry resolves. The whole
+# connection exception class (08) counts as "connection".
+_TRANSIENT_STATES = {
+    "57P01": "server_shutdown",
+    "57P02": "server_shutdown",
+    "57P03": "server_starting",
+    "53300": "too_many_connections",
+    "40001": "serialization",
+    "40P01": "deadlock",
+}
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` leaves an append's outcome to another attempt."""
+def transient_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` leaves an append's outcome to another attempt, or None
+    when it does not."""
     if isinstance(exc, PoolTimeout):
-        return True
+        return "pool_timeout"
     if not isinstance(exc, psycopg.Error):
-        return False
+        return None
     state = exc.sqlstate
     if state is None:
         # No answer from the server at all: the connection broke or never
         # opened (a refused or reset connection). Wrong credentials and
         # unknown databases come with a SQLSTATE, so they are not here.
-        return isinstance(exc, psycopg.OperationalError)
-    return state.startswith("08") or state in _TRANSIENT_STATES
+        return "connection" if isinstance(exc, psycopg.OperationalError) else None
+    if state.startswith("08"):
+        return "connection"
+    return _TRANSIENT_STATES.get(state)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves an append's outcome to another attempt."""
+    return transient_reason(exc) is not None
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,8 @@ class AppendRetry:
 
 
 def log_retry(stream_id: str, attempt: int, exc: BaseException, delay: float) -> None:
+    """Count the retry (``aura_append_retries_total{reason}``) and log it."""
+    metrics.APPEND_RETRIES.labels(transient_reason(exc) or "other").inc()
     log.warning(
         "append to %r: attempt %d failed (%s: %s); sending the same batch again in %.2fs",
         stream_id,

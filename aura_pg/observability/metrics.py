@@ -174,6 +174,13 @@ APPEND_CONFLICTS = Counter(
     names.APPEND_CONFLICTS.removesuffix("_total"),
     "Appends refused because the stream was not at the expected version",
 )
+APPEND_RETRIES = Counter(
+    names.APPEND_RETRIES.removesuffix("_total"),
+    "Append attempts that failed transiently and were sent again with AppendRetry "
+    "(reason: connection, server_shutdown, server_starting, too_many_connections, "
+    "pool_timeout, serialization, deadlock)",
+    ["reason"],
+)
 OUTBOX_PUBLISHED = Counter(
     names.OUTBOX_PUBLISHED.removesuffix("_total"),
     "Outbox messages the relay delivered",

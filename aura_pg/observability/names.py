@@ -37,6 +37,7 @@ EVENTS_APPENDED: Final = "aura_events_appended_total"  # {event_type}
 APPEND_DURATION: Final = "aura_append_duration_seconds"
 APPEND_DUPLICATES: Final = "aura_append_duplicates_total"
 APPEND_CONFLICTS: Final = "aura_append_conflicts_total"
+APPEND_RETRIES: Final = "aura_append_retries_total"  # {reason}
 OUTBOX_PUBLISHED: Final = "aura_outbox_published_total"  # {sink}
 OUTBOX_PUBLISH_FAILURES: Final = "aura_outbox_publish_failures_total"  # {sink}
 OUTBOX_PUBLISH_DURATION: Final = "aura_outbox_publish_duration_seconds"  # {sink}

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from aura_pg import AppendRetry, AsyncEventStore, ConcurrencyError, EventStore, NewEvent
 from tests.helpers.projections import query
@@ -37,6 +38,17 @@ def recorded_copies(dsn: str, event: NewEvent) -> int:
     return int(rows[0][0])
 
 
+def retries_counted() -> float:
+    """aura_append_retries_total of this process, all reasons."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "aura_append_retries"
+        for sample in family.samples
+        if sample.name == "aura_append_retries_total"
+    )
+
+
 def test_an_append_on_a_killed_connection_is_sent_again(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -44,11 +56,13 @@ def test_an_append_on_a_killed_connection_is_sent_again(
         store.append("idle", [NewEvent("A", {})])
         assert terminate_store_connections(dsn) == 1
         event = NewEvent("A", {"n": 2})
+        counted = retries_counted()
         with caplog.at_level(logging.WARNING, logger="aura_pg.retry"):
             result = store.append("idle", [event], 1, retry=FAST)
     assert (result.duplicate, result.events[0].version) == (False, 2)
     assert recorded_copies(dsn, event) == 1
     assert "attempt 1 failed" in caplog.text
+    assert retries_counted() == counted + 1
 
 
 def test_without_retry_the_failure_reaches_the_caller(dsn: str) -> None:

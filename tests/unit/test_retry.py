@@ -9,7 +9,7 @@ import pytest
 from psycopg_pool import PoolTimeout
 
 from aura_pg import AppendRetry, ConcurrencyError, EventValidationError
-from aura_pg.retry import is_transient
+from aura_pg.retry import is_transient, transient_reason
 
 
 @pytest.mark.parametrize(
@@ -79,3 +79,22 @@ def test_attempts_and_the_time_budget_end_the_retries() -> None:
 def test_bad_policies_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AppendRetry(**changes)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (psycopg.OperationalError("server closed the connection unexpectedly"), "connection"),
+        (psycopg.errors.ConnectionFailure("connection failure"), "connection"),
+        (psycopg.errors.AdminShutdown("terminating connection"), "server_shutdown"),
+        (psycopg.errors.CrashShutdown("crash"), "server_shutdown"),
+        (psycopg.errors.CannotConnectNow("starting up"), "server_starting"),
+        (psycopg.errors.TooManyConnections("too many clients"), "too_many_connections"),
+        (PoolTimeout("no connection"), "pool_timeout"),
+        (psycopg.errors.SerializationFailure("could not serialize"), "serialization"),
+        (psycopg.errors.DeadlockDetected("deadlock"), "deadlock"),
+        (psycopg.errors.InvalidPassword("no"), None),
+    ],
+)
+def test_each_retry_is_counted_by_its_reason(exc: Exception, reason: str | None) -> None:
+    assert transient_reason(exc) == reason
