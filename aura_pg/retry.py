@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -111,14 +112,26 @@ class AppendRetry:
         return delay
 
 
-def log_retry(stream_id: str, attempt: int, exc: BaseException, delay: float) -> None:
-    """Count the retry (``aura_append_retries_total{reason}``) and log it."""
+def wait_before_resending(
+    retry: AppendRetry | None, stream_id: str, exc: BaseException, attempt: int, began: float
+) -> float | None:
+    """The seconds to wait before sending the batch again after ``exc``
+    ended attempt number ``attempt`` (the first began at monotonic time
+    ``began``), the retry counted (``aura_append_retries_total{reason}``)
+    and logged; None when the failure is to be raised."""
+    if retry is None:
+        return None
+    delay = retry.next_delay(exc, attempt, time.monotonic() - began)
+    if delay is None:
+        return None
     metrics.APPEND_RETRIES.labels(transient_reason(exc) or "other").inc()
+    text = str(exc).strip()
     log.warning(
         "append to %r: attempt %d failed (%s: %s); sending the same batch again in %.2fs",
         stream_id,
         attempt,
         type(exc).__name__,
-        str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        text.splitlines()[0] if text else "",
         delay,
     )
+    return delay

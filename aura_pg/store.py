@@ -24,7 +24,7 @@ from aura_pg.models import (
     RecordedEvent,
 )
 from aura_pg.observability.appends import observed_append
-from aura_pg.retry import AppendRetry, log_retry
+from aura_pg.retry import AppendRetry, wait_before_resending
 
 
 def _translated(exc: psycopg.Error, statement: ops.Statement) -> Exception:
@@ -170,11 +170,9 @@ class EventStore(_StoreSettings):
                     )
                     break
                 except psycopg.Error as exc:
-                    elapsed = time.monotonic() - began
-                    delay = None if retry is None else retry.next_delay(exc, attempt, elapsed)
+                    delay = wait_before_resending(retry, stream_id, exc, attempt, began)
                     if delay is None:
                         raise
-                    log_retry(stream_id, attempt, exc, delay)
                     time.sleep(delay)
                     attempt += 1
         return observation.result
@@ -345,11 +343,9 @@ class AsyncEventStore(_StoreSettings):
                     )
                     break
                 except psycopg.Error as exc:
-                    elapsed = time.monotonic() - began
-                    delay = None if retry is None else retry.next_delay(exc, attempt, elapsed)
+                    delay = wait_before_resending(retry, stream_id, exc, attempt, began)
                     if delay is None:
                         raise
-                    log_retry(stream_id, attempt, exc, delay)
                     await asyncio.sleep(delay)
                     attempt += 1
         return observation.result
