@@ -48,6 +48,7 @@ from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import CatalogError, ProjectionError, StaleCheckpoint, UnknownProjection
 from aura_pg.observability import metrics, tracing
 from aura_pg.observability.logging import bind
+from aura_pg.retry import transient_reason
 
 log = logging.getLogger("aura_pg.projector")
 
@@ -386,7 +387,12 @@ class ProjectionRunner:
         self._retry_base_ms = 100
         self._retry_max_ms = 10_000
         self._settings_loaded_at = 0.0
+        # After a failed batch, the events it covered are retried in ever
+        # smaller slices (halving the failing one) down to the single event
+        # that fails: a poison event costs about log2(batch size) extra
+        # transactions, not one per event of the batch.
         self._isolate_remaining = 0
+        self._slice = 1
         self._batch_size = 1
         self._trial_next = False
         self._poison: _PoisonCandidate | None = None
@@ -524,13 +530,18 @@ class ProjectionRunner:
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> StepOutcome:
         """One batch: apply it, or handle its failure."""
-        single = self._isolate_remaining > 0 or self._trial_next
+        if self._trial_next:
+            limit: int | None = 1
+        elif self._isolate_remaining > 0:
+            limit = max(min(self._slice, self._isolate_remaining), 1)
+        else:
+            limit = None
         params = {
             "name": self.name,
             "transaction_id": self.transaction_id,
             "position": self.position,
             "owner": self.settings.owner,
-            "limit": 1 if single else None,
+            "limit": limit,
             "traced": tracing.recording(),
             "bounds": len(metrics.LATENCY_BOUNDS),
             "negated_bounds": metrics.NEGATED_LATENCY_BOUNDS,
@@ -549,7 +560,7 @@ class ProjectionRunner:
             return StepOutcome.BUSY
         except psycopg.Error as exc:
             tracing.record_batch_spans(self.name, start_ns, time.time_ns(), (), error=exc)
-            return await self._failed(conn, exc, isolated=single)
+            return await self._failed(conn, exc, limit)
         duration = time.perf_counter() - started
         assert row is not None
         result = BatchResult(*row)
@@ -571,9 +582,13 @@ class ProjectionRunner:
         if result.applied:
             self.events_applied += result.applied
             self.batches += 1
-            self._poison = None
             self._trial_next = False
             self._isolate_remaining = max(self._isolate_remaining - result.applied, 0)
+            if self._poison is not None:
+                # The failing event went through on a retry: try the rest of
+                # the failed batch in one slice again.
+                self._poison = None
+                self._slice = max(self._isolate_remaining, 1)
         if result.caught_up and result.status in ("running", "rebuilding"):
             self._isolate_remaining = 0
             self._trial_next = False
@@ -585,24 +600,28 @@ class ProjectionRunner:
         return StepOutcome.BUSY
 
     async def _failed(
-        self, conn: psycopg.AsyncConnection[Any], exc: psycopg.Error, *, isolated: bool
+        self, conn: psycopg.AsyncConnection[Any], exc: psycopg.Error, limit: int | None
     ) -> StepOutcome:
         error = (exc.diag.message_primary if exc.diag else None) or str(exc)
         sqlstate = exc.sqlstate
-        if not isolated:
-            # Find the poison event: retry the batch's events one at a time.
-            log.warning(
-                "projection %s: batch after %s/%s failed (%s: %s); applying one event at a time",
-                self.name,
-                self.transaction_id,
-                self.position,
-                sqlstate,
-                error,
-            )
+        if limit != 1:
+            # Find the failing event: retry the failed slice's first half.
+            tried = limit if limit is not None else self._batch_size
+            if self._isolate_remaining == 0:
+                self._isolate_remaining = max(self._batch_size, 1)
+                log.warning(
+                    "projection %s: batch after %s/%s failed (%s: %s); "
+                    "retrying it in halves to find the failing event",
+                    self.name,
+                    self.transaction_id,
+                    self.position,
+                    sqlstate,
+                    error,
+                )
             metrics.record_projection_error(
                 self.name, "transient" if is_transient(sqlstate) else "handler"
             )
-            self._isolate_remaining = max(self._batch_size, 1)
+            self._slice = max(tried // 2, 1)
             return StepOutcome.BUSY
         at = (self.transaction_id, self.position)
         if self._poison is None or (self._poison.transaction_id, self._poison.position) != at:
@@ -705,6 +724,8 @@ class ProjectionRunner:
         )
         self._poison = None
         self._isolate_remaining = max(self._isolate_remaining - 1, 0)
+        # The rest of the failed batch in one slice: it may well be clean.
+        self._slice = max(self._isolate_remaining, 1)
         return StepOutcome.BUSY
 
 
@@ -865,13 +886,32 @@ class ProjectorDaemon:
             self.registered = await register_projections(conn, self.specs)
         return self.registered
 
+    async def _register_when_reachable(self, stop: asyncio.Event) -> bool:
+        """Register, waiting out a database that is down or restarting (a
+        daemon started during an outage must not exit); False if stopped
+        first. Any other failure (wrong credentials, no schema) is raised."""
+        delay = 0.1
+        while True:
+            try:
+                await self.register()
+                return True
+            except psycopg.OperationalError as exc:
+                if transient_reason(exc) is None:
+                    raise
+                log.warning("database unreachable (%s); registering again in %.1fs", exc, delay)
+            await _wait(stop, None, delay)
+            if stop.is_set():
+                return False
+            delay = min(delay * 2, self.settings.reconnect_max_delay)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Register, then run every projection until ``stop`` is set; the
         batches in flight finish and the locks are released on the way out,
         within ``shutdown_timeout``. If a projection's runner dies (its row
         was removed, an unexpected error), everything stops and the error is
         raised: a supervisor restarts the process, nothing runs half-way."""
-        await self.register()
+        if not await self._register_when_reachable(stop):
+            return
         log.info(
             "projector %s: running %s (%s)",
             self.settings.owner,

@@ -144,6 +144,23 @@ async def test_poison_event_is_isolated_retried_and_dead_lettered(
     assert projection_admin.dead_letters(dsn, "tally_each") == []
 
 
+async def test_a_poison_event_is_found_in_a_few_slices_not_event_by_event(
+    dsn: str, store: EventStore
+) -> None:
+    """A batch of 50 with a poison event at the 38th: halving finds it in a
+    handful of transactions, where one-at-a-time needed about fifty."""
+    append_spread(store, 37)
+    poison = store.append("p-1", [NewEvent("A", {"poison": True})]).events[0]
+    append_spread(store, 12, prefix="after")
+    async with running_daemon(dsn, ["tally_set"]) as daemon:
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+        runner = daemon.runners["tally_set"]
+        assert runner.dead_lettered == 1
+        # Applied batches: the slices around the poison event, 25 + 12 + 12.
+        assert runner.batches <= 5, runner.batches
+    assert_exact_fold(dsn, "tally_set", exclude=[poison.global_position])
+
+
 async def test_circuit_breaker_opens_pauses_and_recovers(dsn: str, store: EventStore) -> None:
     async with await connect(dsn, ProjectorSettings(), "test") as conn:
         await register_projections(conn, fixture_catalog().select(["tally_strict", "tally_set"]))
