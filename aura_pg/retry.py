@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 import psycopg
-from psycopg_pool import PoolTimeout
+from psycopg_pool import PoolClosed, PoolTimeout
 
 from aura_pg.observability import metrics
 
@@ -48,7 +48,9 @@ def transient_reason(exc: BaseException) -> str | None:
     when it does not."""
     if isinstance(exc, PoolTimeout):
         return "pool_timeout"
-    if not isinstance(exc, psycopg.Error):
+    if isinstance(exc, PoolClosed) or not isinstance(exc, psycopg.Error):
+        # A closed store stays closed: an OperationalError without a
+        # SQLSTATE, but no reason to wait.
         return None
     state = exc.sqlstate
     if state is None:

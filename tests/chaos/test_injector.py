@@ -267,3 +267,21 @@ def test_server_faults_need_a_cluster_and_network_faults_a_proxy(dsn: str) -> No
         injector.network_latency(0.01)
     with pytest.raises(ValueError, match="not a SQLSTATE"):
         injector.fail_projection("tally_set", sqlstate="x'; DROP")
+
+
+def test_a_daemon_started_during_an_outage_waits_for_the_database(
+    dsn: str, proxy: LatencyProxy, tmp_path: Path
+) -> None:
+    append_some(dsn, 10)
+    proxy.refuse(True)
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(proxy.dsn(dsn), log, "tally_set")
+    try:
+        wait_for_sync(lambda: "database unreachable" in log.read_text(), 30, "the warning")
+        assert daemon.poll() is None, log.read_text()
+        proxy.refuse(False)
+        wait_for_sync(lambda: caught_up(dsn, "tally_set"), 60, "catch-up once reachable")
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+    assert_exact_fold(dsn, "tally_set")

@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import PoolTimeout
+from psycopg_pool import PoolClosed, PoolTimeout
 
 from aura_pg import AppendRetry, ConcurrencyError, EventValidationError
 from aura_pg.retry import is_transient, transient_reason
@@ -42,6 +42,7 @@ def test_failures_that_say_nothing_about_the_append_are_retried(exc: Exception) 
         ConcurrencyError("s", 1, 2),
         EventValidationError("bad"),
         RuntimeError("not a database error"),
+        PoolClosed("the pool 'pool-1' is already closed"),
     ],
 )
 def test_everything_else_is_raised_at_once(exc: Exception) -> None:
