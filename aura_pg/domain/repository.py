@@ -7,22 +7,25 @@ runs the command again, so the invariants are always checked against the
 latest state and no update is lost. Attempts are bounded; between them it
 sleeps a small jittered, growing delay so racing writers spread out.
 
-Appends whose outcome is unknown (the connection broke around the commit) are
-re-sent unchanged: the events carry deterministic idempotency keys, so a
-batch that did commit comes back as a duplicate instead of a second vote.
+An append that fails transiently (a lost connection, a restarting server:
+its outcome is unknown) is sent again unchanged by the store
+(``append(..., retry=RetryPolicy.append_retry)``, see ``aura_pg.retry``):
+the very same events, so the same ids and idempotency keys, and a batch that
+did commit comes back as a duplicate instead of a second vote. Permanent
+errors are raised at once. Resending the identical batch and rerunning the
+command after a conflict are separate: a resend never re-decides.
 """
 
 from __future__ import annotations
 
 import random
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
-
-import psycopg
 
 from aura_pg.domain.debate import Debate, DebateRules, DebateStatus, Stance
 from aura_pg.domain.decision import Decision, DecisionStatus, decision_id_for
@@ -30,6 +33,7 @@ from aura_pg.domain.errors import RuleViolation
 from aura_pg.domain.events import Vote, debate_stream, decision_stream
 from aura_pg.errors import ConcurrencyError, IdempotencyConflict
 from aura_pg.models import AppendResult, NewEvent, RecordedEvent
+from aura_pg.retry import AppendRetry
 from aura_pg.store import EventStore
 
 
@@ -41,17 +45,51 @@ class _Aggregate(Protocol):
 
 A = TypeVar("A", bound=_Aggregate)
 
+_DEFAULT_APPEND_RETRY = AppendRetry()  # 8 attempts within 30 seconds
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How often and how patiently a command is retried."""
+    """How often and how patiently a command is retried.
+
+    Two kinds of retry, kept apart: a version or idempotency conflict reruns
+    the command on the reloaded aggregate (``max_attempts``, ``base_delay``,
+    ``max_delay``); a transient failure of the append sends the identical
+    batch again (``append_retry``).
+    """
 
     max_attempts: int = 30
     """Runs of the command on conflicts, the first included."""
     base_delay: float = 0.001
     max_delay: float = 0.05
-    unknown_outcome_resends: int = 3
-    """Re-sends of one batch after a connection error, before giving up."""
+    unknown_outcome_resends: int | None = None
+    """Deprecated: use ``append_retry=AppendRetry(attempts=n + 1)``. When
+    given, ``append_retry`` (``AppendRetry()`` if None) is taken with
+    ``attempts = n + 1``, and a ``DeprecationWarning`` is issued."""
+    append_retry: AppendRetry | None = field(default=_DEFAULT_APPEND_RETRY, kw_only=True)
+    """How the store sends one batch again after a transient failure (a lost
+    connection, a server shutting down or starting up, too many
+    connections, a pool timeout, a deadlock or serialization failure), each
+    resend counted in ``aura_append_retries_total{reason}``; other errors
+    are raised at once. None: never resend."""
+
+    def __post_init__(self) -> None:
+        retry = self.append_retry
+        if retry is not None and not isinstance(retry, AppendRetry):
+            raise TypeError(f"append_retry must be an AppendRetry or None, not {retry!r}")
+        resends = self.unknown_outcome_resends
+        if resends is None:
+            return
+        warnings.warn(
+            "RetryPolicy.unknown_outcome_resends is deprecated: use "
+            f"append_retry=AppendRetry(attempts={resends!r} + 1)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if isinstance(resends, bool) or not isinstance(resends, int) or resends < 0:
+            raise ValueError(f"unknown_outcome_resends must be an int >= 0, not {resends!r}")
+        base = retry if retry is not None else AppendRetry()
+        object.__setattr__(self, "append_retry", replace(base, attempts=resends + 1))
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(max_delay, base_delay * 2**attempt)]."""
@@ -68,7 +106,9 @@ class CommandResult:
     version: int
     """The stream's version after them."""
     duplicate: bool
-    """The batch had been recorded before (a re-send after an unknown outcome)."""
+    """The batch had been recorded before, with this content: by an attempt
+    whose reply was lost (the resend found it), or by an identical command
+    racing this one."""
     conflicts: int
     """Concurrency conflicts retried before the command went through."""
 
@@ -168,16 +208,10 @@ class _Repository(ABC, Generic[A]):
     def _append(
         self, stream_id: str, events: Sequence[NewEvent], expected_version: int
     ) -> AppendResult:
-        """Append, re-sending the same batch when the outcome is unknown."""
-        resends = 0
-        while True:
-            try:
-                return self.store.append(stream_id, events, expected_version)
-            except psycopg.OperationalError:
-                if resends >= self.retry.unknown_outcome_resends:
-                    raise
-                resends += 1
-                self._sleep(self.retry.delay(resends, self._rng))
+        """Append through the store's pool (never in a caller's transaction,
+        so ``retry=`` is allowed); a transient failure sends the same batch
+        again, per ``RetryPolicy.append_retry``."""
+        return self.store.append(stream_id, events, expected_version, retry=self.retry.append_retry)
 
 
 class DecisionRepository(_Repository[Decision]):

@@ -1,23 +1,33 @@
 """The debate domain on the real store: repository retries under real
-concurrency, unknown commit outcomes, crash repair, an old v1 event, and the
-simulator's invariants."""
+concurrency, resends through real faults (a killed connection, a reply lost
+after the commit), permanent errors raised at once, crash repair, an old v1
+event, and the simulator's invariants."""
 
 from __future__ import annotations
 
 import json
+import logging
+import socket
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import timedelta
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
+from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from aura_pg import ConcurrencyError, EventStore, ExpectedVersion, NewEvent
+from aura_pg import ANY, AppendRetry, ConcurrencyError, EventStore, ExpectedVersion, NewEvent
 from aura_pg.domain import (
     Closed,
     CommandResult,
     ConsensusResult,
+    Debate,
     DebateRepository,
     DebateRules,
     DebateStatus,
@@ -56,35 +66,32 @@ def assert_contiguous(events: Sequence[RecordedEvent]) -> None:
 
 
 class HookedStore(EventStore):
-    """The fixture's store (same pool) with a hook run around one append."""
+    """The fixture's store (same pool) with a hook run before one append; it
+    counts the appends the repository asks for and notes their ``retry=``."""
 
-    def __init__(
-        self,
-        store: EventStore,
-        before: Callable[[str], None] | None = None,
-        after: Callable[[str, AppendResult], None] | None = None,
-    ) -> None:
+    def __init__(self, store: EventStore, before: Callable[[str], object] | None = None) -> None:
         super().__init__(store.pool)
         self.before = before
-        self.after = after
-        self.appends = 0
+        self.retries: list[AppendRetry | None] = []
+
+    @property
+    def appends(self) -> int:
+        return len(self.retries)
 
     def append(
         self,
         stream_id: str,
         events: NewEvent | Iterable[NewEvent],
-        expected_version: ExpectedVersion,
-        **kwargs: Any,
+        expected_version: ExpectedVersion = ANY,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+        retry: AppendRetry | None = None,
     ) -> AppendResult:
-        self.appends += 1
+        self.retries.append(retry)
         before, self.before = self.before, None  # once
         if before is not None:
             before(stream_id)
-        result = super().append(stream_id, events, expected_version, **kwargs)
-        after, self.after = self.after, None
-        if after is not None:
-            after(stream_id, result)
-        return result
+        return super().append(stream_id, events, expected_version, conn=conn, retry=retry)
 
 
 def test_a_debate_through_the_repository(store: EventStore) -> None:
@@ -151,7 +158,7 @@ def test_a_conflict_reruns_the_command_against_the_latest_state(store: EventStor
     result = DebateRepository(hooked, sleep=no_sleep).cast_vote("d2", "agent-3", "approve", 0.5)
     assert result.conflicts == 1
     assert result.appended == 1
-    assert hooked.appends == 2
+    assert hooked.retries == [AppendRetry()] * 2  # the default policy's resends, each time
     assert [v for v in plain.load("d2").votes] == ["agent-2", "agent-3"]
 
     # The same agent voting meanwhile: the rerun refuses the second vote.
@@ -180,20 +187,314 @@ def test_conflicts_are_retried_only_so_often(store: EventStore) -> None:
     assert plain.load("d3").votes == {}
 
 
-def test_an_unknown_commit_outcome_is_resent_as_a_duplicate(store: EventStore) -> None:
-    plain = DebateRepository(store)
-    open_for_votes(plain, "d4", AGENTS[:4])
+# -- resends of the same batch through real faults ----------------------------
 
-    def lost_reply(stream_id: str, result: AppendResult) -> None:
-        raise psycopg.OperationalError("server closed the connection unexpectedly")
+APP = "aura-pg repository resend test"
+FAST = RetryPolicy(append_retry=AppendRetry(base_delay=0.02, max_delay=0.2, budget=20.0))
 
-    hooked = HookedStore(store, after=lost_reply)
-    result = DebateRepository(hooked, sleep=no_sleep).cast_vote("d4", "agent-1", "approve", 0.5)
-    assert hooked.appends == 2
-    assert result.duplicate
-    assert result.appended == 0
-    types = [e.type for e in store.read_stream(debate_stream("d4"))]
-    assert types.count("DEBATE_VOTE_CAST") == 1
+
+def connect_named(dsn: str, **pool_kwargs: Any) -> EventStore:
+    """A store of one connection, named so a test can find its backend."""
+    options = {"application_name": APP, **pool_kwargs.pop("kwargs", {})}
+    return EventStore.connect(dsn, min_size=1, max_size=1, kwargs=options, **pool_kwargs)
+
+
+def kill_named_backends(dsn: str) -> int:
+    """pg_terminate_backend on the named store's connections, waiting until
+    they are gone; how many there were."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s",
+            [APP],
+        ).fetchall()
+    assert all(killed for (killed,) in rows), rows
+    return len(rows)
+
+
+def retries_counted(reason: str | None = None) -> float:
+    """aura_append_retries_total of this process, for ``reason`` or all."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "aura_append_retries"
+        for sample in family.samples
+        if sample.name == "aura_append_retries_total"
+        and (reason is None or sample.labels["reason"] == reason)
+    )
+
+
+def recorded_votes(store: EventStore, debate_id: str) -> list[RecordedEvent]:
+    return [e for e in store.read_stream(debate_stream(debate_id)) if e.type == "DEBATE_VOTE_CAST"]
+
+
+def vote_killing_the_connection_first(
+    dsn: str, runs: list[int]
+) -> Callable[[Debate], Sequence[NewEvent]]:
+    """agent-1's vote, as a command that first kills the store's connection
+    (which the read before it has just given back to the pool): the append
+    takes a dead connection. Only the first run kills."""
+
+    def command(debate: Debate) -> Sequence[NewEvent]:
+        runs.append(debate.version)
+        if len(runs) == 1:
+            assert kill_named_backends(dsn) == 1
+        return debate.cast_vote("agent-1", "approve", 0.5)
+
+    return command
+
+
+def test_an_append_on_a_killed_connection_is_resent_with_the_same_events(
+    store: EventStore, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_for_votes(DebateRepository(store), "d4", AGENTS[:4])
+    runs: list[int] = []
+    counted = retries_counted()
+    with connect_named(dsn) as named, caplog.at_level(logging.WARNING, logger="aura_pg.retry"):
+        hooked = HookedStore(named)
+        result = DebateRepository(hooked, retry=FAST).execute(
+            "d4", vote_killing_the_connection_first(dsn, runs)
+        )
+    # The command ran once and the repository appended once: the store sent
+    # that very batch again on a new connection, and counted it.
+    assert len(runs) == 1
+    assert hooked.retries == [FAST.append_retry]
+    assert (result.duplicate, result.appended, result.conflicts) == (False, 1, 0)
+    assert [e.event_id for e in recorded_votes(store, "d4")] == [result.events[0].event_id]
+    assert retries_counted() == counted + 1  # server_shutdown (57P01) or connection
+    assert "attempt 1 failed" in caplog.text
+    assert_contiguous(store.read_stream(debate_stream("d4")))
+
+
+def test_without_append_retry_the_killed_connection_reaches_the_caller(
+    store: EventStore, dsn: str
+) -> None:
+    open_for_votes(DebateRepository(store), "d4", AGENTS[:4])
+    runs: list[int] = []
+    counted = retries_counted()
+    with connect_named(dsn) as named, pytest.raises(psycopg.OperationalError):
+        DebateRepository(named, retry=RetryPolicy(append_retry=None)).execute(
+            "d4", vote_killing_the_connection_first(dsn, runs)
+        )
+    assert len(runs) == 1
+    assert recorded_votes(store, "d4") == []
+    assert retries_counted() == counted
+
+
+def _shut(sock: socket.socket) -> None:
+    with suppress(OSError):  # not connected any more
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _holds_ready_for_query(replies: bytes) -> bool:
+    """Whether these server messages (from a message start) include
+    ReadyForQuery, which the server sends once the statement committed."""
+    at = 0
+    while at + 5 <= len(replies):
+        if replies[at : at + 1] == b"Z":
+            return True
+        at += 1 + int.from_bytes(replies[at + 1 : at + 5], "big")
+    return False
+
+
+class ReplyLosingProxy:
+    """A TCP proxy in front of the test's Postgres that loses one reply for
+    real: the server receives the statement, runs and commits it, and the
+    proxy reads its whole answer (up to ReadyForQuery) and then cuts the
+    client's connection instead of passing the answer on."""
+
+    def __init__(self, dsn: str) -> None:
+        info = conninfo_to_dict(dsn)
+        self._upstream = (str(info["host"]), int(str(info["port"])))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        port = self._listener.getsockname()[1]
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=port, sslmode="disable")
+        self._lock = threading.Lock()
+        self._marker: bytes | None = None
+        self._armed = False
+        self.marked = 0
+        """Statements that held the marker, each one attempt reaching the server."""
+        self.lost = 0
+        """Replies read from the server and never passed on."""
+        self._sockets: list[socket.socket] = []
+        self._pumps: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        """Lose the reply to the next statement whose bytes hold ``marker``."""
+        with self._lock:
+            self._marker, self._armed = marker, True
+
+    def __enter__(self) -> Self:
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._acceptor.join(timeout=10)
+        for sock in self._sockets:
+            _shut(sock)
+        for pump in self._pumps:
+            pump.join(timeout=10)
+        for sock in self._sockets:
+            sock.close()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.create_connection(self._upstream)
+            doomed = threading.Event()
+            self._sockets += [client, server]
+            for pump in (self._requests, self._replies):
+                thread = threading.Thread(target=pump, args=(client, server, doomed), daemon=True)
+                self._pumps.append(thread)
+                thread.start()
+
+    def _requests(
+        self, client: socket.socket, server: socket.socket, doomed: threading.Event
+    ) -> None:
+        tail = b""
+        while chunk := _recv(client):
+            with self._lock:
+                marker = self._marker
+                if marker is not None and marker in tail + chunk:
+                    self.marked += 1
+                    if self._armed:  # doomed before the server has the statement
+                        self._armed = False
+                        doomed.set()
+                tail = (tail + chunk)[-(len(marker) - 1) :] if marker else b""
+            try:
+                server.sendall(chunk)
+            except OSError:
+                break
+        _shut(server)
+        _shut(client)
+
+    def _replies(
+        self, client: socket.socket, server: socket.socket, doomed: threading.Event
+    ) -> None:
+        held = b""
+        while chunk := _recv(server):
+            if not doomed.is_set():
+                try:
+                    client.sendall(chunk)
+                except OSError:
+                    break
+                continue
+            held += chunk
+            if _holds_ready_for_query(held):  # committed: now lose the answer
+                with self._lock:
+                    self.lost += 1
+                break
+        _shut(client)
+        _shut(server)
+
+
+def test_a_reply_lost_after_the_commit_is_resent_and_answered_as_a_duplicate(
+    store: EventStore, dsn: str
+) -> None:
+    """The unknown outcome this exists for: the vote commits, its answer
+    never arrives. The resend of the same batch finds it recorded."""
+    open_for_votes(DebateRepository(store), "d4", AGENTS[:4])
+    counted = retries_counted("connection")
+    with ReplyLosingProxy(dsn) as proxy, EventStore.connect(proxy.dsn, max_size=1) as far:
+        proxy.lose_reply_to(b'"d4:vote:agent-1"')
+        hooked = HookedStore(far)
+        result = DebateRepository(hooked, retry=FAST).cast_vote("d4", "agent-1", "approve", 0.5)
+    assert (proxy.lost, proxy.marked) == (1, 2)  # the batch reached the server twice
+    assert hooked.retries == [FAST.append_retry]
+    assert (result.duplicate, result.appended, result.conflicts) == (True, 0, 0)
+    assert [e.event_id for e in recorded_votes(store, "d4")] == [result.events[0].event_id]
+    assert result.version == len(store.read_stream(debate_stream("d4")))
+    assert retries_counted("connection") == counted + 1
+
+
+@contextmanager
+def permanent_fault(fault: str, dsn: str, stream_id: str) -> Iterator[dict[str, Any]]:
+    """Sets up a fault no resend can cure; yields the failing store's
+    connection settings."""
+    with ExitStack() as stack:
+        if fault == "lock_timeout":
+            # 55P03, an OperationalError: a limit the caller set, not a lost connection
+            blocker = stack.enter_context(psycopg.connect(dsn))
+            blocker.execute(
+                "SELECT 1 FROM aura.streams WHERE stream_id = %s FOR UPDATE", [stream_id]
+            )
+            yield {"options": "-c lock_timeout=100"}
+        elif fault == "read_only":
+            # 25006: pointed at a server (or role) that cannot write
+            yield {"options": "-c default_transaction_read_only=on"}
+        else:
+            # 42P01: the schema is not what the code expects
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("ALTER TABLE aura.streams RENAME TO streams_elsewhere")
+            yield {}
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("lock_timeout", errors.LockNotAvailable),
+        ("read_only", errors.ReadOnlySqlTransaction),
+        ("undefined_table", errors.UndefinedTable),
+    ],
+)
+def test_a_permanent_error_is_raised_at_once_without_resends(
+    store: EventStore,
+    dsn: str,
+    fault: str,
+    error: type[psycopg.Error],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    open_for_votes(DebateRepository(store), "d4", AGENTS[:4])
+    counted = retries_counted()
+    with (
+        permanent_fault(fault, dsn, debate_stream("d4")) as settings,
+        connect_named(dsn, kwargs=settings) as failing,
+        caplog.at_level(logging.WARNING, logger="aura_pg.retry"),
+    ):
+        hooked = HookedStore(failing)
+        with pytest.raises(error):
+            DebateRepository(hooked, retry=FAST).cast_vote("d4", "agent-1", "approve", 0.5)
+    assert hooked.retries == [FAST.append_retry]  # one append, and the store did not resend
+    assert retries_counted() == counted
+    assert "attempt" not in caplog.text
+    assert recorded_votes(store, "d4") == []
+
+
+def test_a_store_that_cannot_log_in_fails_the_command_before_any_append(
+    store: EventStore, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrong credentials never reach an append: the pool cannot open a
+    connection (the role does not exist) and says so as a pool timeout,
+    raised by the command's first read after the pool's ``timeout``."""
+    open_for_votes(DebateRepository(store), "d4", AGENTS[:4])
+    pool: ConnectionPool[Any] = ConnectionPool(
+        make_conninfo(dsn, user="nobody_at_all"), min_size=1, open=False, timeout=0.5
+    )
+    pool.open(wait=False)
+    counted = retries_counted()
+    with EventStore(pool, owns_pool=True) as locked_out, caplog.at_level(logging.WARNING):
+        hooked = HookedStore(locked_out)
+        with pytest.raises(PoolTimeout):
+            DebateRepository(hooked, retry=FAST).cast_vote("d4", "agent-1", "approve", 0.5)
+    assert 'role "nobody_at_all" does not exist' in caplog.text  # the pool's log says why
+    assert hooked.appends == 0
+    assert retries_counted() == counted
+    assert recorded_votes(store, "d4") == []
 
 
 def test_a_crash_between_consensus_and_decision_is_repaired_by_rerunning(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from aura_pg import AppendRetry
 from aura_pg.domain import (
     AlreadyExists,
     Closed,
@@ -23,6 +24,7 @@ from aura_pg.domain import (
     InvalidCommand,
     NotAParticipant,
     NotFound,
+    RetryPolicy,
     RuleViolation,
     UnexpectedEvent,
     decision_id_for,
@@ -580,3 +582,37 @@ def test_plans_are_valid_debates() -> None:
 def test_plans_need_three_agents() -> None:
     with pytest.raises(ValueError, match="at least 3"):
         plan_debate(1, 1, 2, DebateRules())
+
+
+# -- the repository's retry policy ------------------------------------------
+
+
+DEPRECATED = "unknown_outcome_resends is deprecated"
+
+
+def test_a_retry_policy_resends_through_append_retry_by_default() -> None:
+    assert RetryPolicy().append_retry == AppendRetry()
+    fast = AppendRetry(attempts=3, base_delay=0.01)
+    assert RetryPolicy(append_retry=fast).append_retry is fast
+    assert RetryPolicy(append_retry=None).append_retry is None
+    with pytest.raises(TypeError, match="append_retry must be an AppendRetry or None"):
+        RetryPolicy(append_retry=3)  # type: ignore[arg-type]
+
+
+def test_unknown_outcome_resends_is_deprecated_for_append_retry_attempts() -> None:
+    with pytest.warns(DeprecationWarning, match=DEPRECATED) as seen:
+        policy = RetryPolicy(unknown_outcome_resends=2)
+    assert seen[0].filename == __file__  # the warning points at the caller
+    assert policy.append_retry == AppendRetry(attempts=3)
+    assert policy.unknown_outcome_resends == 2
+    with pytest.warns(DeprecationWarning, match=DEPRECATED):
+        assert RetryPolicy(30, 0.001, 0.05, 0).append_retry == AppendRetry(attempts=1)
+    fast = AppendRetry(base_delay=0.01, max_delay=0.1)
+    with pytest.warns(DeprecationWarning, match=DEPRECATED):
+        policy = RetryPolicy(unknown_outcome_resends=4, append_retry=fast)
+    assert policy.append_retry == AppendRetry(attempts=5, base_delay=0.01, max_delay=0.1)
+    with (
+        pytest.warns(DeprecationWarning, match=DEPRECATED),
+        pytest.raises(ValueError, match="must be an int >= 0, not -1"),
+    ):
+        RetryPolicy(unknown_outcome_resends=-1)
