@@ -450,3 +450,85 @@ class FailureInjector:
             late = debate.started_at + timedelta(seconds=debate.rules.timeout_seconds + 1)
             result = repository.time_out(debate_id, late)
         return self._record("debate_timeout", debate_id, {"appended": result.appended})
+
+    # -- stateless undo -----------------------------------------------------
+    #
+    # For callers that run each step in a new process (Chaos Toolkit's
+    # actions, aura_pg.chaos.toolkit) and so cannot keep a Fault to undo:
+    # each finds what is left behind by itself and takes it away.
+
+    def start_postgres(self, timeout: float = 60.0) -> bool:
+        """Start the local cluster if it is down (the undo of
+        ``stop_postgres``); True when it had to. A data directory with no
+        cluster in it is refused: starting it would create a new, empty one."""
+        cluster = self._cluster()
+        if not cluster.initialized:
+            raise ChaosUnavailable(f"no Postgres cluster in {cluster.data_dir}")
+        if cluster.is_running():
+            return False
+        cluster.start(timeout)
+        log.warning("chaos: started the server on port %s again", cluster.port)
+        return True
+
+    def remove_read_model_faults(self, projection: str | None = None) -> list[str]:
+        """Drop the triggers that ``fail_projection`` and ``slow_projection``
+        put on read-model tables, found by their names: on ``projection``'s
+        tables, or on every table when None. What was dropped, as
+        ``schema.table: trigger``."""
+        dropped: list[str] = []
+        with self._connect() as conn:
+            if projection is not None:
+                self._read_model_tables(conn, projection)  # LookupError if unknown
+            rows = conn.execute(_queries()["read_model_faults"], {"name": projection}).fetchall()
+            with conn.transaction():
+                for schema, table, trigger in rows:
+                    conn.execute(
+                        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                            sql.Identifier(str(trigger)), sql.Identifier(str(schema), str(table))
+                        )
+                    )
+                    dropped.append(f"{schema}.{table}: {trigger}")
+        if dropped:
+            log.warning("chaos: dropped read-model faults %s", dropped)
+        return dropped
+
+    def poison_event(self, stream_id: str, event_type: str, data: dict[str, Any]) -> Fault:
+        """Append one event whose payload a read model's handler cannot apply
+        (the caller knows the handler: e.g. text where it casts to integer),
+        marked ``{"aura_chaos": "poison"}`` in its metadata. The daemon
+        retries it, dead-letters it and carries on; undo skips its pending
+        dead letters."""
+        from aura_pg.models import NewEvent  # the store imports the models
+        from aura_pg.store import EventStore
+
+        event = NewEvent(event_type, data, metadata={"aura_chaos": "poison"})
+        with EventStore.connect(self.dsn, max_size=1) as store:
+            recorded = store.append(stream_id, [event]).events[0]
+        event_id = str(event.event_id)
+        details = {
+            "event_id": event_id,
+            "event_type": event_type,
+            "global_position": recorded.global_position,
+        }
+
+        def undo() -> None:
+            self.skip_poison_dead_letters(event_id=event_id)
+
+        return self._record("poison_event", stream_id, details, undo)
+
+    def skip_poison_dead_letters(
+        self, projection: str | None = None, *, event_id: str | None = None
+    ) -> list[int]:
+        """Skip (``aura.skip_dead_letter``) the pending dead letters of the
+        events ``poison_event`` appended: of ``projection`` or all, of
+        ``event_id`` or all. Their ids."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                _queries()["skip_poison_dead_letters"],
+                {
+                    "projection": projection,
+                    "event_id": event_id,
+                    "note": "aura-pg chaos: a poison event appended on purpose",
+                },
+            ).fetchall()
+        return [int(row[0]) for row in rows]

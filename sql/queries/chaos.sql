@@ -64,3 +64,31 @@ SELECT current_setting('data_directory') AS data_directory,
 -- One more slice of filler rows; fails with 53100 (disk full) once the
 -- tablespace's file system has no room left.
 INSERT INTO aura_chaos.filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
+
+-- name: read_model_faults
+-- The triggers fail_projection and slow_projection leave on read-model
+-- tables, found by their names: of one projection's live schema, or of
+-- every schema when %(name)s is NULL.
+SELECT n.nspname AS schema_name, c.relname AS table_name, t.tgname AS trigger_name
+  FROM pg_trigger t
+  JOIN pg_class c ON c.oid = t.tgrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.tgname IN ('aura_chaos_failure', 'aura_chaos_delay')
+   AND NOT t.tgisinternal
+   AND (%(name)s::text IS NULL
+        OR n.nspname = (SELECT p.schema_name FROM aura.projection_checkpoints p
+                         WHERE p.name = %(name)s AND p.rebuild_of IS NULL))
+ ORDER BY 1, 2, 3;
+
+-- name: skip_poison_dead_letters
+-- Gives up on the pending dead letters of events that poison_event
+-- appended (metadata aura_chaos = poison): of one projection or all, of one
+-- event or all. Their ids.
+SELECT d.id, aura.skip_dead_letter(d.id, %(note)s) AS outcome
+  FROM aura.dead_letters d
+  JOIN aura.events e ON e.global_position = d.global_position
+ WHERE d.status = 'pending'
+   AND e.metadata ->> 'aura_chaos' = 'poison'
+   AND (%(projection)s::text IS NULL OR d.projection = %(projection)s)
+   AND (%(event_id)s::uuid IS NULL OR d.event_id = %(event_id)s::uuid)
+ ORDER BY d.id;
