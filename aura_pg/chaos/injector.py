@@ -430,7 +430,12 @@ class FailureInjector:
         except BaseException:
             undo()
             raise
-        details = {"mountpoint": str(mountpoint), "size_kib": size_kib, "tables": len(moved)}
+        details = {
+            "mountpoint": str(mountpoint),
+            "size_kib": size_kib,
+            "tables": len(moved),
+            "filler_rows": filled * 1000,
+        }
         return self._record("disk_full", projection, details, undo)
 
     # -- the debate domain --------------------------------------------------
