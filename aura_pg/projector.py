@@ -201,14 +201,18 @@ async def connect(
         keepalives_count=3,
     )
     conn.add_notice_handler(_log_notice)
-    await conn.execute(
-        _queries()["session_settings"],
-        {
-            "statement_timeout": str(settings.statement_timeout_ms),
-            "lock_timeout": str(settings.lock_timeout_ms),
-            "synchronous_commit": "on" if settings.synchronous_commit else "off",
-        },
-    )
+    try:
+        await conn.execute(
+            _queries()["session_settings"],
+            {
+                "statement_timeout": str(settings.statement_timeout_ms),
+                "lock_timeout": str(settings.lock_timeout_ms),
+                "synchronous_commit": "on" if settings.synchronous_commit else "off",
+            },
+        )
+    except BaseException:  # failed or cancelled half-way: not left open
+        await conn.close()
+        raise
     return conn
 
 
@@ -427,6 +431,7 @@ class ProjectionRunner:
                         delay = 0.1
                 await self._release(conn)
             except (psycopg.OperationalError, _ConnectionLost) as exc:
+                self.owning = False  # not while it waits to reconnect
                 self.reconnects += 1
                 metrics.record_projection_error(self.name, "connection")
                 log.warning(
@@ -606,9 +611,15 @@ class ProjectionRunner:
         sqlstate = exc.sqlstate
         if limit != 1:
             # Find the failing event: retry the failed slice's first half.
-            tried = limit if limit is not None else self._batch_size
+            tried = limit
             if self._isolate_remaining == 0:
-                self._isolate_remaining = max(self._batch_size, 1)
+                row = await self._execute(
+                    conn,
+                    _queries()["pending_events"],
+                    {"name": self.name, "limit": limit or self._batch_size},
+                )
+                tried = max(int(row[0]) if row else 1, 1)
+                self._isolate_remaining = tried
                 log.warning(
                     "projection %s: batch after %s/%s failed (%s: %s); "
                     "retrying it in halves to find the failing event",
@@ -621,7 +632,7 @@ class ProjectionRunner:
             metrics.record_projection_error(
                 self.name, "transient" if is_transient(sqlstate) else "handler"
             )
-            self._slice = max(tried // 2, 1)
+            self._slice = max((tried or 1) // 2, 1)
             return StepOutcome.BUSY
         at = (self.transaction_id, self.position)
         if self._poison is None or (self._poison.transaction_id, self._poison.position) != at:
@@ -756,6 +767,7 @@ class _WakeConnection(abc.ABC):
                 delay = 0.1
                 await self._serve(conn, stop)
             except psycopg.OperationalError as exc:
+                self.connected = False
                 if stop.is_set():
                     return
                 self.reconnects += 1

@@ -93,6 +93,14 @@ FROM aura.projection_checkpoints c
 CROSS JOIN LATERAL aura.read_all(c.transaction_id, c.global_position, 1, c.event_types) AS e
 WHERE c.name = %(name)s;
 
+-- name: pending_events
+-- How many events a batch of at most %(limit)s holds now: the size of a
+-- batch that failed, which the runner then retries in halves.
+SELECT count(*)::integer
+FROM aura.projection_checkpoints c
+CROSS JOIN LATERAL aura.read_all(c.transaction_id, c.global_position, %(limit)s, c.event_types) AS e
+WHERE c.name = %(name)s;
+
 -- name: dead_letter_next
 SELECT d.dead_letter_id, d.transaction_id::text, d.global_position
 FROM aura.dead_letter_next(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
