@@ -118,6 +118,9 @@ def test_a_poison_event_shows_in_errors_dead_letters_and_the_health_score(
 ) -> None:
     daemon = start_daemon("tally_set")
     store.append("order-1", [NewEvent(type="A", data={"i": i}) for i in range(5)])
+    # Applied first, so the failing batch holds only the poison event (and
+    # maybe the B after it): one failed batch, then the poison event alone.
+    wait_for_sync(lambda: caught_up(dsn, "tally_set"), 60, "catch-up before the poison")
     poison = store.append("order-2", NewEvent(type="A", data={"poison": True}))
     store.append("order-3", NewEvent(type="B", data={}))
     wait_for_sync(lambda: caught_up(dsn, "tally_set"), 60, "catch-up past the poison")
