@@ -19,4 +19,7 @@ BEGIN;
 \ir extensions/timescaledb.sql
 \ir functions/project_batch.sql
 \ir triggers/notify_opt_in.sql
+\ir roles/roles.sql
+\ir functions/read_model_grants.sql
+\ir roles/grants.sql
 COMMIT;

@@ -48,6 +48,24 @@ UNION ALL
 SELECT 'comment', coalesce(obj_description(c.oid), '') || ' on ' || c.relname
 FROM pg_class c WHERE c.relnamespace = 'aura'::regnamespace AND c.relkind IN ('r', 'v')
   AND c.relname <> 'alembic_version'
+UNION ALL
+SELECT 'owner and privileges', 'schema ' || n.nspname || ' ' || pg_get_userbyid(n.nspowner)
+       || ' ' || coalesce(n.nspacl::text, '')
+FROM pg_namespace n WHERE n.nspname = 'aura'
+UNION ALL
+SELECT 'owner and privileges', c.relname || ' ' || pg_get_userbyid(c.relowner)
+       || ' ' || coalesce(c.relacl::text, '')
+FROM pg_class c WHERE c.relnamespace = 'aura'::regnamespace
+  AND c.relname NOT IN ('alembic_version', 'alembic_version_pkc')
+UNION ALL
+SELECT 'owner and privileges', p.oid::regprocedure || ' ' || pg_get_userbyid(p.proowner)
+       || ' ' || coalesce(p.proacl::text, '')
+FROM pg_proc p WHERE p.pronamespace = 'aura'::regnamespace
+UNION ALL
+SELECT 'default privileges', pg_get_userbyid(a.defaclrole) || ' '
+       || a.defaclnamespace::regnamespace::text || ' ' || a.defaclobjtype::text
+       || ' ' || a.defaclacl::text
+FROM pg_default_acl a
 ORDER BY 1, 2
 """
 
@@ -81,6 +99,9 @@ def test_migration_chain_psql_manifest_and_printed_sql_build_the_same_schema(
 ) -> None:
     migrated = catalog(dsn)
     assert len(migrated) > 30
+    owned = [row[1] for row in migrated if row[0] == "owner and privileges"]
+    assert any(o.startswith("schema aura aura_owner ") for o in owned)
+    assert any(o.startswith("events aura_owner {aura_owner=") for o in owned)
     psql(empty_dsn, "-f", str(REPO_ROOT / "sql" / "install.sql"))
     assert catalog(empty_dsn) == migrated
 

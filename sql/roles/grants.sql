@@ -1,0 +1,150 @@
+-- Migration 0005: who owns what, and who may do what (roles/roles.sql
+-- created the roles). Everything in the aura schema goes to the owner role,
+-- PUBLIC loses every default privilege there, and each role gets exactly
+-- what its duty needs:
+--
+--   writer     SELECT aura.events, aura.streams; EXECUTE append_events,
+--              read_all, read_horizon, read_stream, stream_version
+--   projector  SELECT aura.events, aura.streams, aura.outbox_routes,
+--              aura.role_names and the operator views; SELECT, INSERT,
+--              UPDATE, DELETE on projection_checkpoints, dead_letters and
+--              outbox; EXECUTE on every aura function but the append and
+--              the outbox routes (DDL on aura.events: the owner's);
+--              CREATE on the database (read models are schemas)
+--   reader     SELECT projection_status, pending_dead_letters,
+--              outbox_status, read_horizon_status (and the read models,
+--              aura.grant_read_model)
+--
+-- Nobody but the owner holds INSERT, UPDATE, DELETE, TRUNCATE or any DDL
+-- right on aura.events or aura.streams: the writer appends through
+-- aura.append_events, which runs as its owner (SECURITY DEFINER) with a
+-- pinned search_path and names every object with its schema.
+DO $$
+DECLARE
+    v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
+    v_writer    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'writer');
+    v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
+    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
+    r record;
+BEGIN
+    -- Ownership. alembic's own version table stays with the migrating role.
+    EXECUTE format('ALTER SCHEMA aura OWNER TO %I', v_owner);
+    FOR r IN SELECT c.oid::regclass AS rel,
+                    CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                   WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind
+             FROM pg_catalog.pg_class c
+             WHERE c.relnamespace = 'aura'::regnamespace
+               AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+               AND c.relname NOT IN ('alembic_version', 'alembic_version_pkc')
+               -- identity sequences follow their table
+               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                               WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                 AND d.deptype IN ('a', 'i'))
+             ORDER BY c.oid LOOP
+        EXECUTE format('ALTER %s %s OWNER TO %I', r.kind, r.rel, v_owner);
+    END LOOP;
+    FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'aura'::regnamespace ORDER BY p.oid LOOP
+        EXECUTE format('ALTER ROUTINE %s OWNER TO %I', r.fn, v_owner);
+    END LOOP;
+
+    -- PUBLIC: nothing (functions are executable by PUBLIC by default).
+    REVOKE ALL ON SCHEMA aura FROM PUBLIC;
+    REVOKE ALL ON ALL TABLES IN SCHEMA aura FROM PUBLIC;
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA aura FROM PUBLIC;
+    REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA aura FROM PUBLIC;
+    -- Functions the owner creates later (a migration run under SET ROLE).
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC',
+                   v_owner);
+
+    EXECUTE format('GRANT USAGE ON SCHEMA aura TO %I, %I, %I', v_writer, v_projector, v_reader);
+
+    -- writer
+    EXECUTE format('GRANT SELECT ON aura.events, aura.streams TO %I', v_writer);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.append_events(text, jsonb, text), '
+                   'aura.read_all(xid8, bigint, integer, text[]), aura.read_horizon(), '
+                   'aura.read_stream(text, bigint, integer, boolean), aura.stream_version(text) '
+                   'TO %I', v_writer);
+
+    -- projector
+    EXECUTE format('GRANT SELECT ON aura.events, aura.streams, aura.outbox_routes, aura.role_names, '
+                   'aura.projection_status, aura.pending_dead_letters, aura.outbox_status, '
+                   'aura.read_horizon_status TO %I', v_projector);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON aura.projection_checkpoints, '
+                   'aura.dead_letters, aura.outbox TO %I', v_projector);
+    FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'aura'::regnamespace
+               AND p.proname NOT IN ('append_events', 'event_problem', 'batch_problem',
+                                     'invalid_event', 'recorded_for_batch',
+                                     'add_outbox_route', 'remove_outbox_route')
+             ORDER BY p.oid LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', r.fn, v_projector);
+    END LOOP;
+    EXECUTE format('GRANT CREATE ON DATABASE %I TO %I', current_database(), v_projector);
+    -- What projector roles create (read models): readable by the reader,
+    -- functions not executable by PUBLIC.
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT SELECT ON TABLES TO %I',
+                   v_projector, v_reader);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC',
+                   v_projector);
+
+    -- reader
+    EXECUTE format('GRANT SELECT ON aura.projection_status, aura.pending_dead_letters, '
+                   'aura.outbox_status, aura.read_horizon_status TO %I', v_reader);
+
+    -- `aura-pg migrate --check` for every role.
+    IF to_regclass('aura.alembic_version') IS NOT NULL THEN
+        EXECUTE format('GRANT SELECT ON aura.alembic_version TO %I, %I, %I',
+                       v_writer, v_projector, v_reader);
+    END IF;
+
+    -- Read models that exist already: the projector role takes them over
+    -- (it drops and renames them on reset and rebuild), the reader reads them.
+    FOR r IN SELECT n.nspname FROM pg_catalog.pg_namespace n
+             WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
+             ORDER BY n.nspname LOOP
+        PERFORM aura.grant_read_model(r.nspname);
+    END LOOP;
+    FOR r IN SELECT x.stmt FROM (
+                 SELECT format('ALTER SCHEMA %I OWNER TO %I', n.nspname, v_projector) AS stmt,
+                        n.nspname, 0 AS ord
+                 FROM pg_catalog.pg_namespace n
+                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
+                 UNION ALL
+                 SELECT format('ALTER %s %s OWNER TO %I',
+                               CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                              WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                               c.oid::regclass, v_projector), n.nspname, 1
+                 FROM pg_catalog.pg_class c
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
+                   AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                     AND d.deptype IN ('a', 'i'))
+                 UNION ALL
+                 SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, v_projector),
+                        n.nspname, 2
+                 FROM pg_catalog.pg_proc p
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
+                 UNION ALL
+                 SELECT format('ALTER TYPE %s OWNER TO %I', t.oid::regtype, v_projector),
+                        n.nspname, 3
+                 FROM pg_catalog.pg_type t
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
+                   AND (t.typtype IN ('e', 'd', 'r')
+                        OR t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                                                       WHERE c.oid = t.typrelid AND c.relkind = 'c'))
+             ) AS x ORDER BY x.nspname, x.ord LOOP
+        EXECUTE r.stmt;
+    END LOOP;
+END
+$$;
+
+-- The writer's only way in: runs as the owner. Every name in its body (and
+-- in the helpers, triggers and defaults it reaches) is schema-qualified or
+-- in pg_catalog; pg_temp comes last, so no temporary object can stand in.
+ALTER FUNCTION aura.append_events(text, jsonb, text)
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp;

@@ -1,0 +1,340 @@
+"""Least-privilege roles (migration 0005), enforced by the database: login
+users in each group role try what their duty allows and what it does not.
+
+Every refusal is checked as InsufficientPrivilege (42501), never as the
+append-only trigger's AU004, so granting a role too much makes the check
+fail; test_every_refusal_is_a_privilege_check proves that by granting the
+login users everything and running the same statements again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from aura_pg import EventStore, NewEvent, migrate
+from aura_pg.errors import MigrationError
+from tests.helpers.projections import (
+    applied_positions,
+    caught_up,
+    log_positions,
+    query,
+    running_daemon,
+    status_of,
+    wait_for,
+)
+
+KINDS = ("owner", "writer", "projector", "reader")
+
+# A projection whose handler tries to write the log.
+SNEAKY_DEFINITION = """
+CREATE TABLE seen (global_position bigint PRIMARY KEY);
+CREATE FUNCTION apply_event(e aura.events) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO seen VALUES (e.global_position);
+    EXECUTE (SELECT statement FROM aura_sneaky_statement);
+END;
+$$;
+"""
+
+WRITES_OF_THE_LOG = [
+    "INSERT INTO aura.events (event_id, stream_id, version, type, data, idempotency_key,"
+    " idempotency_hash) VALUES (gen_random_uuid(), 'x', 1, 'T', '{}', 'k', sha256('k'))",
+    "UPDATE aura.events SET type = 'changed'",
+    "DELETE FROM aura.events",
+    "TRUNCATE aura.events",
+    "INSERT INTO aura.streams (stream_id, version) VALUES ('x', 1)",
+    "UPDATE aura.streams SET version = version + 1",
+    "DELETE FROM aura.streams",
+]
+DDL_ON_THE_LOG = [
+    "ALTER TABLE aura.events ADD COLUMN sneaky text",
+    "ALTER TABLE aura.events DISABLE TRIGGER USER",
+    "DROP TRIGGER events_refuse_update_delete ON aura.events",
+    "CREATE TRIGGER sneaky AFTER INSERT ON aura.events"
+    " FOR EACH STATEMENT EXECUTE FUNCTION aura.notify_events()",
+    "DROP TABLE aura.events CASCADE",
+    "CREATE OR REPLACE FUNCTION aura.stream_version(p_stream_id text) RETURNS bigint"
+    " LANGUAGE sql AS 'SELECT 0::bigint'",
+]
+PROJECTION_WRITES = [
+    "UPDATE aura.projection_checkpoints SET global_position = 0",
+    "DELETE FROM aura.dead_letters",
+    "INSERT INTO aura.outbox (sink, topic, message_id, payload) "
+    "VALUES ('webhook', 't', gen_random_uuid(), '{}')",
+    "SELECT * FROM aura.project_batch('tally_set', '0', 0)",
+    "SELECT aura.reset_projection('tally_set')",
+    "SELECT aura.publish_to_outbox('webhook', 't', gen_random_uuid(), '{}')",
+]
+READ_MODEL_WRITES = [
+    "INSERT INTO tally_set.streams VALUES ('x', 1, 1)",
+    "UPDATE tally_set.streams SET events = 0",
+    "DELETE FROM tally_set.applied_events",
+    "TRUNCATE tally_set.applied_events",
+    "SELECT tally_set.forget_stream('s-1')",
+]
+
+DENIED: dict[str, list[str]] = {
+    "writer": WRITES_OF_THE_LOG + DDL_ON_THE_LOG + PROJECTION_WRITES + READ_MODEL_WRITES
+    + ["SELECT count(*) FROM tally_set.streams"],
+    "reader": WRITES_OF_THE_LOG + DDL_ON_THE_LOG + PROJECTION_WRITES + READ_MODEL_WRITES
+    + [
+        "SELECT * FROM aura.append_events('r-1', '[{\"type\": \"T\", \"data\": {}}]')",
+        "SELECT count(*) FROM aura.events",
+        "SELECT count(*) FROM aura.projection_checkpoints",
+    ],
+    "projector": WRITES_OF_THE_LOG + DDL_ON_THE_LOG + [
+        "SELECT * FROM aura.append_events('p-1', '[{\"type\": \"T\", \"data\": {}}]')",
+        "SELECT aura.add_outbox_route('sneaky', 'webhook', 't')",
+    ],
+}  # fmt: skip
+
+
+@dataclass
+class Logins:
+    """Login users in the group roles, with their connection strings."""
+
+    groups: dict[str, str]
+    users: dict[str, str]
+    dsns: dict[str, str]
+
+
+def group_roles(dsn: str) -> dict[str, str]:
+    return dict(query(dsn, "SELECT kind, role_name FROM aura.role_names"))
+
+
+def database_of(dsn: str) -> str:
+    return str(conninfo_to_dict(dsn)["dbname"])
+
+
+@pytest.fixture
+def logins(dsn: str) -> Iterator[Logins]:
+    groups = group_roles(dsn)
+    assert sorted(groups) == sorted(KINDS)
+    suffix = uuid.uuid4().hex[:8]
+    users = {kind: f"t_{kind}_{suffix}" for kind in KINDS}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for kind in KINDS:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                    sql.Identifier(users[kind]), sql.Identifier(groups[kind])
+                )
+            )
+        # A projector login acts as its group, so that the read models it
+        # creates belong to the group (docs/operators.md).
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET role = {}").format(
+                sql.Identifier(users["projector"]), sql.Literal(groups["projector"])
+            )
+        )
+        # Test databases are clones of a migrated template, and a clone does
+        # not inherit database privileges: grant what the migration grants.
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(database_of(dsn)), sql.Identifier(groups["projector"])
+            )
+        )
+    try:
+        yield Logins(groups, users, {k: make_conninfo(dsn, user=u) for k, u in users.items()})
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for user in users.values():
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                    (user,),
+                )
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(user)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
+
+
+@pytest.fixture
+async def read_model(logins: Logins, dsn: str) -> Logins:
+    """tally_set, registered and caught up by a daemon running as the projector login."""
+    with EventStore.connect(logins.dsns["writer"]) as store:
+        for n in range(6):
+            store.append(f"s-{n % 2}", [NewEvent("A", {"n": n})])
+    async with running_daemon(logins.dsns["projector"], ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    return logins
+
+
+def assert_denied(dsn: str, statement: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(errors.InsufficientPrivilege):
+        conn.execute(statement)  # type: ignore[arg-type]
+
+
+async def test_writer_appends_and_reads_through_the_store(read_model: Logins, dsn: str) -> None:
+    with EventStore.connect(read_model.dsns["writer"]) as store:
+        store.append("w-1", [NewEvent("A", {"n": 1}), NewEvent("B", {"n": 2})])
+        assert [e.type for e in store.read_stream("w-1")] == ["A", "B"]
+        assert store.stream_version("w-1") == 2
+    with psycopg.connect(read_model.dsns["writer"]) as conn:
+        assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (8,)
+        assert conn.execute("SELECT count(*) FROM aura.read_all('0', 0, NULL)").fetchone() == (8,)
+        assert conn.execute("SELECT current_user").fetchone() == (read_model.users["writer"],)
+
+
+@pytest.mark.parametrize("kind", ["writer", "reader", "projector"])
+async def test_each_role_is_refused_what_its_duty_does_not_need(
+    read_model: Logins, kind: str
+) -> None:
+    for statement in DENIED[kind]:
+        assert_denied(read_model.dsns[kind], statement)
+
+
+async def test_reader_reads_read_models_and_operator_views(read_model: Logins, dsn: str) -> None:
+    with psycopg.connect(read_model.dsns["reader"]) as conn:
+        assert conn.execute("SELECT sum(events) FROM tally_set.streams").fetchone() == (6,)
+        status = conn.execute(
+            "SELECT name, events_applied, events_behind FROM aura.projection_status"
+        ).fetchall()
+        assert status == [("tally_set", 6, 0)]
+        for view in ("pending_dead_letters", "outbox_status", "read_horizon_status"):
+            conn.execute(sql.SQL("SELECT * FROM aura.{}").format(sql.Identifier(view)))
+
+
+async def test_only_the_owner_may_alter_the_log(read_model: Logins) -> None:
+    owner = read_model.dsns["owner"]
+    for statement in DDL_ON_THE_LOG[:2]:
+        with psycopg.connect(owner) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+            conn.rollback()
+    # The owner passes the privilege check; the append-only trigger still refuses.
+    with psycopg.connect(owner) as conn:
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute("TRUNCATE aura.events")
+        assert refused.value.sqlstate == "AU004"
+
+
+async def test_projector_daemon_runs_a_projection_end_to_end(read_model: Logins, dsn: str) -> None:
+    with EventStore.connect(read_model.dsns["writer"]) as store:
+        for n in range(20):
+            store.append(f"late-{n % 3}", [NewEvent("B", {"n": n})])
+    projector = read_model.dsns["projector"]
+    async with running_daemon(projector, ["tally_set"]):
+        await wait_for(lambda: caught_up(dsn, "tally_set"))
+    assert applied_positions(dsn, "tally_set") == log_positions(dsn)
+    assert status_of(dsn, "tally_set")["events_applied"] == 26
+    # The read model belongs to the group, so any projector login may reset it.
+    owner = query(
+        dsn, "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'tally_set'"
+    )
+    assert owner == [(read_model.groups["projector"],)]
+    with psycopg.connect(projector, autocommit=True) as conn:
+        conn.execute("SELECT aura.reset_projection('tally_set')")
+        conn.execute("SELECT aura.begin_rebuild('tally_set')")
+        conn.execute("SELECT aura.finish_rebuild('tally_set')")
+    assert applied_positions(dsn, "tally_set") == log_positions(dsn)
+    with psycopg.connect(read_model.dsns["reader"]) as conn:
+        assert conn.execute("SELECT sum(events) FROM tally_set.streams").fetchone() == (26,)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO aura.events (event_id, stream_id, version, type, data, idempotency_key,"
+        " idempotency_hash) VALUES (gen_random_uuid(), 'h', 1, 'T', '{}', 'k', sha256('k'))",
+        'SELECT aura.append_events(\'h\', \'[{"type": "T", "data": {}}]\')',
+        "UPDATE aura.streams SET version = version",
+        "ALTER TABLE aura.events DISABLE TRIGGER USER",
+    ],
+)
+async def test_a_handler_cannot_write_the_log(read_model: Logins, dsn: str, statement: str) -> None:
+    projector = read_model.dsns["projector"]
+    with psycopg.connect(projector, autocommit=True) as conn:
+        conn.execute(
+            "SELECT aura.register_projection('sneaky', '', 'sneaky', 'apply_event', 'per_event',"
+            " NULL, NULL, %s, 10, 0, 10, 10, 5, 30)",
+            (SNEAKY_DEFINITION.replace("aura_sneaky_statement", "sneaky.statement"),),
+        )
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the test's own table
+        conn.execute("CREATE TABLE sneaky.statement (statement text)")
+        conn.execute("INSERT INTO sneaky.statement VALUES (%s)", (statement,))
+        conn.execute("GRANT SELECT ON sneaky.statement TO PUBLIC")
+    with (
+        psycopg.connect(projector, autocommit=True) as conn,
+        pytest.raises(errors.InsufficientPrivilege),
+    ):
+        conn.execute("SELECT * FROM aura.project_batch('sneaky', '0', 0)")
+    # The same handler with a harmless statement applies: the refusal is
+    # the privilege, not the handler.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE sneaky.statement SET statement = 'SELECT 1'")
+    with psycopg.connect(projector, autocommit=True) as conn:
+        applied = conn.execute("SELECT applied FROM aura.project_batch('sneaky', '0', 0)")
+        assert applied.fetchone() == (6,)
+
+
+async def test_every_refusal_is_a_privilege_check(read_model: Logins, dsn: str) -> None:
+    """Granted everything, the same statements pass the privilege checks:
+    each refusal above is the grants' doing, and would fail if a role held
+    too much."""
+    groups, users = read_model.groups, read_model.users
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for kind in ("writer", "reader", "projector"):
+            conn.execute(
+                sql.SQL("GRANT {}, {} TO {}").format(
+                    sql.Identifier(groups["owner"]),
+                    sql.Identifier(groups["projector"]),
+                    sql.Identifier(users[kind]),
+                )
+            )
+        conn.execute(sql.SQL("ALTER ROLE {} RESET role").format(sql.Identifier(users["projector"])))
+    for kind in ("writer", "reader", "projector"):
+        for statement in DENIED[kind]:
+            with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
+                assert_denied_or_other_error(read_model.dsns[kind], statement)
+
+
+def assert_denied_or_other_error(dsn: str, statement: str) -> None:
+    """assert_denied, except that errors other than a privilege check count
+    as 'did not raise' too (the statement got past the privileges)."""
+    with psycopg.connect(dsn) as conn:
+        with pytest.raises(errors.InsufficientPrivilege):
+            try:
+                conn.execute(statement)  # type: ignore[arg-type]
+            except errors.InsufficientPrivilege:
+                raise
+            except psycopg.Error:
+                pass
+        conn.rollback()
+
+
+def test_role_names_come_from_settings(empty_dsn: str) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    names = {kind: f"Custom {kind} {suffix}" for kind in KINDS}  # quoting needed
+    options = " ".join(
+        f"-c aura.{kind}_role={name.replace(' ', chr(92) + ' ')}" for kind, name in names.items()
+    )
+    try:
+        migrate.upgrade(make_conninfo(empty_dsn, options=options))
+        assert group_roles(empty_dsn) == names
+        checks = query(
+            empty_dsn,
+            "SELECT pg_get_userbyid(relowner), has_table_privilege(%s, 'aura.events', 'SELECT'),"
+            " has_function_privilege(%s, 'aura.append_events(text, jsonb, text)', 'EXECUTE'),"
+            " has_function_privilege(%s, 'aura.append_events(text, jsonb, text)', 'EXECUTE'),"
+            " has_table_privilege('aura_writer', 'aura.events', 'SELECT')"
+            " FROM pg_class WHERE oid = 'aura.events'::regclass",
+            (names["reader"], names["writer"], names["reader"]),
+        )
+        assert checks == [(names["owner"], False, True, False, False)]
+    finally:
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS aura CASCADE")
+            for name in names.values():
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
+                    conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+                    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_a_superuser_is_refused_as_a_group_role(empty_dsn: str) -> None:
+    superuser = str(conninfo_to_dict(empty_dsn)["user"])
+    with pytest.raises((MigrationError, psycopg.Error), match="superuser"):
+        migrate.upgrade(make_conninfo(empty_dsn, options=f"-c aura.reader_role={superuser}"))
