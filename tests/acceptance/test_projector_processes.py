@@ -19,11 +19,9 @@ import pytest
 from aura_pg import projection_admin
 from tests.helpers.projections import (
     FIXTURE_CATALOG,
-    applied_positions,
+    assert_exact_fold,
     caught_up,
     fixture_catalog,
-    fold_streams,
-    log_positions,
     query,
     stream_counts,
     wait_for_sync,
@@ -116,11 +114,6 @@ def start_writer(
     if poison_at is not None:
         args.append(str(poison_at))
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, text=True)
-
-
-def assert_exact_fold(dsn: str, schema: str, exclude: list[int] | None = None) -> None:
-    assert applied_positions(dsn, schema) == log_positions(dsn, exclude=exclude or [])
-    assert stream_counts(dsn, schema) == fold_streams(dsn, exclude=exclude or [])
 
 
 def wait_caught_up(dsn: str) -> None:

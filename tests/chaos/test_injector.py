@@ -24,6 +24,7 @@ from aura_pg.domain import DebateRepository
 from tests.helpers.projections import (
     FIXTURE_CATALOG,
     applied_positions,
+    assert_exact_fold,
     caught_up,
     fold_streams,
     log_positions,
@@ -43,11 +44,6 @@ def append_some(dsn: str, count: int, prefix: str = "c", **data: object) -> None
     with EventStore.connect(dsn, max_size=1) as store:
         for n in range(count):
             store.append(f"{prefix}-{n % 4}", [NewEvent("A", {"n": n, **data})])
-
-
-def assert_exact_fold(dsn: str, schema: str) -> None:
-    assert applied_positions(dsn, schema) == log_positions(dsn)
-    assert stream_counts(dsn, schema) == fold_streams(dsn)
 
 
 def dead_letters(dsn: str) -> int:

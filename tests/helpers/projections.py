@@ -131,6 +131,13 @@ def fold_streams(dsn: str, exclude: Sequence[int] = ()) -> dict[str, tuple[int, 
     return folded
 
 
+def assert_exact_fold(dsn: str, schema: str, exclude: Sequence[int] = ()) -> None:
+    """The tally in ``schema`` holds every event of the log once (but those
+    at the ``exclude``d positions), and only those."""
+    assert applied_positions(dsn, schema) == log_positions(dsn, exclude=exclude)
+    assert stream_counts(dsn, schema) == fold_streams(dsn, exclude=exclude)
+
+
 def status_of(dsn: str, name: str) -> dict[str, Any]:
     with psycopg.connect(dsn, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
         row = conn.execute(

@@ -18,14 +18,13 @@ from aura_pg.projector import ProjectorDaemon, ProjectorSettings, connect, regis
 from tests.helpers.projections import (
     RunningDaemon,
     applied_positions,
+    assert_exact_fold,
     caught_up,
     fixture_catalog,
-    fold_streams,
     log_positions,
     query,
     running_daemon,
     status_of,
-    stream_counts,
     wait_for,
 )
 
@@ -33,12 +32,6 @@ from tests.helpers.projections import (
 def append_spread(store: EventStore, count: int, prefix: str = "s", **data: Any) -> None:
     for n in range(count):
         store.append(f"{prefix}-{n % 5}", [NewEvent("A" if n % 2 else "B", {"n": n, **data})])
-
-
-def assert_exact_fold(dsn: str, schema: str, exclude: list[int] | None = None) -> None:
-    """The tally in ``schema`` holds every event of the log once, and only those."""
-    assert applied_positions(dsn, schema) == log_positions(dsn, exclude=exclude or [])
-    assert stream_counts(dsn, schema) == fold_streams(dsn, exclude=exclude or [])
 
 
 async def test_daemon_applies_every_event_once_per_event_and_set_based(
