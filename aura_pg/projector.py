@@ -393,8 +393,8 @@ class ProjectionRunner:
         self._settings_loaded_at = 0.0
         # After a failed batch, the events it covered are retried in ever
         # smaller slices (halving the failing one) down to the single event
-        # that fails: a poison event costs about log2(batch size) extra
-        # transactions, not one per event of the batch.
+        # that fails: a poison event costs about log2 of the failed batch's
+        # events in extra transactions, not one per event of the batch.
         self._isolate_remaining = 0
         self._slice = 1
         self._batch_size = 1
