@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from aura_pg._resources import named_queries
-from aura_pg.chaos.injector import FailureInjector
+from aura_pg.chaos.injector import FailureInjector, process_gone
 from aura_pg.localdb import LocalCluster
 from aura_pg.models import NewEvent
 from aura_pg.retry import AppendRetry
@@ -265,20 +266,20 @@ def wait_until_owned(
     the named ones) and its owner row names a live process; the owners and
     the seconds it took. After a kill, the dead daemon's name stays in the
     row until a stand-by claims the projection, so a new owner shows here."""
-    injector = _injector(dsn)
+    host = socket.gethostname()
 
     def check() -> dict[str, str] | None:
+        # One read decides and is returned: a second read of the owner could
+        # see a newer claim than the rows reported.
         rows = projection_owners(dsn, projections)
         if not rows or not all(row["locked"] and row["owner"] for row in rows):
             return None
         for row in rows:
-            try:
-                injector.owner_pid(row["name"])
-            except LookupError as exc:
-                if "is not running" in str(exc):
-                    return None  # the killed owner's row, not claimed yet
-                # An owner on another host (or named by --owner): its lock
-                # is held, which is what counts.
+            owner_host, _, pid = str(row["owner"]).rpartition(":")
+            if owner_host == host and pid.isdigit() and process_gone(int(pid)):
+                return None  # the killed owner's row, not claimed yet
+            # An owner on another host (or named by --owner): its lock is
+            # held, which is what counts.
         return {row["name"]: str(row["owner"]) for row in rows}
 
     owners, seconds = _wait(
