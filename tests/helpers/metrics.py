@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -44,3 +45,15 @@ def scrape(port: int) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
+
+
+def retries_counted(reason: str | None = None) -> float:
+    """aura_append_retries_total of this process, for ``reason`` or all."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "aura_append_retries"
+        for sample in family.samples
+        if sample.name == "aura_append_retries_total"
+        and (reason is None or sample.labels["reason"] == reason)
+    )

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from prometheus_client import REGISTRY
 
 from aura_pg import AppendRetry, AsyncEventStore, ConcurrencyError, EventStore, NewEvent
+from tests.helpers.metrics import retries_counted
 from tests.helpers.projections import query
 
 APP = "aura-pg retry test"
@@ -36,17 +36,6 @@ def terminate_store_connections(dsn: str) -> int:
 def recorded_copies(dsn: str, event: NewEvent) -> int:
     rows = query(dsn, "SELECT count(*) FROM aura.events WHERE event_id = %s", [event.event_id])
     return int(rows[0][0])
-
-
-def retries_counted() -> float:
-    """aura_append_retries_total of this process, all reasons."""
-    return sum(
-        sample.value
-        for family in REGISTRY.collect()
-        if family.name == "aura_append_retries"
-        for sample in family.samples
-        if sample.name == "aura_append_retries_total"
-    )
 
 
 def test_an_append_on_a_killed_connection_is_sent_again(

@@ -17,7 +17,6 @@ from typing import Any, Self
 
 import psycopg
 import pytest
-from prometheus_client import REGISTRY
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -44,6 +43,7 @@ from aura_pg.domain import (
 )
 from aura_pg.domain.events import DebateTimedOut, DebateVoteCast, DecisionProposed
 from aura_pg.models import AppendResult, RecordedEvent
+from tests.helpers.metrics import retries_counted
 from tests.helpers.threads import run_together
 
 AGENTS = tuple(f"agent-{i}" for i in range(1, 9))
@@ -210,18 +210,6 @@ def kill_named_backends(dsn: str) -> int:
         ).fetchall()
     assert all(killed for (killed,) in rows), rows
     return len(rows)
-
-
-def retries_counted(reason: str | None = None) -> float:
-    """aura_append_retries_total of this process, for ``reason`` or all."""
-    return sum(
-        sample.value
-        for family in REGISTRY.collect()
-        if family.name == "aura_append_retries"
-        for sample in family.samples
-        if sample.name == "aura_append_retries_total"
-        and (reason is None or sample.labels["reason"] == reason)
-    )
 
 
 def recorded_votes(store: EventStore, debate_id: str) -> list[RecordedEvent]:
