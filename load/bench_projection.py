@@ -126,12 +126,19 @@ def settle(dsn: str) -> None:
         conn.execute("CHECKPOINT")
 
 
+# The per-event handler as it ran before migration 0006: as the daemon's
+# role (SECURITY INVOKER), not as its read model's role (SECURITY DEFINER).
+# prepare() switches it back, so the run measures what the switch costs.
+INVOKER_REFERENCE = "bench_each_invoker"
+
+
 def bench_specs(set_batch_sizes: list[int], live_count: int) -> dict[str, ProjectionSpec]:
     """The projections this run registers, derived from the bench catalog:
     bench_each, bench_set_SIZE for each batch size, bench_live_N."""
     catalog = load_catalog(CATALOG)
     each, batched = catalog.get("bench_each"), catalog.get("bench_set")
-    specs = {each.name: each}
+    reference = each.model_copy(update={"name": INVOKER_REFERENCE})
+    specs = {each.name: each, reference.name: reference}
     for size in set_batch_sizes:
         name = f"bench_set_{size}"
         specs[name] = batched.model_copy(update={"name": name, "batch_size": size})
@@ -161,6 +168,12 @@ def prepare(dsn: str, specs: list[ProjectionSpec]) -> None:
             conn.execute("DELETE FROM aura.dead_letters WHERE projection = %s", (name,))
         conn.execute("DELETE FROM aura.projection_checkpoints WHERE name LIKE 'bench\\_%'")
     asyncio.run(ProjectorDaemon(dsn, specs).register())
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER FUNCTION {}.apply_event(aura.events) SECURITY INVOKER").format(
+                sql.Identifier(INVOKER_REFERENCE)
+            )
+        )
 
 
 # ---------------------------------------------------------------- loading
@@ -833,14 +846,23 @@ def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     )
     timeout = max(300.0, log_events / 200)
     catch_ups: list[CatchUp] = []
-    names = ["bench_each", *(f"bench_set_{size}" for size in args.set_batch_sizes)]
+    names = [
+        INVOKER_REFERENCE,
+        "bench_each",
+        *(f"bench_set_{size}" for size in args.set_batch_sizes),
+    ]
     print_catch_up_header()
     for name in names:
         caught = catch_up(dsn, specs[name], timeout)
         catch_ups.append(caught)
         print_catch_up(caught)
-    each = catch_ups[0]
-    for r in catch_ups[1:]:
+    invoker, each = catch_ups[0], catch_ups[1]
+    print(
+        f"bench_each (handler runs as its read model's role, SECURITY DEFINER): "
+        f"{each.events_per_second / invoker.events_per_second:.2f}x {INVOKER_REFERENCE} "
+        "(the same handler as the daemon's role)"
+    )
+    for r in catch_ups[2:]:
         print(
             f"{r.projection}: {r.events_per_second / each.events_per_second:.1f}x the per-event "
             "handler"

@@ -22,4 +22,7 @@ BEGIN;
 \ir roles/roles.sql
 \ir functions/read_model_grants.sql
 \ir roles/grants.sql
+\ir roles/append_definer.sql
+\ir views/operator.sql
+\ir roles/read_model_roles.sql
 COMMIT;

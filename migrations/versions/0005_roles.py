@@ -22,7 +22,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(["roles/roles.sql", "functions/read_model_grants.sql", "roles/grants.sql"])
+    run_sql_files(
+        [
+            "roles/roles.sql",
+            "functions/read_model_grants.sql",
+            "roles/grants.sql",
+            "roles/append_definer.sql",
+        ]
+    )
 
 
 def downgrade() -> None:

@@ -19,6 +19,13 @@
 --          mixes recorded and new keys; nothing written
 --   AU003  invalid input; nothing written
 --
+-- Limits (settings): aura.max_payload_bytes (data or metadata of one event,
+-- default 1 MiB) and aura.max_batch_events (events in one append, default
+-- 10000). A session may lower them; only the database's own setting
+-- (ALTER DATABASE ... SET) may raise them above the defaults, so a writer
+-- cannot lift the limits on itself. With aura.debug = on the function
+-- explains what it did in NOTICEs (SET aura.debug = on in psql).
+--
 -- Example (psql):
 --   SELECT * FROM aura.append_events('debate-42',
 --     '[{"type": "DEBATE_STARTED", "data": {"topic": "t"}}]', 'no_stream');
@@ -96,6 +103,22 @@ AS $$
     ORDER BY b.ord
 $$;
 
+-- The value of a setting made for the whole database (ALTER DATABASE ...
+-- SET), or p_default: the ceiling of an append limit. Only the database's
+-- owner or a superuser can set it; a role's own defaults do not count.
+CREATE OR REPLACE FUNCTION aura.database_setting(p_name text, p_default bigint) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT substr(cfg, octet_length(p_name) + 2)::bigint
+         FROM pg_catalog.pg_db_role_setting s
+         CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS cfg
+         WHERE s.setrole = 0
+           AND s.setdatabase = (SELECT d.oid FROM pg_catalog.pg_database d
+                                WHERE d.datname = pg_catalog.current_database())
+           AND pg_catalog.starts_with(cfg, p_name || '=')),
+        p_default)
+$$;
+
 CREATE OR REPLACE FUNCTION aura.append_events(
     p_stream_id        text,
     p_events           jsonb,
@@ -107,6 +130,10 @@ AS $$
 DECLARE
     v_max_bytes  bigint := coalesce(nullif(current_setting('aura.max_payload_bytes', true), ''),
                                     '1048576')::bigint;
+    v_max_events bigint := coalesce(nullif(current_setting('aura.max_batch_events', true), ''),
+                                    '10000')::bigint;
+    v_debug      boolean := coalesce(current_setting('aura.debug', true), '')
+                            IN ('on', 'true', 'yes', '1');
     v_expected   bigint;   -- exact version expected, NULL for any / stream_exists
     v_count      int;
     v_current    bigint;   -- the stream's version before this batch
@@ -135,7 +162,17 @@ BEGIN
         RAISE EXCEPTION 'events must be a non-empty JSON array' USING ERRCODE = 'AU003';
     END IF;
 
+    IF v_max_bytes > 1048576 OR v_max_events > 10000 THEN
+        -- Above the defaults: only as far as the database's setting allows.
+        v_max_bytes := least(v_max_bytes, aura.database_setting('aura.max_payload_bytes', 1048576));
+        v_max_events := least(v_max_events, aura.database_setting('aura.max_batch_events', 10000));
+    END IF;
     v_count := jsonb_array_length(p_events);
+    IF v_count > v_max_events THEN
+        RAISE EXCEPTION 'invalid event batch for stream %: % events, over the limit of % (aura.max_batch_events)',
+            quote_literal(p_stream_id), v_count, v_max_events
+            USING ERRCODE = 'AU003';
+    END IF;
 
     LOOP
         -- Bump the version first: the row lock serialises appends to this
@@ -192,6 +229,11 @@ BEGIN
             SELECT i.event_id, i.version, i.global_position, false FROM inserted i ORDER BY i.version;
         GET DIAGNOSTICS v_inserted = ROW_COUNT;
         IF v_inserted = v_count THEN
+            IF v_debug THEN
+                RAISE NOTICE 'aura.append_events: stream % was at version %, expected %: appended % events as versions % to %',
+                    quote_literal(p_stream_id), v_current, p_expected_version, v_count,
+                    v_current + 1, v_current + v_count;
+            END IF;
             RETURN;  -- the usual case: all new
         END IF;
     END IF;
@@ -212,12 +254,20 @@ BEGIN
           INTO v_recorded, v_matching
         FROM aura.recorded_for_batch(p_stream_id, p_events) AS r;
         IF v_recorded = v_count AND v_matching = v_count THEN
+            IF v_debug THEN
+                RAISE NOTICE 'aura.append_events: the % events for stream % were recorded before with the same type and data: answered as a duplicate, nothing written',
+                    v_count, quote_literal(p_stream_id);
+            END IF;
             UPDATE aura.streams s SET version = v_current WHERE s.stream_id = p_stream_id;
             RETURN QUERY
                 SELECT r.event_id, r.version, r.global_position, true
                 FROM aura.recorded_for_batch(p_stream_id, p_events) AS r;
             RETURN;
         END IF;
+    END IF;
+    IF v_debug THEN
+        RAISE NOTICE 'aura.append_events: stream % is at version %, expected %; % of the % idempotency keys were recorded before (% with the same content): refusing',
+            quote_literal(p_stream_id), v_current, p_expected_version, v_recorded, v_count, v_matching;
     END IF;
     IF v_recorded > 0 THEN
         RAISE EXCEPTION 'idempotency conflict on stream %: %', quote_literal(p_stream_id),

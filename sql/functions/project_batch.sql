@@ -18,9 +18,13 @@
 --
 --   SELECT applied, transaction_id, global_position, caught_up, status
 --   FROM aura.project_batch('stream_summary', '0', 0);
+--
+-- With aura.debug = on it explains each call in a NOTICE (migration 0006):
+-- why nothing was applied, or what was applied and where the checkpoint
+-- went. CREATE OR REPLACE, so that 0006 can run this file again.
 DROP FUNCTION IF EXISTS aura.project_batch(text, xid8, bigint, text, integer);
 
-CREATE FUNCTION aura.project_batch(
+CREATE OR REPLACE FUNCTION aura.project_batch(
     p_name                    text,
     p_expected_transaction_id xid8,
     p_expected_position       bigint,
@@ -50,6 +54,7 @@ DECLARE
     v_traceparents text[];
     v_tx      xid8;
     v_pos     bigint;
+    v_debug   boolean := coalesce(current_setting('aura.debug', true), '') IN ('on', 'true', 'yes', '1');
 BEGIN
     SELECT * INTO v_row FROM aura.projection_checkpoints c WHERE c.name = p_name;
     IF NOT FOUND THEN
@@ -58,6 +63,12 @@ BEGIN
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
     IF v_row.status = 'paused'
        OR v_row.circuit_state = 'open' AND v_row.circuit_open_until > clock_timestamp() THEN
+        IF v_debug THEN
+            RAISE NOTICE 'aura.project_batch: % applies nothing: %', quote_literal(p_name),
+                CASE WHEN v_row.status = 'paused' THEN 'it is paused (aura.resume_projection)'
+                     ELSE format('its circuit is open until %s after %s failures in a row',
+                                 v_row.circuit_open_until, v_row.consecutive_failures) END;
+        END IF;
         RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status,
             NULL::text[], NULL::timestamptz[], NULL::uuid[], NULL::text[], NULL::bigint[], NULL::text[];
         RETURN;
@@ -113,6 +124,11 @@ BEGIN
        AND v_row.consecutive_failures = 0 AND v_row.circuit_state = 'closed'
        AND v_row.status <> 'failed' AND v_row.owner IS NOT DISTINCT FROM coalesce(p_owner, v_row.owner) THEN
         -- Idle: nothing to write, and no lock taken.
+        IF v_debug THEN
+            RAISE NOTICE 'aura.project_batch: % is caught up at %/%: no event of its types up to the read horizon %',
+                quote_literal(p_name), v_tx, v_pos,
+                coalesce(v_horizon_tx::text || '/' || v_horizon_pos, '(empty log)');
+        END IF;
         RETURN QUERY SELECT 0, v_tx, v_pos, true, v_row.status,
             NULL::text[], NULL::timestamptz[], NULL::uuid[], NULL::text[], NULL::bigint[], NULL::text[];
         RETURN;
@@ -155,6 +171,15 @@ BEGIN
            updated_at = now()
      WHERE c.name = p_name
     RETURNING c.status INTO v_row.status;
+    IF v_debug THEN
+        RAISE NOTICE 'aura.project_batch: % applied % events (limit %, %) with %.%; checkpoint %/% -> %/%, read horizon %',
+            quote_literal(p_name), v_count, v_limit,
+            CASE WHEN v_row.circuit_state <> 'closed' THEN 'half-open circuit: one event decides'
+                 ELSE 'circuit closed' END,
+            v_row.schema_name, v_row.handler,
+            v_locked.transaction_id, v_locked.global_position, v_tx, v_pos,
+            coalesce(v_horizon_tx::text || '/' || v_horizon_pos, '(empty log)');
+    END IF;
     RETURN QUERY SELECT v_count, v_tx, v_pos, v_count < v_limit, v_row.status,
         v_types, v_times, v_ids, v_streams, v_versions, v_traceparents;
 END;

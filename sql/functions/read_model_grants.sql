@@ -28,7 +28,8 @@ $$;
 
 -- Creates a read model's schema from its definition SQL, checks that the
 -- handlers it names exist with the right signature, and grants it
--- (aura.grant_read_model). As in migration 0002, apart from the grants.
+-- (aura.grant_read_model), then gives it to its own role
+-- (aura.isolate_read_model). As in migration 0002, apart from those.
 CREATE OR REPLACE FUNCTION aura.install_projection_schema(
     p_schema text, p_definition_sql text, p_handler text, p_kind text, p_forget_handler text
 ) RETURNS void
@@ -61,5 +62,11 @@ BEGIN
             USING ERRCODE = 'AU007';
     END IF;
     PERFORM aura.grant_read_model(p_schema);
+    -- Migration 0006 (roles/read_model_roles.sql): the schema goes to its
+    -- own role, and the handlers run as that role. (A database at 0005
+    -- has no such function yet; 0006 isolates its read models.)
+    IF to_regprocedure('aura.isolate_read_model(text, text, text, text)') IS NOT NULL THEN
+        PERFORM aura.isolate_read_model(p_schema, p_handler, p_kind, p_forget_handler);
+    END IF;
 END;
 $$;

@@ -143,8 +143,4 @@ BEGIN
 END
 $$;
 
--- The writer's only way in: runs as the owner. Every name in its body (and
--- in the helpers, triggers and defaults it reaches) is schema-qualified or
--- in pg_catalog; pg_temp comes last, so no temporary object can stand in.
-ALTER FUNCTION aura.append_events(text, jsonb, text)
-    SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- aura.append_events runs as the owner: roles/append_definer.sql.

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,7 @@ def test_bench_projection_quick_verifies_its_read_models(empty_dsn: str, tmp_pat
     assert figures["verified"] is True
     assert figures["log_events"] == 3000
     assert [(r["projection"], r["events"]) for r in figures["catch_up"]] == [
+        ("bench_each_invoker", 3000),
         ("bench_each", 3000),
         ("bench_set_500", 3000),
         ("bench_set_5000", 3000),
@@ -45,6 +47,15 @@ def test_bench_projection_quick_verifies_its_read_models(empty_dsn: str, tmp_pat
         ("poll only 0.1s", False),
     ]
     assert all(r["events"] > 0 and math.isfinite(r["p95_ms"]) for r in figures["latency"])
+    # The reference runs the same handler as the daemon's role; bench_each
+    # as its read model's role.
+    with psycopg.connect(empty_dsn) as conn:
+        definer = conn.execute(
+            "SELECT n.nspname, p.prosecdef FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE p.proname = 'apply_event' AND n.nspname LIKE 'bench_each%' ORDER BY 1"
+        ).fetchall()
+    assert definer == [("bench_each", True), ("bench_each_invoker", False)]
     watching, listening = figures["latency"][:2]
     assert watching["wake_ups"] > 0 and watching["watch_ticks"] >= watching["wake_ups"]
     assert listening["wake_ups"] > 0 and listening["watch_ticks"] == 0

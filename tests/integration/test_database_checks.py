@@ -10,6 +10,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from aura_pg import EventStore
 
@@ -92,6 +94,44 @@ def test_payload_limit_setting_in_sql(store: EventStore) -> None:
         call_append(conn, "s", [{"type": "T", "data": {"x": "y" * 10}}])
         with pytest.raises(psycopg.Error, match="over the limit of 50"):
             call_append(conn, "s", [{"type": "T", "data": {"x": "y" * 60}}])
+
+
+def test_a_session_cannot_raise_the_limits_above_the_databases(store: EventStore, dsn: str) -> None:
+    """A session may lower aura.max_payload_bytes and aura.max_batch_events,
+    but only ALTER DATABASE ... SET raises them above the defaults: a writer
+    cannot lift the limits on itself (the append runs as the schema's owner,
+    the setting is the caller's)."""
+    big = {"x": "y" * 1_100_000}
+    many = [{"type": "T", "data": {}}] * 10_001
+    with store.pool.connection() as conn:
+        conn.execute("SET aura.max_payload_bytes = 100000000")
+        conn.execute("SET aura.max_batch_events = 1000000")
+        with pytest.raises(psycopg.Error, match="over the limit of 1048576"):
+            call_append(conn, "big", [{"type": "T", "data": big}])
+        conn.rollback()
+        with pytest.raises(psycopg.Error, match="10001 events, over the limit of 10000"):
+            call_append(conn, "many", many)
+        conn.rollback()
+        conn.execute("SET aura.max_batch_events = 2")
+        with pytest.raises(psycopg.Error, match="3 events, over the limit of 2"):
+            call_append(conn, "few", many[:3])
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (0,)
+    database = conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for setting, value in (("max_payload_bytes", 2_000_000), ("max_batch_events", 20_000)):
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(str(database)),
+                    sql.Identifier("aura", setting),
+                    sql.Literal(str(value)),
+                )
+            )
+    with psycopg.connect(dsn) as conn:
+        call_append(conn, "big", [{"type": "T", "data": big}])
+        call_append(conn, "many", many)
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (10_002,)
 
 
 def test_append_from_sql_defaults_key_to_event_id_and_hashes_it(store: EventStore) -> None:

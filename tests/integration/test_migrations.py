@@ -10,8 +10,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
-from aura_pg import MigrationError, migrate
+from aura_pg import EventStore, MigrationError, NewEvent, migrate
+from aura_pg.projector import register_projections
+from tests.helpers.projections import fixture_catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,10 +78,10 @@ def catalog(dsn: str) -> list[tuple[Any, ...]]:
         return conn.execute(CATALOG_QUERY).fetchall()
 
 
-def psql(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+def psql(dsn: str, *args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-q", dsn, *args],
-        capture_output=True, text=True, check=True,
+        input=script, capture_output=True, text=True, check=True,
     )  # fmt: skip
 
 
@@ -113,7 +116,8 @@ def test_migration_chain_psql_manifest_and_printed_sql_build_the_same_schema(
         conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
     target = admin.replace("dbname=postgres", f"dbname={name}")
     try:
-        psql(target, "-c", printed)
+        # On standard input: the script is longer than an argument may be.
+        psql(target, "-f", "-", script=printed)
         assert catalog(target) == migrated
         assert migrate.current_revision(target) == migrate.head_revision()
     finally:
@@ -146,3 +150,49 @@ def test_printed_sql_is_one_transaction_with_the_version_row() -> None:
     assert "INSERT INTO aura.alembic_version (version_num) VALUES ('0001')" in printed
     assert "CREATE OR REPLACE FUNCTION aura.project_batch" in printed
     assert f"SET version_num='{migrate.head_revision()}'" in printed
+
+
+async def test_upgrading_from_0005_gives_existing_read_models_their_own_roles(
+    empty_dsn: str,
+) -> None:
+    """A database at 0005 with a read model and projected events: 0006 hands
+    the schema and its objects to the read model's role, makes the handlers
+    run as it, and the projection carries on from its checkpoint."""
+    migrate.upgrade(empty_dsn, "0005")
+    async with await psycopg.AsyncConnection.connect(empty_dsn, autocommit=True) as conn:
+        await register_projections(conn, fixture_catalog().select(["tally_set"]))
+    with EventStore.connect(empty_dsn, max_size=1) as store:
+        store.append("s-1", [NewEvent("A", {}), NewEvent("B", {})])
+        project = "SELECT applied FROM aura.project_batch('tally_set', %s, %s)"
+        ownership = (
+            "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c"
+            " WHERE c.relnamespace = 'tally_set'::regnamespace AND c.relkind IN ('r', 'S')"
+            " UNION SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'tally_set'"
+        )
+        handlers = (
+            "SELECT p.proname, p.prosecdef, pg_get_userbyid(p.proowner) FROM pg_proc p"
+            " WHERE p.pronamespace = 'tally_set'::regnamespace"
+            "   AND p.proname IN ('apply_batch', 'forget_stream', 'check_event') ORDER BY 1"
+        )
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            assert conn.execute(project, ("0", 0)).fetchone() == (2,)
+            # Created by the migrating superuser, so it is the owner at 0005.
+            assert conn.execute(ownership).fetchall() == [(conninfo_to_dict(empty_dsn)["user"],)]
+
+        migrate.upgrade(empty_dsn)
+        role = "aura_projector_tally_set"
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            assert conn.execute(ownership).fetchall() == [(role,)]
+            assert conn.execute(handlers).fetchall() == [
+                ("apply_batch", True, role),
+                ("check_event", False, role),
+                ("forget_stream", True, role),
+            ]
+            store.append("s-1", [NewEvent("C", {})])
+            ((tx, pos),) = conn.execute(
+                "SELECT transaction_id, global_position FROM aura.projection_checkpoints"
+                " WHERE name = 'tally_set'"
+            ).fetchall()
+            assert conn.execute(project, (tx, pos)).fetchone() == (1,)
+            counted = conn.execute("SELECT events FROM tally_set.streams").fetchall()
+            assert counted == [(3,)]

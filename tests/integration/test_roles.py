@@ -116,7 +116,7 @@ def database_of(dsn: str) -> str:
 @pytest.fixture
 def logins(dsn: str) -> Iterator[Logins]:
     groups = group_roles(dsn)
-    assert sorted(groups) == sorted(KINDS)
+    assert sorted(groups) == sorted([*KINDS, "handler"])
     suffix = uuid.uuid4().hex[:8]
     users = {kind: f"t_{kind}_{suffix}" for kind in KINDS}
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -221,11 +221,12 @@ async def test_projector_daemon_runs_a_projection_end_to_end(read_model: Logins,
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert applied_positions(dsn, "tally_set") == log_positions(dsn)
     assert status_of(dsn, "tally_set")["events_applied"] == 26
-    # The read model belongs to the group, so any projector login may reset it.
+    # The read model belongs to its own role, of which the projector group
+    # is a member, so any projector login may reset it.
     owner = query(
         dsn, "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'tally_set'"
     )
-    assert owner == [(read_model.groups["projector"],)]
+    assert owner == [(f"{read_model.groups['projector']}_tally_set",)]
     with psycopg.connect(projector, autocommit=True) as conn:
         conn.execute("SELECT aura.reset_projection('tally_set')")
         conn.execute("SELECT aura.begin_rebuild('tally_set')")
@@ -271,6 +272,135 @@ async def test_a_handler_cannot_write_the_log(read_model: Logins, dsn: str, stat
         assert applied.fetchone() == (6,)
 
 
+# What a handler must not do outside its own schema (migration 0006).
+OUTSIDE_ITS_SCHEMA = [
+    "INSERT INTO tally_set.streams VALUES ('x', 1, 1)",
+    "DELETE FROM tally_set.applied_events",
+    "DROP SCHEMA tally_set CASCADE",
+    "UPDATE aura.projection_checkpoints SET global_position = 0",
+    "DELETE FROM aura.dead_letters",
+    "INSERT INTO aura.outbox (sink, topic, message_id, payload) "
+    "VALUES ('webhook', 't', gen_random_uuid(), '{}')",
+    "SELECT aura.reset_projection('tally_set')",
+    "CREATE TABLE public.sneaky (x int)",
+    "CREATE SCHEMA sneaky_elsewhere",
+    # Taking the caller's rights back.
+    "SET ROLE NONE",
+    "RESET ROLE",
+    "SELECT set_config('role', 'aura_projector', true)",
+    "SET SESSION AUTHORIZATION DEFAULT",
+]
+# ... and what it may.
+WITHIN_ITS_RIGHTS = [
+    "INSERT INTO seen VALUES (-1) ON CONFLICT DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS sneaky.partition_2026 (x int)",
+    "SELECT count(*) FROM tally_set.streams",
+    "SELECT aura.publish_to_outbox('webhook', 't', gen_random_uuid(), '{}')",
+]
+
+
+def register_sneaky(projector_dsn: str, dsn: str, statement: str) -> None:
+    """The projection 'sneaky', whose handler runs `statement` (kept in a
+    table the test owns, so that each case reuses one definition)."""
+    with psycopg.connect(projector_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT aura.register_projection('sneaky', '', 'sneaky', 'apply_event', 'per_event',"
+            " NULL, NULL, %s, 10, 0, 10, 10, 5, 30)",
+            (SNEAKY_DEFINITION.replace("aura_sneaky_statement", "public.sneaky_statement"),),
+        )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.sneaky_statement (statement text)")
+        conn.execute("DELETE FROM public.sneaky_statement")
+        conn.execute("INSERT INTO public.sneaky_statement VALUES (%s)", (statement,))
+        conn.execute("GRANT SELECT ON public.sneaky_statement TO PUBLIC")
+
+
+@pytest.mark.parametrize("statement", OUTSIDE_ITS_SCHEMA)
+@pytest.mark.parametrize("daemon_user", ["superuser", "projector"])
+async def test_a_handler_cannot_write_outside_its_schema(
+    read_model: Logins, dsn: str, statement: str, daemon_user: str
+) -> None:
+    """Even a daemon connected as a superuser runs handlers as the read
+    model's own role, which cannot take the caller's rights back."""
+    caller = dsn if daemon_user == "superuser" else read_model.dsns["projector"]
+    register_sneaky(read_model.dsns["projector"], dsn, statement)
+    before = query(dsn, "SELECT sum(events) FROM tally_set.streams")
+    with (
+        psycopg.connect(caller, autocommit=True) as conn,
+        pytest.raises(errors.InsufficientPrivilege),
+    ):
+        conn.execute("SELECT * FROM aura.project_batch('sneaky', '0', 0)")
+    assert query(dsn, "SELECT sum(events) FROM tally_set.streams") == before
+    assert status_of(dsn, "sneaky")["events_applied"] == 0
+    if daemon_user == "superuser" and not statement.startswith(("SET", "RESET", "SELECT set_")):
+        # The same statement in the same session outside a handler passes
+        # the privilege checks: the refusal is the handler's role.
+        with psycopg.connect(caller) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+            conn.rollback()
+
+
+@pytest.mark.parametrize("statement", WITHIN_ITS_RIGHTS)
+async def test_a_handler_writes_its_schema_reads_others_and_publishes(
+    read_model: Logins, dsn: str, statement: str
+) -> None:
+    register_sneaky(read_model.dsns["projector"], dsn, statement)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        applied = conn.execute("SELECT applied FROM aura.project_batch('sneaky', '0', 0)")
+        assert applied.fetchone() == (6,)
+    roles = query(
+        dsn,
+        "SELECT pg_get_userbyid(n.nspowner), pg_get_userbyid(p.proowner), p.prosecdef"
+        " FROM pg_namespace n JOIN pg_proc p ON p.pronamespace = n.oid"
+        " WHERE n.nspname = 'sneaky' AND p.proname = 'apply_event'",
+    )
+    own_role = f"{read_model.groups['projector']}_sneaky"
+    assert roles == [(own_role, own_role, True)]
+
+
+def test_a_read_model_role_name_taken_by_another_role_is_refused(dsn: str) -> None:
+    """aura.read_model_role hands out only roles it created: a login role
+    (or a group role) with the name a read model would get is refused."""
+    groups = group_roles(dsn)
+    taken = f"{groups['projector']}_taken"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(taken)))
+        try:
+            with pytest.raises(psycopg.Error, match="is not an aura-pg read model role"):
+                conn.execute("SELECT aura.read_model_role('taken')")
+            assert not conn.execute(
+                "SELECT pg_has_role(%s, %s, 'MEMBER')", (groups["projector"], taken)
+            ).fetchone()[0]  # type: ignore[index]
+        finally:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(taken)))
+
+
+def test_a_handler_role_holding_more_than_reading_is_refused(dsn: str) -> None:
+    """aura.role_names is the owner role's table; the function that creates
+    read model roles runs as the migrating role and refuses to hand out a
+    handler group that could write anything, run programs or act as owner."""
+    groups = group_roles(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for grant in ("pg_write_all_data", "pg_execute_server_program", groups["owner"]):
+            conn.execute(
+                sql.SQL("GRANT {} TO {}").format(
+                    sql.Identifier(grant), sql.Identifier(groups["handler"])
+                )
+            )
+            try:
+                with pytest.raises(psycopg.Error, match="holds more than reading"):
+                    conn.execute("SELECT aura.read_model_role('greedy')")
+            finally:
+                conn.execute(
+                    sql.SQL("REVOKE {} FROM {}").format(
+                        sql.Identifier(grant), sql.Identifier(groups["handler"])
+                    )
+                )
+        assert conn.execute("SELECT aura.read_model_role('greedy')").fetchone() == (
+            f"{groups['projector']}_greedy",
+        )
+
+
 async def test_every_refusal_is_a_privilege_check(read_model: Logins, dsn: str) -> None:
     """Granted everything, the same statements pass the privilege checks:
     each refusal above is the grants' doing, and would fail if a role held
@@ -314,7 +444,7 @@ def test_role_names_come_from_settings(empty_dsn: str) -> None:
     )
     try:
         migrate.upgrade(make_conninfo(empty_dsn, options=options))
-        assert group_roles(empty_dsn) == names
+        assert group_roles(empty_dsn) == {**names, "handler": "aura_handler"}
         checks = query(
             empty_dsn,
             "SELECT pg_get_userbyid(relowner), has_table_privilege(%s, 'aura.events', 'SELECT'),"

@@ -1,0 +1,39 @@
+"""Operators and handler isolation: every read model schema belongs to a role
+of its own that its handlers run as (SECURITY DEFINER), so a handler writes
+its own read model and, through aura.publish_to_outbox, the outbox, nothing
+else; aura.projection_status shows whether each owner is alive and how long
+the oldest unapplied event has waited; aura.stream_categories and
+aura.list_dead_letters; aura.debug = on makes the append and the projection
+batch explain themselves in NOTICEs; aura.max_batch_events bounds an append.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+from aura_pg.migrate import run_sql_files
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_sql_files(
+        [
+            "functions/append_events.sql",
+            "roles/append_definer.sql",
+            "functions/project_batch.sql",
+            "views/projection_status.sql",
+            "views/operator.sql",
+            "roles/read_model_roles.sql",
+            "functions/read_model_grants.sql",
+        ]
+    )
+
+
+def downgrade() -> None:
+    raise NotImplementedError("aura-pg migrations are forward-only: restore from a backup")
