@@ -80,7 +80,7 @@ INSERT INTO bench.{table}
     (event_id, stream_id, version, type, data, metadata, idempotency_key, idempotency_hash)
 SELECT (e->>'event_id')::uuid, %(stream_id)s, %(base_version)s + ord, e->>'type', e->'data',
        e->'metadata', e->>'event_id',
-       sha256(convert_to(%(stream_id)s || ':' || (e->>'event_id'), 'UTF8'))
+       aura.idempotency_hash(%(stream_id)s, e->>'event_id')
 FROM jsonb_array_elements(%(events)s::jsonb) WITH ORDINALITY AS t(e, ord)
 """
 

@@ -25,4 +25,5 @@ BEGIN;
 \ir roles/append_definer.sql
 \ir views/operator.sql
 \ir roles/read_model_roles.sql
+\ir data/rehash_colon_streams.sql
 COMMIT;

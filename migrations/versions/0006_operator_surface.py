@@ -4,7 +4,9 @@ its own read model and, through aura.publish_to_outbox, the outbox, nothing
 else; aura.projection_status shows whether each owner is alive and how long
 the oldest unapplied event has waited; aura.stream_categories and
 aura.list_dead_letters; aura.debug = on makes the append and the projection
-batch explain themselves in NOTICEs; aura.max_batch_events bounds an append.
+batch explain themselves in NOTICEs; aura.max_batch_events bounds an append;
+idempotency keys of stream ids with ':' are hashed unambiguously
+(aura.idempotency_hash) and their recorded events rehashed.
 
 Revision ID: 0006
 Revises: 0005
@@ -26,6 +28,7 @@ def upgrade() -> None:
         [
             "functions/append_events.sql",
             "roles/append_definer.sql",
+            "data/rehash_colon_streams.sql",
             "functions/project_batch.sql",
             "views/projection_status.sql",
             "views/operator.sql",

@@ -88,6 +88,24 @@ BEGIN
 END;
 $$;
 
+-- What the UNIQUE idempotency_hash column holds for a stream's key. For a
+-- stream id without ':' it is sha256(stream_id || ':' || key), split
+-- unambiguously at the first ':'. An id with ':' would make that ambiguous
+-- ('a:b' + 'c' and 'a' + 'b:c'), so such ids are hashed as
+-- chr(31) || length || ':' || stream_id || ':' || key, where the length
+-- says where the id ends and chr(31), which no stream id may contain,
+-- keeps the two forms apart. (Migration 0006; before it, ids with ':' used
+-- the first form, and 0006 rehashes their events.)
+CREATE OR REPLACE FUNCTION aura.idempotency_hash(p_stream_id text, p_key text) RETURNS bytea
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT pg_catalog.sha256(pg_catalog.convert_to(
+        CASE WHEN pg_catalog.strpos(p_stream_id, ':') = 0 THEN p_stream_id || ':' || p_key
+             ELSE pg_catalog.chr(31) || pg_catalog.char_length(p_stream_id) || ':'
+                  || p_stream_id || ':' || p_key END,
+        'UTF8'))
+$$;
+
 -- The rows already recorded for a batch's idempotency keys, in batch order,
 -- and whether each has the batch's type and data.
 CREATE OR REPLACE FUNCTION aura.recorded_for_batch(p_stream_id text, p_events jsonb)
@@ -98,8 +116,8 @@ AS $$
            e.type = b.el->>'type' AND e.data = b.el->'data'
     FROM jsonb_array_elements(p_events) WITH ORDINALITY AS b(el, ord)
     JOIN aura.events e
-      ON e.idempotency_hash = sha256(convert_to(
-             p_stream_id || ':' || coalesce(b.el->>'idempotency_key', b.el->>'event_id'), 'UTF8'))
+      ON e.idempotency_hash = aura.idempotency_hash(
+             p_stream_id, coalesce(b.el->>'idempotency_key', b.el->>'event_id'))
     ORDER BY b.ord
 $$;
 
@@ -210,7 +228,7 @@ BEGIN
                 SELECT ids.event_id, p_stream_id, v_current + b.ord, b.el->>'type', b.el->'data',
                        coalesce(nullif(b.el->'metadata', 'null'::jsonb), '{}'::jsonb),
                        ids.idempotency_key,
-                       sha256(convert_to(p_stream_id || ':' || ids.idempotency_key, 'UTF8'))
+                       aura.idempotency_hash(p_stream_id, ids.idempotency_key)
                 FROM jsonb_array_elements(p_events) WITH ORDINALITY AS b(el, ord)
                 CROSS JOIN LATERAL (
                     SELECT coalesce((b.el->>'event_id')::uuid, gen_random_uuid()) AS event_id) AS id

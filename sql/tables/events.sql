@@ -11,7 +11,7 @@ CREATE TABLE aura.events (
     data             jsonb       NOT NULL,
     metadata         jsonb       NOT NULL DEFAULT '{}'::jsonb,
     idempotency_key  text        NOT NULL,
-    -- sha256(stream_id || ':' || idempotency_key), see docs/event-store.md
+    -- aura.idempotency_hash(stream_id, idempotency_key), see docs/event-store.md
     idempotency_hash bytea       NOT NULL,
     recorded_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT events_event_id_key UNIQUE (event_id),

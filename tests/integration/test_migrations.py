@@ -196,3 +196,30 @@ async def test_upgrading_from_0005_gives_existing_read_models_their_own_roles(
             assert conn.execute(project, (tx, pos)).fetchone() == (1,)
             counted = conn.execute("SELECT events FROM tally_set.streams").fetchall()
             assert counted == [(3,)]
+
+
+def test_upgrading_rehashes_the_keys_of_stream_ids_with_colons(empty_dsn: str) -> None:
+    """Before 0006 'a:b' + key 'c' and 'a' + key 'b:c' shared a hash. After
+    the upgrade a resend of an event recorded at 0005 is still answered as
+    a duplicate, and the other stream's key is its own."""
+    migrate.upgrade(empty_dsn, "0005")
+    with EventStore.connect(empty_dsn, max_size=1) as store:
+        first = store.append("a:b", [NewEvent("T", {"x": 1}, idempotency_key="c")])
+        plain = store.append("plain", [NewEvent("T", {}, idempotency_key="k")])
+        # The migration files are today's, so write the hash as a release
+        # before 0006 did: sha256(stream_id || ':' || key).
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE aura.events DISABLE TRIGGER events_refuse_update_delete")
+            conn.execute(
+                "UPDATE aura.events SET idempotency_hash ="
+                " sha256(convert_to(stream_id || ':' || idempotency_key, 'UTF8'))"
+            )
+            conn.execute("ALTER TABLE aura.events ENABLE TRIGGER events_refuse_update_delete")
+        migrate.upgrade(empty_dsn)
+        resent = store.append("a:b", [NewEvent("T", {"x": 1}, idempotency_key="c")])
+        assert resent.duplicate and resent.events == first.events
+        assert store.append("plain", [NewEvent("T", {}, idempotency_key="k")]).duplicate
+        assert plain.events[0].version == 1
+        other = store.append("a", [NewEvent("T", {"x": 1}, idempotency_key="b:c")])
+        assert not other.duplicate
+        assert [e.idempotency_key for e in store.read_stream("a")] == ["b:c"]
