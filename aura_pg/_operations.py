@@ -45,12 +45,18 @@ MAX_TYPE_LENGTH: Final = 200
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 _MAX_VERSION: Final = 2**63 - 1
+# The SQL functions take limits as integer and transaction ids as xid8.
+_MAX_LIMIT: Final = 2**31 - 1
+_MAX_TRANSACTION_ID: Final = 2**64 - 1
 
 # Postgres' [[:cntrl:]] in a UTF-8 database: C0, DEL and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A NUL escape in JSON text (not an escaped backslash followed by "u0000"):
 # jsonb cannot store it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# A lone surrogate (a str from undecodable bytes, "\udcff"): not valid UTF-8,
+# so it cannot reach the server.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _QUERIES: Final = named_queries("queries/store.sql")
 
@@ -79,6 +85,8 @@ def _check_name(what: str, value: object, max_length: int) -> str:
         )
     if _CONTROL.search(value):
         raise EventValidationError(f"{what} {value!r} contains control characters")
+    if not value.isascii() and _SURROGATE.search(value):
+        raise EventValidationError(f"{what} {value!r} contains a lone surrogate (not valid UTF-8)")
     return value
 
 
@@ -99,13 +107,27 @@ def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+def encodable(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8 (no lone surrogate), as the server needs."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_payload_text(what: str, value: dict[str, Any], max_bytes: int) -> None:
     """Precise checks of one payload; only run when the whole batch is suspect."""
     try:
         text = _dumps(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise EventValidationError(f"{what} is not JSON-serialisable: {exc}") from None
-    size = len(text.encode())
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise EventValidationError(
+            f"{what} contains a lone surrogate, which is not valid UTF-8"
+        ) from None
     if size > max_bytes:
         raise EventValidationError(f"{what} is {size} bytes, over the limit of {max_bytes}")
     if _JSON_NUL.search(text):
@@ -170,11 +192,17 @@ def encode_batch(
         items.append(item)
     try:
         text = _dumps(items)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # nested deeper than Python recurses
         text = ""
     # A UTF-8 character takes at most 4 bytes: a short batch cannot hold an
-    # oversized payload, and most batches skip the per-payload checks.
-    if not text or len(text) * 4 > max_payload_bytes or "\\u0000" in text:
+    # oversized payload, and most batches skip the per-payload checks. Only
+    # a non-ASCII batch can hold a lone surrogate (isascii is O(1)).
+    if (
+        not text
+        or len(text) * 4 > max_payload_bytes
+        or "\\u0000" in text
+        or not (text.isascii() or encodable(text))
+    ):
         for index, item in enumerate(items, start=1):
             _check_payload_text(f"event {index} data", item["data"], max_payload_bytes)
             _check_payload_text(f"event {index} metadata", item["metadata"], max_payload_bytes)
@@ -268,9 +296,15 @@ def _types_param(types: Iterable[str] | None) -> list[str] | None:
 
 def read_all(after: Checkpoint | None, limit: int, types: Iterable[str] | None) -> Operation:
     _check_limit(limit, optional=False)
+    limit = min(limit, _MAX_LIMIT)  # no page holds more; the SQL function takes an integer
     position = after if after is not None else START
     if not isinstance(position, Checkpoint):
         raise ValueError(f"after must be a Checkpoint or None, not {type(position).__name__}")
+    if not (
+        0 <= position.transaction_id <= _MAX_TRANSACTION_ID
+        and 0 <= position.global_position <= _MAX_VERSION
+    ):
+        raise EventValidationError(f"after is not a checkpoint of this store: {position}")
     rows = yield Statement(
         _QUERIES["read_all"],
         {
@@ -307,7 +341,7 @@ def read_stream(
         {
             "stream_id": stream_id,
             "from_version": min(from_version, _MAX_VERSION),
-            "limit": limit,
+            "limit": None if limit is None else min(limit, _MAX_LIMIT),
             "backwards": backwards,
         },
     )
@@ -342,6 +376,11 @@ def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | N
             detail.get("stream_id", stream_id), diag.message_primary or str(exc)
         )
     if state in ("AU003", "23514", "22P05", "22P02"):
+        return EventValidationError(diag.message_primary or str(exc))
+    if state in ("22003", "54001") and statement.sql == _QUERIES["append_events"]:
+        # The batch's JSON: a number beyond numeric's range, or nesting
+        # deeper than the server's stack (only reachable from raw JSON, or
+        # with Python's int digit limit lifted).
         return EventValidationError(diag.message_primary or str(exc))
     if state == "23505" and diag.constraint_name == "events_event_id_key":
         return IdempotencyConflict(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import psycopg
 import sqlalchemy
@@ -11,6 +12,7 @@ from alembic import command, context
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 
 from aura_pg._resources import migrations_path, sql_text
 from aura_pg.errors import MigrationError
@@ -59,7 +61,7 @@ def upgrade(conninfo: str, revision: str = "head") -> None:
     config = _config()
     engine = _engine(conninfo)
     try:
-        with engine.begin() as connection:
+        with engine.begin() as connection, _known_revision(revision):
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     finally:
@@ -71,8 +73,29 @@ def upgrade_sql(revision: str = "head") -> str:
     config = _config()
     buffer = io.StringIO()
     config.output_buffer = buffer
-    command.upgrade(config, revision, sql=True)
+    with _known_revision(revision):
+        command.upgrade(config, revision, sql=True)
     return buffer.getvalue()
+
+
+@contextmanager
+def _known_revision(revision: str) -> Iterator[None]:
+    """alembic's complaint about a revision it does not know, as a
+    MigrationError (no traceback in the CLI)."""
+    try:
+        yield
+    except CommandError as exc:
+        if "revision" not in str(exc).lower():
+            raise
+        raise MigrationError(
+            f"unknown revision {revision!r}: use head or one of {', '.join(known_revisions())}"
+        ) from None
+
+
+def known_revisions() -> list[str]:
+    """Every revision this code knows, oldest first."""
+    script = ScriptDirectory.from_config(_config())
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
 
 
 def head_revision() -> str:

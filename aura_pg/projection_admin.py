@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from aura_pg._operations import encodable
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import ProjectionError, UnknownProjection
@@ -33,7 +34,20 @@ def _queries() -> dict[str, Any]:
     return named_queries("queries/projector.sql")
 
 
+def _checked(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` if every text in it can reach the server: Postgres text
+    holds no NUL, and a lone surrogate (undecodable bytes in argv) is not
+    UTF-8. Refused with a typed error before anything is sent."""
+    for key, value in params.items():
+        if isinstance(value, str) and ("\x00" in value or not encodable(value)):
+            raise ProjectionError(
+                f"invalid {key} {value!r}: it must be UTF-8 text without NUL characters"
+            )
+    return params
+
+
 def _call(dsn: str, query: str, params: dict[str, Any]) -> Any:
+    _checked(params)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute(query, params).fetchone()
@@ -72,7 +86,9 @@ def replay_stream(dsn: str, name: str, stream_id: str, from_version: int = 1) ->
 
 def dead_letters(dsn: str, projection: str | None = None) -> list[dict[str, Any]]:
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        return conn.execute(_queries()["dead_letters"], {"projection": projection}).fetchall()
+        return conn.execute(
+            _queries()["dead_letters"], _checked({"projection": projection})
+        ).fetchall()
 
 
 def retry_dead_letter(dsn: str, dead_letter_id: int) -> str:

@@ -24,7 +24,6 @@ import dataclasses
 import http.client
 import json
 import logging
-import os
 import random
 import re
 import signal
@@ -42,6 +41,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from aura_pg._resources import named_queries
+from aura_pg.config import Settings, add_connection_options
 from aura_pg.errors import AuraPgError
 from aura_pg.observability import metrics
 from aura_pg.observability.command import (
@@ -640,8 +640,9 @@ class Relay:
 
 
 def _dsn(args: argparse.Namespace) -> str:
-    # As aura_pg.cli: an empty string lets libpq take everything from PG* variables.
-    return str(args.dsn if args.dsn is not None else os.environ.get("AURA_PG_DSN", ""))
+    """The connection options of every command (aura_pg.config): --dsn,
+    $AURA_PG_DSN, then libpq's PG*; the password file applied."""
+    return Settings.from_args(args).connection().conninfo
 
 
 def _positive_int(text: str) -> int:
@@ -749,7 +750,7 @@ def add_relay_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Publish aura.outbox rows to NATS JetStream and HTTP webhooks, at least "
         "once; see docs/outbox.md.",
     )
-    p.add_argument("--dsn", help="libpq connection string (default: $AURA_PG_DSN, then PG*)")
+    add_connection_options(p)
     p.add_argument(
         "--nats-server",
         metavar="URL",
