@@ -26,6 +26,48 @@ BEGIN
 END;
 $$;
 
+-- Gives a read model's schema and everything in it (relations, partitions
+-- included, routines, types) to p_role. Sequences of serial and identity
+-- columns follow their table. Used by migration 0005 (to the projector
+-- role) and by aura.isolate_read_model (to the read model's own role); the
+-- caller must be able to act as p_role.
+CREATE OR REPLACE FUNCTION aura.give_read_model(p_schema text, p_role text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    EXECUTE format('ALTER SCHEMA %I OWNER TO %I', p_schema, p_role);
+    FOR r IN SELECT x.stmt FROM (
+                 SELECT format('ALTER %s %s OWNER TO %I',
+                               CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                              WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                                              ELSE 'TABLE' END,
+                               c.oid::regclass, p_role) AS stmt, 1 AS ord, c.oid
+                 FROM pg_catalog.pg_class c
+                 WHERE c.relnamespace = p_schema::regnamespace
+                   AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+                   AND NOT (c.relkind = 'S' AND EXISTS (
+                       SELECT 1 FROM pg_catalog.pg_depend d
+                        WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                          AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
+                          AND d.deptype IN ('a', 'i')))
+                 UNION ALL
+                 SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, p_role), 2, p.oid
+                 FROM pg_catalog.pg_proc p
+                 WHERE p.pronamespace = p_schema::regnamespace
+                 UNION ALL
+                 SELECT format('ALTER TYPE %s OWNER TO %I', t.oid::regtype, p_role), 3, t.oid
+                 FROM pg_catalog.pg_type t
+                 WHERE t.typnamespace = p_schema::regnamespace
+                   AND (t.typtype IN ('e', 'd', 'r')
+                        OR t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                                                       WHERE c.oid = t.typrelid AND c.relkind = 'c'))
+             ) AS x ORDER BY x.ord, x.oid LOOP
+        EXECUTE r.stmt;
+    END LOOP;
+END;
+$$;
+
 -- Creates a read model's schema from its definition SQL, checks that the
 -- handlers it names exist with the right signature, and grants it
 -- (aura.grant_read_model), then gives it to its own role

@@ -104,41 +104,7 @@ BEGIN
              WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
              ORDER BY n.nspname LOOP
         PERFORM aura.grant_read_model(r.nspname);
-    END LOOP;
-    FOR r IN SELECT x.stmt FROM (
-                 SELECT format('ALTER SCHEMA %I OWNER TO %I', n.nspname, v_projector) AS stmt,
-                        n.nspname, 0 AS ord
-                 FROM pg_catalog.pg_namespace n
-                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
-                 UNION ALL
-                 SELECT format('ALTER %s %s OWNER TO %I',
-                               CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-                                              WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
-                               c.oid::regclass, v_projector), n.nspname, 1
-                 FROM pg_catalog.pg_class c
-                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
-                   AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                                     AND d.deptype IN ('a', 'i'))
-                 UNION ALL
-                 SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, v_projector),
-                        n.nspname, 2
-                 FROM pg_catalog.pg_proc p
-                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
-                 UNION ALL
-                 SELECT format('ALTER TYPE %s OWNER TO %I', t.oid::regtype, v_projector),
-                        n.nspname, 3
-                 FROM pg_catalog.pg_type t
-                 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-                 WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
-                   AND (t.typtype IN ('e', 'd', 'r')
-                        OR t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
-                                                       WHERE c.oid = t.typrelid AND c.relkind = 'c'))
-             ) AS x ORDER BY x.nspname, x.ord LOOP
-        EXECUTE r.stmt;
+        PERFORM aura.give_read_model(r.nspname, v_projector);
     END LOOP;
 END
 $$;

@@ -147,39 +147,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_role   text := aura.read_model_role(p_schema);
     v_reader text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
-    r record;
 BEGIN
-    EXECUTE format('ALTER SCHEMA %I OWNER TO %I', p_schema, v_role);
-    FOR r IN SELECT x.stmt FROM (
-                 SELECT format('ALTER %s %s OWNER TO %I',
-                               CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-                                              WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
-                                              ELSE 'TABLE' END,
-                               c.oid::regclass, v_role) AS stmt, 1 AS ord, c.oid
-                 FROM pg_catalog.pg_class c
-                 WHERE c.relnamespace = p_schema::regnamespace
-                   AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-                   -- partitions included; sequences of serial and identity
-                   -- columns follow their table
-                   AND NOT (c.relkind = 'S' AND EXISTS (
-                       SELECT 1 FROM pg_catalog.pg_depend d
-                        WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                          AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
-                          AND d.deptype IN ('a', 'i')))
-                 UNION ALL
-                 SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, v_role), 2, p.oid
-                 FROM pg_catalog.pg_proc p
-                 WHERE p.pronamespace = p_schema::regnamespace
-                 UNION ALL
-                 SELECT format('ALTER TYPE %s OWNER TO %I', t.oid::regtype, v_role), 3, t.oid
-                 FROM pg_catalog.pg_type t
-                 WHERE t.typnamespace = p_schema::regnamespace
-                   AND (t.typtype IN ('e', 'd', 'r')
-                        OR t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
-                                                       WHERE c.oid = t.typrelid AND c.relkind = 'c'))
-             ) AS x ORDER BY x.ord, x.oid LOOP
-        EXECUTE r.stmt;
-    END LOOP;
+    PERFORM aura.give_read_model(p_schema, v_role);
     EXECUTE format('ALTER FUNCTION %I.%I(%s) SECURITY DEFINER', p_schema, p_handler,
                    CASE p_kind WHEN 'set_based' THEN 'aura.events[]' ELSE 'aura.events' END);
     IF p_forget_handler IS NOT NULL THEN
