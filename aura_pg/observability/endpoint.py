@@ -13,7 +13,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from aura_pg._resources import named_queries
-from aura_pg.observability.logging import mask_secrets
+from aura_pg.config import mask_text
 from aura_pg.observability.metrics import CombinedRegistry, DatabaseCollector
 from aura_pg.observability.server import Check, ObservabilityServer
 
@@ -97,7 +97,7 @@ class DaemonEndpoints:
         except psycopg.errors.UndefinedTable:
             return Check(False, ("the aura schema is not installed: run `aura-pg migrate`",))
         except psycopg.Error as exc:
-            return Check(False, (f"database unreachable: {mask_secrets(str(exc).strip())}",))
+            return Check(False, (f"database unreachable: {mask_text(str(exc).strip())}",))
         revision, failed = row if row is not None else (None, [])
         reasons: list[str] = []
         if revision != self.head_revision:

@@ -12,36 +12,22 @@ passwords are masked in every value.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import Any, Final, TextIO
+from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
 
-_KEYWORD_PASSWORD: Final = re.compile(
-    r"(?P<key>\bpassword\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s'\"]+)", re.IGNORECASE
-)
-_URI_PASSWORD: Final = re.compile(r"(?P<prefix>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]*@", re.I)
-MASK: Final = "***"
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with connection-string passwords replaced by ``***``, in
-    keyword form (``password=s3cret``) and URI form (``postgresql://u:s3cret@h``)."""
-    if "password" not in text.lower() and "://" not in text:
-        return text
-    text = _KEYWORD_PASSWORD.sub(lambda m: m.group("key") + MASK, text)
-    return _URI_PASSWORD.sub(lambda m: m.group("prefix") + MASK + "@", text)
+from aura_pg.config import mask_text
 
 
 def _mask_value(value: Any) -> Any:
     if isinstance(value, str):
-        return mask_secrets(value)
+        return mask_text(value)
     if isinstance(value, BaseException):
-        return mask_secrets(repr(value))
+        return mask_text(repr(value))
     return value
 
 

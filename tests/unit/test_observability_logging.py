@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, use_span
 
-from aura_pg.observability.logging import bound, configure_logging, mask_secrets
+from aura_pg.config import mask_text
+from aura_pg.observability.logging import bound, configure_logging
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
     ],
 )
 def test_passwords_are_masked_in_both_dsn_forms(text: str, masked: str) -> None:
-    assert mask_secrets(text) == masked
+    assert mask_text(text) == masked
 
 
 def test_stdlib_records_become_json_lines_with_bound_context(output: io.StringIO) -> None:
