@@ -3,9 +3,12 @@
 --
 -- Every read model schema belongs to a role of its own (NOLOGIN, named
 -- <projector role>_<schema>, e.g. aura_projector_stream_summary), and its
--- handlers run as that role: they are SECURITY DEFINER functions owned by
--- it. Inside a SECURITY DEFINER function Postgres refuses SET ROLE and SET
--- SESSION AUTHORIZATION, so a handler cannot take its caller's rights back.
+-- handlers run as that role: aura.apply_handler calls them through
+-- SCHEMA.aura_run_handler, a SECURITY DEFINER function owned by the role
+-- (one switch of user per batch, not one per event), and the forget
+-- handler is SECURITY DEFINER itself. Inside a SECURITY DEFINER function
+-- Postgres refuses SET ROLE and SET SESSION AUTHORIZATION, so a handler
+-- cannot take its caller's rights back.
 -- What a handler may do outside its schema is what the handler group role
 -- (aura.handler_role, default aura_handler) may: read the read models and
 -- the operator views (it is a member of the reader role) and publish
@@ -136,21 +139,53 @@ COMMENT ON FUNCTION aura.read_model_role(text) IS
     'The role that owns a read model schema and runs its handlers, created when missing';
 
 -- Gives a read model schema, and everything in it, to its role, and makes
--- its handlers run as that role. Called by aura.install_projection_schema
--- after the definition SQL ran (as the caller: the projector, a member of
--- the role). Tables a handler creates later belong to the role already and
--- are readable by the reader role through the role's default privileges.
+-- its handlers run as that role: it creates SCHEMA.aura_run_handler (a
+-- name the definition SQL must leave free), which aura.apply_handler calls
+-- with each batch. Called by aura.install_projection_schema after the
+-- definition SQL ran (as the caller: the projector, a member of the role).
+-- Tables a handler creates later belong to the role already and are
+-- readable by the reader role through the role's default privileges.
 CREATE OR REPLACE FUNCTION aura.isolate_read_model(
     p_schema text, p_handler text, p_kind text, p_forget_handler text
 ) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_role   text := aura.read_model_role(p_schema);
-    v_reader text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
+    v_role      text := aura.read_model_role(p_schema);
+    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
+    v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
+    v_runner    text := format('%I.aura_run_handler(text, text, text, aura.events[])', p_schema);
 BEGIN
+    IF to_regprocedure(v_runner) IS NULL THEN
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc f
+                   WHERE f.pronamespace = p_schema::regnamespace AND f.proname = 'aura_run_handler') THEN
+            RAISE EXCEPTION 'the definition of % creates a function aura_run_handler: the name is reserved',
+                p_schema USING ERRCODE = 'AU007';
+        END IF;
+        -- The handler's schema is named in each call, not taken from the
+        -- search_path. A caller naming another read model's handler would
+        -- run it with this role's rights, which are less than its own.
+        EXECUTE format($f$
+            CREATE FUNCTION %I.aura_run_handler(
+                p_schema text, p_handler text, p_kind text, p_events aura.events[]
+            ) RETURNS void
+            LANGUAGE plpgsql SECURITY DEFINER AS $b$
+            BEGIN
+                IF p_kind = 'set_based' THEN
+                    EXECUTE format('SELECT %%I.%%I($1)', p_schema, p_handler) USING p_events;
+                ELSE
+                    -- unnest yields the array in order, and the handler
+                    -- runs per row as the scan produces it.
+                    EXECUTE format('SELECT %%I.%%I(u) FROM unnest($1) AS u', p_schema, p_handler)
+                        USING p_events;
+                END IF;
+            END;
+            $b$ $f$, p_schema);
+        EXECUTE format('COMMENT ON FUNCTION %s IS %L', v_runner,
+                       'aura-pg: runs this read model''s handler as the read model''s role');
+    END IF;
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', v_runner);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', v_runner, v_projector);
     PERFORM aura.give_read_model(p_schema, v_role);
-    EXECUTE format('ALTER FUNCTION %I.%I(%s) SECURITY DEFINER', p_schema, p_handler,
-                   CASE p_kind WHEN 'set_based' THEN 'aura.events[]' ELSE 'aura.events' END);
     IF p_forget_handler IS NOT NULL THEN
         EXECUTE format('ALTER FUNCTION %I.%I(text) SECURITY DEFINER', p_schema, p_forget_handler);
     END IF;
@@ -164,6 +199,38 @@ $$;
 
 COMMENT ON FUNCTION aura.isolate_read_model(text, text, text, text) IS
     'Hands a read model schema to its own role and makes its handlers run as that role';
+
+-- Runs a projection's handler over events (in order) as its read model's
+-- role, through SCHEMA.aura_run_handler (aura.isolate_read_model): one
+-- switch of user per batch. As migration 0002's version otherwise; a read
+-- model without its runner is refused rather than run with the caller's
+-- rights.
+CREATE OR REPLACE FUNCTION aura.apply_handler(
+    p_schema text, p_handler text, p_kind text, p_events aura.events[]
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_search_path text := current_setting('search_path');
+BEGIN
+    IF to_regprocedure(format('%I.aura_run_handler(text, text, text, aura.events[])', p_schema))
+       IS NULL THEN
+        RAISE EXCEPTION 'read model % has no aura_run_handler: reset or rebuild the projection', p_schema
+            USING ERRCODE = 'AU007';
+    END IF;
+    BEGIN
+        PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
+        EXECUTE format('SELECT %I.aura_run_handler($1, $2, $3, $4)', p_schema)
+            USING p_schema, p_handler, p_kind, p_events;
+        PERFORM set_config('search_path', v_search_path, true);
+    EXCEPTION
+        -- A handler raising the engine's own codes would be read as "unknown
+        -- projection" or "checkpoint moved": report it as the handler's error.
+        WHEN SQLSTATE 'AU005' OR SQLSTATE 'AU006' OR SQLSTATE 'AU007' THEN
+            RAISE EXCEPTION 'handler %.% raised %: %', p_schema, p_handler, SQLSTATE, SQLERRM
+                USING ERRCODE = 'AU008';
+    END;
+END;
+$$;
 
 -- Ownership and privileges of what this file and views/operator.sql
 -- created (as roles/grants.sql does for migration 0005's objects).

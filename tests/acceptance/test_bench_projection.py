@@ -53,7 +53,7 @@ def test_bench_projection_quick_verifies_its_read_models(empty_dsn: str, tmp_pat
         definer = conn.execute(
             "SELECT n.nspname, p.prosecdef FROM pg_proc p"
             " JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE p.proname = 'apply_event' AND n.nspname LIKE 'bench_each%' ORDER BY 1"
+            " WHERE p.proname = 'aura_run_handler' AND n.nspname LIKE 'bench_each%' ORDER BY 1"
         ).fetchall()
     assert definer == [("bench_each", True), ("bench_each_invoker", False)]
     watching, listening = figures["latency"][:2]

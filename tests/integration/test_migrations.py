@@ -172,7 +172,9 @@ async def test_upgrading_from_0005_gives_existing_read_models_their_own_roles(
         handlers = (
             "SELECT p.proname, p.prosecdef, pg_get_userbyid(p.proowner) FROM pg_proc p"
             " WHERE p.pronamespace = 'tally_set'::regnamespace"
-            "   AND p.proname IN ('apply_batch', 'forget_stream', 'check_event') ORDER BY 1"
+            "   AND p.proname IN"
+            "       ('apply_batch', 'forget_stream', 'check_event', 'aura_run_handler')"
+            " ORDER BY 1"
         )
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             assert conn.execute(project, ("0", 0)).fetchone() == (2,)
@@ -184,7 +186,8 @@ async def test_upgrading_from_0005_gives_existing_read_models_their_own_roles(
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             assert conn.execute(ownership).fetchall() == [(role,)]
             assert conn.execute(handlers).fetchall() == [
-                ("apply_batch", True, role),
+                ("apply_batch", False, role),
+                ("aura_run_handler", True, role),  # runs apply_batch as the role
                 ("check_event", False, role),
                 ("forget_stream", True, role),
             ]

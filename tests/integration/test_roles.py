@@ -350,12 +350,15 @@ async def test_a_handler_writes_its_schema_reads_others_and_publishes(
         assert applied.fetchone() == (6,)
     roles = query(
         dsn,
-        "SELECT pg_get_userbyid(n.nspowner), pg_get_userbyid(p.proowner), p.prosecdef"
+        "SELECT pg_get_userbyid(n.nspowner), p.proname, pg_get_userbyid(p.proowner), p.prosecdef"
         " FROM pg_namespace n JOIN pg_proc p ON p.pronamespace = n.oid"
-        " WHERE n.nspname = 'sneaky' AND p.proname = 'apply_event'",
+        " WHERE n.nspname = 'sneaky' ORDER BY p.proname",
     )
     own_role = f"{read_model.groups['projector']}_sneaky"
-    assert roles == [(own_role, own_role, True)]
+    assert roles == [
+        (own_role, "apply_event", own_role, False),
+        (own_role, "aura_run_handler", own_role, True),
+    ]
 
 
 def test_a_read_model_role_name_taken_by_another_role_is_refused(dsn: str) -> None:
