@@ -67,6 +67,9 @@ class ProjectionSpec(_Strict):
     update_strategy: Literal["upsert", "append", "replace"] = "upsert"
     batch_size: int = Field(default=500, ge=1, le=100_000)
     error_handling: ErrorHandling = ErrorHandling()
+    # The next version of another entry: registered and run as that
+    # projection's shadow (NAME__shadow, docs/shadows.md), not on its own.
+    shadow_of: ProjectionName | None = None
     # Filled in by load_catalog: the text of the definition file.
     definition_sql: str = ""
 
@@ -82,7 +85,8 @@ class Catalog(_Strict):
     projections: tuple[ProjectionSpec, ...]
 
     def select(self, names: Sequence[str]) -> tuple[ProjectionSpec, ...]:
-        """The named entries (all when ``names`` is empty), in catalog order."""
+        """The named entries (all when ``names`` is empty), in catalog order,
+        with the shadow entries of the named ones."""
         if not names:
             return self.projections
         known = {spec.name for spec in self.projections}
@@ -93,10 +97,16 @@ class Catalog(_Strict):
                 f"(it has {', '.join(sorted(known)) or 'none'})"
             )
         wanted = set(names)
-        return tuple(spec for spec in self.projections if spec.name in wanted)
+        return tuple(
+            spec for spec in self.projections if spec.name in wanted or spec.shadow_of in wanted
+        )
 
     def get(self, name: str) -> ProjectionSpec:
-        return self.select([name])[0]
+        return next(spec for spec in self.select([name]) if spec.name == name)
+
+    def shadow_entry(self, name: str) -> ProjectionSpec | None:
+        """The entry that is the next version of ``name``, if any."""
+        return next((spec for spec in self.projections if spec.shadow_of == name), None)
 
 
 def default_catalog_path() -> Path:
@@ -149,6 +159,7 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
         raise CatalogError(f"{catalog_path}: unknown top-level keys {sorted(unknown_keys)}")
 
     specs: list[ProjectionSpec] = []
+    labels: dict[str, str] = {}
     seen_names: dict[str, str] = {}
     seen_schemas: dict[str, str] = {}
     for index, raw in enumerate(document["projections"]):
@@ -166,7 +177,12 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
         if spec.name in seen_names:
             raise CatalogError(f"{label}: duplicate name, also {seen_names[spec.name]}")
         schema = spec.read_model_schema
-        if schema in seen_schemas:
+        if spec.shadow_of is not None and spec.schema_name is not None:
+            raise CatalogError(
+                f"{label}: a shadow has no schema of its own (it builds "
+                f"{spec.shadow_of}'s schema with __shadow appended)"
+            )
+        if spec.shadow_of is None and schema in seen_schemas:
             raise CatalogError(f"{label}: schema {schema!r} is also used by {seen_schemas[schema]}")
         sql_path = (catalog_path.parent / spec.sql).resolve()
         if not sql_path.is_relative_to(catalog_path.parent.resolve()):
@@ -179,6 +195,28 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
         if problems:
             raise CatalogError(f"{label}: {'; '.join(problems)}")
         seen_names[spec.name] = _entry_label(index, raw)
-        seen_schemas[spec.read_model_schema] = _entry_label(index, raw)
+        labels[spec.name] = label
+        if spec.shadow_of is None:
+            seen_schemas[spec.read_model_schema] = _entry_label(index, raw)
         specs.append(spec.model_copy(update={"definition_sql": sql_text}))
+    _check_shadows(specs, labels)
     return Catalog(projections=tuple(specs))
+
+
+def _check_shadows(specs: Sequence[ProjectionSpec], labels: dict[str, str]) -> None:
+    """Each shadow entry names a live entry of the catalog, one at most."""
+    live = {spec.name for spec in specs if spec.shadow_of is None}
+    shadowed: dict[str, str] = {}
+    for spec in specs:
+        if spec.shadow_of is None:
+            continue
+        label = labels[spec.name]
+        if spec.shadow_of not in live:
+            raise CatalogError(
+                f"{label}: shadow_of {spec.shadow_of!r} is not a (live) entry of the catalog"
+            )
+        if spec.shadow_of in shadowed:
+            raise CatalogError(
+                f"{label}: {spec.shadow_of!r} has a shadow already ({shadowed[spec.shadow_of]})"
+            )
+        shadowed[spec.shadow_of] = spec.name

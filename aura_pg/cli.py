@@ -23,7 +23,7 @@ import psycopg
 import sqlalchemy.exc
 from psycopg.rows import dict_row
 
-from aura_pg import migrate, projection_admin
+from aura_pg import migrate, projection_admin, shadow_command
 from aura_pg._operations import encodable
 from aura_pg._resources import named_queries
 from aura_pg.catalog import load_catalog
@@ -411,6 +411,10 @@ def cmd_projections(args: argparse.Namespace) -> int:
         print(f"{args.name}: replayed {count} events of {args.stream_id}")
     elif action == "rebuild":
         return _rebuild(args, dsn)
+    elif action in shadow_command.ACTIONS:
+        if action == "shadow":
+            _configure_logging(False)
+        return shadow_command.run(args, dsn, lambda: _settings(args, wake="poll"), _stop_on_signals)
     elif action == "dead-letters":
         _print_rows(projection_admin.dead_letters(dsn, args.name), args.json, DEAD_LETTER_COLUMNS)
     elif action == "retry-dead-letter":
@@ -864,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--abort", action="store_true", help="drop a rebuild in progress")
     with_daemon_options(a)
+    shadow_command.add_actions(actions, with_daemon_options)
     a = actions.add_parser("replay", help="apply one stream's events again (targeted repair)")
     a.add_argument("name")
     a.add_argument("stream_id")

@@ -91,6 +91,9 @@ class ProjectorSettings:
     # correctness (a batch and its checkpoint are lost together in a crash
     # and applied again), and it spares a flush per batch.
     synchronous_commit: bool = True
+    # How often a daemon looks for new shadows of its projections
+    # (aura_pg.shadows) to run beside them.
+    shadow_discovery_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.poll_interval > 0:
@@ -258,6 +261,19 @@ def _spec_params(spec: ProjectionSpec) -> dict[str, Any]:
     }
 
 
+def shadow_params(live: str, spec: ProjectionSpec) -> dict[str, Any]:
+    """The parameters of aura.begin_shadow for ``spec`` as ``live``'s next
+    version (queries/shadows.sql "begin_shadow")."""
+    return {
+        "name": live,
+        "definition_sql": spec.definition_sql,
+        "handler": spec.handler,
+        "handler_kind": spec.handler_kind,
+        "event_types": list(spec.source_events) if spec.source_events is not None else None,
+        "forget_handler": spec.forget_handler,
+    }
+
+
 async def register_projections(
     conn: psycopg.AsyncConnection[Any], specs: Sequence[ProjectionSpec]
 ) -> dict[str, str]:
@@ -268,10 +284,18 @@ async def register_projections(
     a CatalogError naming the projection.
     """
     outcomes: dict[str, str] = {}
-    for spec in specs:
+    # Live entries first: a shadow entry (shadow_of) becomes the shadow of
+    # one (aura.begin_shadow), under the name NAME__shadow.
+    for spec in sorted(specs, key=lambda spec: spec.shadow_of is not None):
         try:
             async with conn.transaction():
-                cur = await conn.execute(_queries()["register"], _spec_params(spec))
+                if spec.shadow_of is not None:
+                    cur = await conn.execute(
+                        named_queries("queries/shadows.sql")["begin_shadow"],
+                        shadow_params(spec.shadow_of, spec),
+                    )
+                else:
+                    cur = await conn.execute(_queries()["register"], _spec_params(spec))
                 row = await cur.fetchone()
         except psycopg.OperationalError:
             raise
@@ -281,7 +305,7 @@ async def register_projections(
                 f"projection {spec.name!r}: installing {spec.sql} failed: {detail}"
             ) from None
         outcome = str(row[0]) if row else "unchanged"
-        outcomes[spec.name] = outcome
+        outcomes[spec.name if spec.shadow_of is None else f"{spec.shadow_of}__shadow"] = outcome
         if outcome == "changed":
             log.warning(
                 "projection %s: its definition changed; the live read model keeps the old one "
@@ -870,6 +894,7 @@ class ProjectorDaemon:
                 dead_letter_queue=spec.error_handling.dead_letter_queue,
             )
             for spec in self.specs
+            if spec.shadow_of is None  # shadow entries run as NAME__shadow (found below)
         }
         self.listener = (
             Listener(dsn, self.settings, self._wake_all) if self.settings.wake == "listen" else None
@@ -880,6 +905,9 @@ class ProjectorDaemon:
             else None
         )
         self.registered: dict[str, str] = {}
+        # The shadows of these projections (aura_pg.shadows), found at
+        # registration and then every shadow_discovery_interval.
+        self.shadow_runners: dict[str, ProjectionRunner] = {}
 
     def _wake_all(self) -> None:
         for runner in self.runners.values():
@@ -896,7 +924,59 @@ class ProjectorDaemon:
         async with await connect(self.dsn, self.settings, "projector setup") as conn:
             await check_log_origin(conn)
             self.registered = await register_projections(conn, self.specs)
+            await self._discover_shadows(conn)
         return self.registered
+
+    async def _discover_shadows(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
+        """Add a runner for each shadow of these projections that has none
+        yet; the new ones' names."""
+        cur = await conn.execute(
+            named_queries("queries/shadows.sql")["shadows_of"],
+            {"names": [spec.shadow_of or spec.name for spec in self.specs]},
+        )
+        found = []
+        for (shadow,) in await cur.fetchall():
+            if shadow not in self.shadow_runners:
+                self.shadow_runners[shadow] = ProjectionRunner(self.dsn, shadow, self.settings)
+                self.runners[shadow] = self.shadow_runners[shadow]
+                found.append(shadow)
+        return found
+
+    async def _run_shadow(self, runner: ProjectionRunner, stop: asyncio.Event) -> None:
+        """A shadow runs until stopped. It is not served to readers, so
+        when it fails, or its row goes (dropped), its runner ends and the
+        daemon carries on with the live projections."""
+        try:
+            await runner.run(stop)
+        except UnknownProjection:
+            log.info("shadow %s is gone (dropped); no longer running it", runner.name)
+        except Exception:
+            log.exception("shadow %s failed; the live projections carry on", runner.name)
+        if self.shadow_runners.get(runner.name) is runner:
+            # Found again if it comes back (created anew).
+            del self.shadow_runners[runner.name]
+            self.runners.pop(runner.name, None)
+        await stop.wait()
+
+    async def _find_new_shadows(self, stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+        """Start runners for shadows created while the daemon runs."""
+        while not stop.is_set():
+            await _wait(stop, None, self.settings.shadow_discovery_interval)
+            if stop.is_set():
+                return
+            try:
+                async with await connect(self.dsn, self.settings, "projector shadows") as conn:
+                    found = await self._discover_shadows(conn)
+            except psycopg.Error as exc:
+                log.warning("looking for new shadows failed (%s); trying again later", exc)
+                continue
+            for name in found:
+                log.info("projector %s: running shadow %s", self.settings.owner, name)
+                tasks.append(
+                    asyncio.create_task(
+                        self._run_shadow(self.shadow_runners[name], stop), name=f"projection {name}"
+                    )
+                )
 
     async def _register_when_reachable(self, stop: asyncio.Event) -> bool:
         """Register, waiting out a database that is down or restarting (a
@@ -931,9 +1011,13 @@ class ProjectorDaemon:
             "poll only" if self.settings.wake == "poll" else f"{self.settings.wake} + poll",
         )
         tasks = [
-            asyncio.create_task(runner.run(stop), name=f"projection {name}")
+            asyncio.create_task(
+                self._run_shadow(runner, stop) if name in self.shadow_runners else runner.run(stop),
+                name=f"projection {name}",
+            )
             for name, runner in self.runners.items()
         ]
+        shadow_finder = asyncio.create_task(self._find_new_shadows(stop, tasks), name="shadows")
         waker = self.listener or self.watcher
         listener_task = (
             asyncio.create_task(waker.run(stop), name=f"{self.settings.wake}er")
@@ -966,8 +1050,12 @@ class ProjectorDaemon:
                 task.cancel()
             if listener_task is not None:
                 listener_task.cancel()
+            shadow_finder.cancel()
             await asyncio.gather(
-                *pending, *([listener_task] if listener_task else []), return_exceptions=True
+                *pending,
+                *([listener_task] if listener_task else []),
+                shadow_finder,
+                return_exceptions=True,
             )
             for watcher in watched:
                 watcher.cancel()

@@ -26,4 +26,5 @@ BEGIN;
 \ir views/operator.sql
 \ir roles/read_model_roles.sql
 \ir data/rehash_colon_streams.sql
+\ir functions/shadows.sql
 COMMIT;

@@ -262,6 +262,8 @@ class DatabaseSnapshot:
     outbox: tuple[tuple[str, str, int, int, float | None], ...] = ()
     active_debates: float | None = None
     consensus_rate: tuple[tuple[str, float | None], ...] = ()
+    # (projection, shadow lag seconds, rows that differed at the last diff)
+    shadows: tuple[tuple[str, float, int | None], ...] = ()
 
     def health(self, error_rate: float) -> HealthInputs:
         return HealthInputs(
@@ -296,6 +298,10 @@ def read_snapshot(conn: psycopg.Connection[Any]) -> DatabaseSnapshot:
             (row[0], row[1], int(row[2]), int(row[3]), row[4])
             for row in conn.execute(_QUERIES["outbox"]).fetchall()
         )
+        shadows = tuple(
+            (row[0], float(row[1]), None if row[2] is None else int(row[2]))
+            for row in conn.execute(_QUERIES["shadows"]).fetchall()
+        )
         schema_row = conn.execute(_QUERIES["debate_schema"]).fetchone()
         active: float | None = None
         rates: tuple[tuple[str, float | None], ...] = ()
@@ -314,6 +320,7 @@ def read_snapshot(conn: psycopg.Connection[Any]) -> DatabaseSnapshot:
         outbox=outbox,
         active_debates=active,
         consensus_rate=rates,
+        shadows=shadows,
     )
 
 
@@ -330,7 +337,7 @@ def snapshot_metrics(snapshot: DatabaseSnapshot, score: float) -> list[Metric]:
     health.add_metric([], score)
     lag = _gauge(
         names.PROJECTION_LAG,
-        "Newest recorded event of the projection's types minus the newest it applied",
+        "How long the oldest event of the projection's types it has not applied has waited",
         ["projection_name"],
     )
     behind = _gauge(
@@ -393,9 +400,23 @@ def snapshot_metrics(snapshot: DatabaseSnapshot, score: float) -> list[Metric]:
     for window, rate in snapshot.consensus_rate:
         if rate is not None:
             consensus.add_metric([window], rate)
+    shadow_lag = _gauge(
+        names.SHADOW_LAG,
+        "The shadow of the projection (projections shadow): its lag, as the projection's",
+        ["projection_name"],
+    )
+    shadow_differing = _gauge(
+        names.SHADOW_DIFFERING_ROWS,
+        "Rows of the projection's read model that differed from its shadow's at the last diff",
+        ["projection_name"],
+    )
+    for projection, shadow_lag_seconds, differing in snapshot.shadows:
+        shadow_lag.add_metric([projection], shadow_lag_seconds)
+        if differing is not None:
+            shadow_differing.add_metric([projection], float(differing))
     return [
         up, health, lag, behind, checkpoint, dead, circuit, status, head, oldest,
-        pending, dead_outbox, oldest_pending, active, consensus,
+        pending, dead_outbox, oldest_pending, active, consensus, shadow_lag, shadow_differing,
     ]  # fmt: skip
 
 

@@ -58,6 +58,8 @@ OUTBOX_DEAD: Final = "aura_outbox_dead"  # {sink,topic}
 OUTBOX_OLDEST_PENDING_AGE: Final = "aura_outbox_oldest_pending_age_seconds"
 ACTIVE_DEBATES: Final = "aura_active_debates"
 DEBATE_CONSENSUS_RATE: Final = "aura_debate_consensus_rate"  # {time_window}
+SHADOW_LAG: Final = "aura_shadow_lag_seconds"  # {projection_name}
+SHADOW_DIFFERING_ROWS: Final = "aura_shadow_differing_rows"  # {projection_name}
 
 EXPORTED_METRIC_NAMES: Final = frozenset(
     value for key, value in dict(globals()).items() if key.isupper() and isinstance(value, str)

@@ -3,9 +3,10 @@
 -- "-- name:" line; loaded once at import.
 
 -- name: projections
--- Per projection (rebuild shadows included): status, circuit, lag in
--- seconds (newest recorded event of its types minus the newest it applied;
--- 0 when caught up), events behind, checkpoint, pending dead letters.
+-- Per projection (rebuild and shadow rows included): status, circuit, lag
+-- in seconds (how long the oldest event of its types it has not applied
+-- has waited; 0 when caught up), events behind, checkpoint, pending dead
+-- letters.
 SELECT s.name, s.status, s.circuit, coalesce(s.seconds_behind, 0)::float8,
        s.events_behind, c.global_position, s.dead_letters
 FROM aura.projection_status s
@@ -74,3 +75,10 @@ SELECT (SELECT a.active_debates FROM {schema}.active_debate_count a)::float8,
 SELECT set_config('statement_timeout', '5000', false),
        set_config('lock_timeout', '1000', false),
        set_config('default_transaction_read_only', 'on', false);
+
+-- name: shadows
+-- Per projection with a shadow (migration 0007): the shadow's lag in
+-- seconds, and the rows that differed at the last aura.diff_shadow (NULL
+-- before the first).
+SELECT s.projection, coalesce(s.shadow_seconds_behind, 0)::float8, s.differing_rows
+FROM aura.shadow_status s;

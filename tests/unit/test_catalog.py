@@ -108,3 +108,53 @@ def test_select_names_unknown_projections(tmp_path: Path) -> None:
     assert catalog.select([]) == catalog.projections
     with pytest.raises(CatalogError, match="no projection named 'x'"):
         catalog.select(["x"])
+
+
+SHADOW_ENTRY = """
+  - name: {name}
+    sql: model.sql
+    handler: apply_events
+    shadow_of: {target}
+"""
+
+
+def test_a_shadow_entry_shares_its_target_schema_and_comes_with_it(tmp_path: Path) -> None:
+    body = (
+        "projections:"
+        + SHADOW_ENTRY.format(name="m_v2", target="m")
+        + GOOD_ENTRY.format(name="m")
+        + GOOD_ENTRY.format(name="other")
+    )
+    catalog = load_catalog(write_catalog(tmp_path, body))
+    assert [spec.name for spec in catalog.select(["m"])] == ["m_v2", "m"]
+    assert catalog.get("m").name == "m"  # not the shadow listed before it
+    assert [spec.name for spec in catalog.select(["other"])] == ["other"]
+    shadow = catalog.shadow_entry("m")
+    assert shadow is not None and shadow.shadow_of == "m"
+    assert catalog.shadow_entry("other") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (SHADOW_ENTRY.format(name="m_v2", target="nope"), "shadow_of 'nope' is not a"),
+        (
+            SHADOW_ENTRY.format(name="m_v2", target="m")
+            + SHADOW_ENTRY.format(name="m_v3", target="m"),
+            r"entry 3 \('m_v3'\): 'm' has a shadow already",
+        ),
+        (
+            SHADOW_ENTRY.format(name="m_v2", target="m")
+            + SHADOW_ENTRY.format(name="m_v3", target="m_v2"),
+            "shadow_of 'm_v2' is not a",
+        ),
+        (
+            SHADOW_ENTRY.format(name="m_v2", target="m") + "    schema: elsewhere\n",
+            "a shadow has no schema of its own",
+        ),
+    ],
+)
+def test_bad_shadow_entries_are_refused(tmp_path: Path, body: str, message: str) -> None:
+    path = write_catalog(tmp_path, "projections:" + GOOD_ENTRY.format(name="m") + body)
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(path)
