@@ -30,6 +30,7 @@ from aura_pg.catalog import load_catalog
 from aura_pg.config import Connection, Settings, add_connection_options, mask_dsn, mask_text
 from aura_pg.doctor import add_doctor_command
 from aura_pg.errors import AuraPgError, MigrationError
+from aura_pg.importer import add_import_command
 from aura_pg.localdb import LocalCluster, temporary_cluster
 from aura_pg.models import NO_STREAM, START, Checkpoint, NewEvent
 from aura_pg.observability.command import (
@@ -952,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_demo)
 
     add_relay_command(sub)
+    add_import_command(sub)
     add_doctor_command(sub)
     return parser
 

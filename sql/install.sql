@@ -27,4 +27,5 @@ BEGIN;
 \ir roles/read_model_roles.sql
 \ir data/rehash_colon_streams.sql
 \ir functions/shadows.sql
+\ir tables/import_dead_letters.sql
 COMMIT;

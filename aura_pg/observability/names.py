@@ -41,6 +41,8 @@ APPEND_RETRIES: Final = "aura_append_retries_total"  # {reason}
 OUTBOX_PUBLISHED: Final = "aura_outbox_published_total"  # {sink}
 OUTBOX_PUBLISH_FAILURES: Final = "aura_outbox_publish_failures_total"  # {sink}
 OUTBOX_PUBLISH_DURATION: Final = "aura_outbox_publish_duration_seconds"  # {sink}
+IMPORT_MESSAGES: Final = "aura_import_messages_total"  # {source,stream,outcome}
+IMPORT_LAG_MESSAGES: Final = "aura_import_lag_messages"  # {source,stream}
 
 # Read from the database at each scrape, so every daemon reports the same.
 DATABASE_UP: Final = "aura_database_up"

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -39,8 +35,8 @@ from aura_pg.relay import (
     Sink,
     WebhookSink,
 )
+from tests.helpers.nats import NatsServer as BaseNatsServer
 
-NATS_SERVER = "/usr/sbin/nats-server"
 STREAM = "AURA"
 # Short waits: every test drains in well under a second.
 FAST = Backoff(base=0.05, cap=0.2)
@@ -49,45 +45,8 @@ FAST = Backoff(base=0.05, cap=0.2)
 # -- services -------------------------------------------------------------
 
 
-class NatsServer:
-    """A nats-server with JetStream on a free port; its store survives restarts."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.store_dir = tempfile.mkdtemp(prefix="aura-pg-nats-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store_dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        shutil.rmtree(self.store_dir, ignore_errors=True)
+class NatsServer(BaseNatsServer):
+    """tests/helpers/nats.py's server, with the relay's looks at its stream."""
 
     async def wait_for_stream(self) -> None:
         """Until JetStream answers for the stream (after a restart it recovers first)."""

@@ -1,0 +1,439 @@
+"""The NATS importer against real services: Postgres and a nats-server with
+JetStream started per test. Crashes are simulated where they matter: a
+consumer that fetched and never acknowledged, an append that committed
+before its acknowledgement was sent, the importer's database sessions
+terminated while it works."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+from prometheus_client import REGISTRY
+
+from aura_pg import AppendRetry
+from aura_pg.importer import (
+    EventModelMapping,
+    FileMapping,
+    ImportConfigError,
+    NatsImporter,
+    RejectedMessage,
+    SourceMessage,
+    SourceUnavailable,
+    load_callable,
+)
+from tests.helpers.metrics import retries_counted
+from tests.helpers.nats import (
+    assert_imported_exactly_once,
+    dead_letters,
+    event_body,
+    publish_events,
+    running_nats_server,
+    stored_events,
+)
+
+STREAM = "OLD"
+
+
+@pytest.fixture
+async def nats_url() -> AsyncIterator[str]:
+    with running_nats_server() as server:
+        nc = await nats.connect(server.url, allow_reconnect=False)
+        try:
+            await nc.jetstream().add_stream(name=STREAM, subjects=["old.>"])
+        finally:
+            await nc.close()
+        yield server.url
+
+
+def importer(dsn: str, url: str, **options: Any) -> NatsImporter:
+    mapping = options.pop("mapping", EventModelMapping())
+    options.setdefault("fetch_timeout", 0.2)
+    return NatsImporter(dsn, [url], STREAM, mapping, **options)
+
+
+async def run_until_end(dsn: str, url: str, **options: Any) -> Any:
+    async with importer(dsn, url, **options) as running:
+        return await running.run(until_end=True)
+
+
+async def publish(url: str, subject: str, data: bytes, headers: dict[str, str]) -> int:
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        ack = await nc.jetstream().publish(subject, data, headers=headers)
+        return ack.seq
+    finally:
+        await nc.close()
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"source": "nats", "stream": STREAM, **labels}) or 0.0
+
+
+async def test_imports_each_message_once_in_order_and_dead_letters_the_rest(
+    dsn: str, nats_url: str
+) -> None:
+    published = await publish_events(
+        nats_url, STREAM, "old", messages=400, aggregates=12,
+        duplicate_msg_id_every=25, republish_every=20, reject_every=50,
+    )  # fmt: skip
+    assert published.dropped_by_jetstream == 16
+    assert published.republished == 20
+    assert len(published.rejected) == 8
+    appended_before = sample("aura_import_messages_total", outcome="appended")
+
+    stats = await run_until_end(dsn, nats_url)
+
+    assert (stats.appended, stats.duplicates, stats.rejected) == (
+        published.logical,
+        published.republished,
+        len(published.rejected),
+    )
+    assert stats.last_sequence == published.stored
+    assert stats.lag == 0
+    assert sample("aura_import_messages_total", outcome="appended") - appended_before == 400
+    assert_imported_exactly_once(dsn, published)
+
+    first = stored_events(dsn)["agg-000"][0]
+    assert first["type"] == "THING_STARTED"
+    assert first["key"] == first["metadata"]["original_id"].replace("evt", "key")
+    assert first["metadata"]["original_version"] == 1
+    assert first["metadata"]["producer"] == "old-system"
+    assert first["metadata"]["nats_stream"] == STREAM
+    assert first["metadata"]["nats_subject"] == "old.agg-000"
+    assert first["metadata"]["nats_msg_id"] == first["metadata"]["original_id"].replace(
+        "evt", "msg"
+    )
+    assert isinstance(first["metadata"]["nats_sequence"], int)
+
+    letters = dead_letters(dsn)
+    reasons = {letter["sequence"]: letter["reason"] for letter in letters}
+    expected_words = {
+        "bad JSON": "not JSON",
+        "no aggregate_id": "'aggregate_id' is missing",
+        "a type the store refuses": "control characters",
+        "payload not an object": "'payload' must be an object, not array",
+        "idempotency key reused with other data": "the store refused the event",
+    }
+    for sequence, why in published.rejected.items():
+        assert expected_words[why] in reasons[sequence], (why, reasons[sequence])
+    bad_json = next(letter for letter in letters if "not JSON" in letter["reason"])
+    assert bytes(bad_json["payload"]) == b"{not json"
+    assert bad_json["source"] == "nats"
+    assert bad_json["stream"] == STREAM
+    assert bad_json["headers"]["Nats-Msg-Id"] == bad_json["message_id"]
+    assert bad_json["subject"].startswith("old.agg-")
+
+    # A second pass through a new consumer reads everything again: nothing new.
+    again = await run_until_end(dsn, nats_url, consumer="second-pass")
+    assert (again.appended, again.duplicates, again.rejected) == (0, published.stored, 0)
+    assert again.last_sequence == published.stored
+    assert_imported_exactly_once(dsn, published)
+
+    # The first consumer has nothing left.
+    rest = await run_until_end(dsn, nats_url)
+    assert (rest.appended, rest.duplicates, rest.rejected, rest.last_sequence) == (0, 0, 0, None)
+
+
+async def test_a_message_held_by_a_crashed_consumer_comes_back_before_anything_newer(
+    dsn: str, nats_url: str
+) -> None:
+    published = await publish_events(nats_url, STREAM, "old", messages=30, aggregates=2)
+    async with importer(dsn, nats_url, ack_wait=1.0) as first:
+        await first.ensure_consumer()
+    # A consumer that dies holding the first message: fetched, never acknowledged.
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        crashed = await nc.jetstream().pull_subscribe_bind(durable="aura-import-OLD", stream=STREAM)
+        held = await crashed.fetch(1, timeout=2)
+        assert held[0].metadata.sequence.stream == 1
+    finally:
+        await nc.close()
+
+    started = time.monotonic()
+    stats = await run_until_end(dsn, nats_url, ack_wait=1.0)
+    waited = time.monotonic() - started
+
+    assert stats.appended == 30
+    # JetStream delivered nothing newer while sequence 1 waited for its ack wait.
+    assert waited > 0.8
+    assert_imported_exactly_once(dsn, published)
+
+
+async def test_a_consumer_that_allows_parallel_deliveries_is_refused(
+    dsn: str, nats_url: str
+) -> None:
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        await nc.jetstream().add_consumer(
+            STREAM,
+            config=ConsumerConfig(
+                durable_name="parallel", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100
+            ),
+        )
+    finally:
+        await nc.close()
+    with pytest.raises(ImportConfigError, match="max_ack_pending is 100, not 1"):
+        await run_until_end(dsn, nats_url, consumer="parallel")
+    with pytest.raises(ImportConfigError, match="subject filter"):
+        await run_until_end(dsn, nats_url, consumer="parallel", subject="old.a")
+    with pytest.raises(ImportConfigError, match="no stream 'MISSING'"):
+        async with NatsImporter(dsn, [nats_url], "MISSING", EventModelMapping()) as missing:
+            await missing.run(until_end=True)
+
+
+async def test_an_append_committed_before_the_crash_is_answered_as_a_duplicate(
+    dsn: str, nats_url: str
+) -> None:
+    published = await publish_events(nats_url, STREAM, "old", messages=5, aggregates=1)
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        raw = await nc.jetstream().get_msg(STREAM, 1)
+    finally:
+        await nc.close()
+    assert raw.subject is not None
+    assert raw.data is not None
+    message = SourceMessage(STREAM, raw.subject, 1, raw.data, dict(raw.headers or {}))
+    # The importer appended, then died before acknowledging.
+    async with importer(dsn, nats_url) as crashed:
+        assert await crashed.import_message(message) == "appended"
+
+    stats = await run_until_end(dsn, nats_url)
+    assert (stats.appended, stats.duplicates) == (4, 1)
+    assert_imported_exactly_once(dsn, published)
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [AppendRetry(), AppendRetry(attempts=1)],
+    ids=["append-retry", "importer-keeps-the-message"],
+)
+async def test_terminated_database_sessions_are_retried_and_land_once(
+    dsn: str, nats_url: str, retry: AppendRetry
+) -> None:
+    # With attempts=1 the store gives up at once, and the importer itself
+    # holds the message and sends the same event again.
+    published = await publish_events(
+        nats_url, STREAM, "old", messages=600, aggregates=5, reject_every=60
+    )
+    retries_before = retries_counted()
+    running = importer(dsn, nats_url, retry=retry)
+    async with running:
+        task = asyncio.create_task(running.run(until_end=True))
+        terminated = 0
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            # Six faults, each after the importer made some progress again.
+            while not task.done() and terminated < 6:
+                before = running.stats.appended
+                while not task.done() and running.stats.appended < before + 40:
+                    await asyncio.sleep(0.01)
+                row = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = 'aura-pg import' AND datname = current_database()"
+                ).fetchone()
+                terminated += row[0] if row else 0
+        stats = await asyncio.wait_for(task, 120)
+    assert terminated >= 4, "the import ended before the faults"
+    if retry.attempts > 1:
+        assert retries_counted() > retries_before
+    else:
+        assert retries_counted() == retries_before
+    assert stats.appended == published.logical
+    assert stats.rejected == len(published.rejected)
+    assert_imported_exactly_once(dsn, published)
+
+
+async def test_lag_is_what_the_consumer_has_left(dsn: str, nats_url: str) -> None:
+    await publish_events(nats_url, STREAM, "old", messages=50, aggregates=3)
+    async with importer(dsn, nats_url) as running:
+        await running.ensure_consumer()
+        assert await running.lag() == 50
+        assert sample("aura_import_lag_messages") == 50
+        stats = await running.run(until_end=True)
+    assert stats.lag == 0
+    assert sample("aura_import_lag_messages") == 0
+    assert stats.appended == 50
+
+
+async def test_subject_filter_imports_only_what_it_matches(dsn: str, nats_url: str) -> None:
+    for aggregate in ("a", "b"):
+        body = event_body(1, aggregate, 1)
+        await publish(nats_url, f"old.{aggregate}", json.dumps(body).encode(), {})
+    stats = await run_until_end(dsn, nats_url, subject="old.b", consumer="only-b")
+    assert stats.appended == 1
+    assert list(stored_events(dsn)) == ["b"]
+    # Without a Nats-Msg-Id or a key in the body the key is the stream sequence.
+    body = {k: v for k, v in event_body(2, "c", 1).items() if k not in ("id", "idempotency_key")}
+    sequence = await publish(nats_url, "old.c", json.dumps(body).encode(), {})
+    stats = await run_until_end(dsn, nats_url, mapping=EventModelMapping("thing-"))
+    assert stats.appended == 3
+    assert stored_events(dsn)["thing-c"][0]["key"] == f"nats:{STREAM}:{sequence}"
+
+
+async def test_a_mapping_file(dsn: str, nats_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "mapping.yaml"
+    path.write_text(
+        "stream_id: 'order-{order.id}'\n"
+        "type: '{header:Event-Type}'\n"
+        "data: body\n"
+        "metadata: meta\n"
+        "metadata_headers: [Trace-Id]\n"
+        "idempotency_key: '{nats:subject:1}/{event_id}'\n"
+    )
+    mapping = FileMapping.load(path)
+
+    def order(event_id: str, order_id: int, n: int) -> bytes:
+        return json.dumps(
+            {"event_id": event_id, "order": {"id": order_id}, "body": {"n": n}, "meta": {"m": 1}}
+        ).encode()
+
+    headers = {"Event-Type": "ORDER_PLACED", "Trace-Id": "t-1"}
+    await publish(nats_url, "old.shop.placed", order("e1", 7, 1), headers)
+    await publish(nats_url, "old.shop.placed", order("e2", 7, 2), {"Event-Type": "ORDER_PAID"})
+    await publish(nats_url, "old.shop.placed", order("e1", 7, 1), headers)  # same key: duplicate
+    await publish(nats_url, "old.shop.placed", order("e3", 8, 3), {})  # no Event-Type header
+    await publish(nats_url, "old.shop.placed", b'{"order": {}}', headers)  # no order.id
+
+    stats = await run_until_end(dsn, nats_url, mapping=mapping)
+
+    assert (stats.appended, stats.duplicates, stats.rejected) == (2, 1, 2)
+    events = stored_events(dsn)["order-7"]
+    assert [(e["type"], e["data"], e["key"]) for e in events] == [
+        ("ORDER_PLACED", {"n": 1}, "shop/e1"),
+        ("ORDER_PAID", {"n": 2}, "shop/e2"),
+    ]
+    assert events[0]["metadata"]["m"] == 1
+    assert events[0]["metadata"]["Trace-Id"] == "t-1"
+    assert "Trace-Id" not in events[1]["metadata"]
+    assert [letter["reason"] for letter in dead_letters(dsn)] == [
+        "rejected by the mapping: header 'Event-Type' is missing",
+        "rejected by the mapping: field 'order.id' is missing",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ({"type": "T"}, "'stream_id' is required"),
+        ({"stream_id": "s", "type": "T", "extra": 1}, "unknown keys extra"),
+        ({"stream_id": "s-{id", "type": "T"}, "unmatched '{'"),
+        ({"stream_id": "s-{nats:seq}", "type": "T"}, "unknown placeholder"),
+        ({"stream_id": "s-{a b}", "type": "T"}, "is not a field path"),
+        ({"stream_id": "s", "type": "T", "data": "a..b"}, "is not a field path"),
+        ({"stream_id": "s", "type": "T", "metadata_headers": "X"}, "list of header names"),
+        (["stream_id"], "a mapping is a YAML object"),
+    ],
+)
+def test_mapping_file_errors(spec: object, error: str) -> None:
+    with pytest.raises(ImportConfigError, match=error):
+        FileMapping.from_dict(spec)
+
+
+def test_template_braces_and_subject_tokens() -> None:
+    mapping = FileMapping.from_dict(
+        {"stream_id": "{{x}}-{nats:subject:2}-{nats:sequence}", "type": "{kind}"}
+    )
+    message = SourceMessage(STREAM, "old.a.b", 9, b'{"kind": "K", "v": 1}', {})
+    event = mapping(message)
+    assert (event.stream_id, event.type, event.data, event.idempotency_key) == (
+        "{x}-b-9", "K", {"kind": "K", "v": 1}, None,
+    )  # fmt: skip
+    with pytest.raises(RejectedMessage, match="no token 3"):
+        FileMapping.from_dict({"stream_id": "{nats:subject:3}", "type": "T"})(message)
+
+
+async def test_a_python_mapping(
+    dsn: str, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "legacy_mapping_integration.py").write_text(
+        "from aura_pg.importer import ImportedEvent, RejectedMessage\n"
+        "\n"
+        "def to_event(message):\n"
+        "    body = message.json_object()\n"
+        "    if body.get('skip'):\n"
+        "        raise RejectedMessage('told to skip')\n"
+        "    if body.get('dict'):\n"
+        "        return {'stream_id': 's', 'type': 'T', 'data': {}}\n"
+        "    return ImportedEvent('legacy-' + body['who'], body['what'].upper(),\n"
+        "                         {'seq': message.sequence}, {'from': message.subject})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mapping = load_callable("legacy_mapping_integration:to_event")
+    await publish(nats_url, "old.x", b'{"who": "ann", "what": "joined"}', {"Nats-Msg-Id": "m1"})
+    await publish(nats_url, "old.x", b'{"skip": true}', {})
+    await publish(nats_url, "old.x", b'{"who": "bob"}', {})  # KeyError in the mapping
+    await publish(nats_url, "old.x", b'{"dict": true}', {})
+    await publish(nats_url, "old.x", b'{"who": "ann", "what": "left"}', {})
+
+    stats = await run_until_end(dsn, nats_url, mapping=mapping)
+
+    assert (stats.appended, stats.rejected) == (2, 3)
+    events = stored_events(dsn)["legacy-ann"]
+    assert [(e["type"], e["data"], e["key"]) for e in events] == [
+        ("JOINED", {"seq": 1}, "m1"),
+        ("LEFT", {"seq": 5}, f"nats:{STREAM}:5"),
+    ]
+    assert events[0]["metadata"]["from"] == "old.x"
+    assert [letter["reason"] for letter in dead_letters(dsn)] == [
+        "rejected by the mapping: told to skip",
+        "the mapping raised KeyError: 'what'",
+        "the mapping returned dict, not an ImportedEvent",
+    ]
+
+    for spec, error in [
+        ("no_colon", "expected MODULE:FUNCTION"),
+        ("legacy_mapping_absent_module:f", "cannot import"),
+        ("legacy_mapping_integration:absent", "has no absent"),
+        ("legacy_mapping_integration:ImportedEvent.__doc__", "is not callable"),
+    ]:
+        with pytest.raises(ImportConfigError, match=error):
+            load_callable(spec)
+
+
+async def test_unreachable_nats_is_a_clear_error(dsn: str) -> None:
+    from aura_pg.localdb import free_port
+
+    unreachable = NatsImporter(
+        dsn, [f"nats://127.0.0.1:{free_port()}"], STREAM, EventModelMapping(), connect_timeout=1
+    )
+    with pytest.raises(SourceUnavailable, match="cannot connect to NATS"):
+        async with unreachable:
+            pass
+
+
+def test_dead_letters_belong_to_the_owner_and_the_writer_records_them(dsn: str) -> None:
+    insert = (
+        "INSERT INTO aura.import_dead_letters (source, stream, subject, sequence, payload, reason)"
+        " VALUES ('nats', 'S', 's.x', 1, '\\x00ff', 'r') ON CONFLICT DO NOTHING RETURNING id"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        owner = conn.execute(
+            "SELECT pg_get_userbyid(relowner) FROM pg_class"
+            " WHERE oid = 'aura.import_dead_letters'::regclass"
+        ).fetchone()
+        assert owner == ("aura_owner",)
+        conn.execute("SET ROLE aura_writer")
+        assert conn.execute(insert).fetchone() is not None
+        assert conn.execute(insert).fetchone() is None  # once per (source, stream, sequence)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM aura.import_dead_letters")
+        for role in ("aura_projector", "aura_reader"):
+            conn.execute(f"SET ROLE {role}")  # type: ignore[arg-type]
+            row = conn.execute("SELECT payload FROM aura.import_dead_letters").fetchone()
+            assert row is not None
+            assert bytes(row[0]) == b"\x00\xff"
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(insert.replace("1, '", "2, '"))  # type: ignore[arg-type]
+        conn.execute("RESET ROLE")
+        public = conn.execute(
+            "SELECT has_table_privilege('public', 'aura.import_dead_letters', 'SELECT')"
+        ).fetchone()
+        assert public == (False,)
