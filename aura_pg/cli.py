@@ -24,6 +24,7 @@ import sqlalchemy.exc
 from psycopg.rows import dict_row
 
 from aura_pg import migrate, projection_admin, shadow_command
+from aura_pg._argtypes import positive_int
 from aura_pg._operations import encodable
 from aura_pg._resources import named_queries
 from aura_pg.catalog import load_catalog
@@ -668,13 +669,6 @@ def cmd_stream(args: argparse.Namespace) -> int:
 # --- aura-pg tail ------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _tail_start(args: argparse.Namespace, conn: psycopg.Connection[dict[str, Any]]) -> Checkpoint:
     if args.from_start:
         return START
@@ -910,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="first version to show (default: 1, or the last with --backwards)",
     )
-    a.add_argument("--limit", type=_positive_int, metavar="N", help="at most N events")
+    a.add_argument("--limit", type=positive_int, metavar="N", help="at most N events")
     a.add_argument("--backwards", action="store_true", help="newest first")
     a.add_argument("--json", action="store_true")
     add_connection_options(a, bounded=True)
@@ -929,9 +923,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--types", metavar="T,...", help="only these event types")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="stop after N events")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="stop after N events")
     p.add_argument("--interval", type=float, default=0.2, metavar="SECONDS", help="poll interval")
-    p.add_argument("--batch", type=_positive_int, default=500, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=positive_int, default=500, help=argparse.SUPPRESS)
     add_connection_options(p, bounded=True)
     p.set_defaults(handler=cmd_tail)
 

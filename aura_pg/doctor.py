@@ -25,6 +25,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 
 from aura_pg import migrate
+from aura_pg._argtypes import non_negative_float, positive_int
 from aura_pg._resources import named_queries
 from aura_pg.config import Connection as ConnectionInfo
 from aura_pg.config import Settings, add_connection_options
@@ -706,26 +707,6 @@ def format_json(checks: Sequence[Check], *, strict: bool = False) -> str:
 # ---------------------------------------------------------------- command
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         conninfo = Settings.from_args(args).connection().conninfo
@@ -758,7 +739,7 @@ def add_doctor_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.add_argument(
         "--max-transaction-age",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_MAX_TRANSACTION_AGE,
         metavar="SECONDS",
         help="warn about writing transactions open longer, fail at 10 times it "
@@ -766,7 +747,7 @@ def add_doctor_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument(
         "--connect-timeout",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="give up connecting after this long (default %(default)s)",

@@ -44,6 +44,7 @@ from prometheus_client import Counter, Gauge
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
+from aura_pg._argtypes import positive_float
 from aura_pg._resources import named_queries
 from aura_pg.config import Settings, add_connection_options
 from aura_pg.errors import AuraPgError, EventValidationError, IdempotencyConflict, MigrationError
@@ -999,16 +1000,6 @@ class NatsImporter:
 # -- the command ----------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
 def _nats_name(text: str) -> str:
     if not _NATS_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(
@@ -1133,7 +1124,7 @@ def add_import_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     n.add_argument(
         "--ack-wait",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_ACK_WAIT,
         metavar="SECONDS",
         help="redeliver a message not acknowledged within this time, e.g. after a crash "
@@ -1141,14 +1132,14 @@ def add_import_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     n.add_argument(
         "--fetch-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_FETCH_TIMEOUT,
         metavar="SECONDS",
         help="how long one fetch waits for a message (default %(default)s)",
     )
     n.add_argument(
         "--lag-interval",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_LAG_INTERVAL,
         metavar="SECONDS",
         help="log the lag this often (default %(default)s)",

@@ -40,6 +40,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
+from aura_pg._argtypes import positive_float, positive_int
 from aura_pg._resources import named_queries
 from aura_pg.config import Settings, add_connection_options
 from aura_pg.errors import AuraPgError
@@ -645,26 +646,6 @@ def _dsn(args: argparse.Namespace) -> str:
     return Settings.from_args(args).connection().conninfo
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
 def _webhook(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not name:
@@ -765,40 +746,40 @@ def add_relay_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help="rows per transaction (default %(default)s)",
     )
     p.add_argument(
         "--poll-interval",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_POLL_INTERVAL,
         metavar="SECONDS",
         help="wait between polls when there is no work (default %(default)s)",
     )
     p.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_ATTEMPTS,
         help="attempts before a row becomes 'dead' (default %(default)s)",
     )
     p.add_argument(
         "--backoff-base",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_BACKOFF_BASE,
         metavar="SECONDS",
         help="wait after a first failure; doubles each attempt (default %(default)s)",
     )
     p.add_argument(
         "--backoff-max",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_BACKOFF_MAX,
         metavar="SECONDS",
         help="longest wait between attempts (default %(default)s)",
     )
     p.add_argument(
         "--publish-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_PUBLISH_TIMEOUT,
         metavar="SECONDS",
         help="wait for a PubAck or an HTTP answer (default %(default)s)",
