@@ -93,7 +93,10 @@ class DaemonEndpoints:
         """Ready: the database answers, its schema is current, and none of
         this daemon's projections has failed (an open circuit)."""
         try:
-            row = self.collector.query_one(_QUERIES["ready"], {"projections": self.projections})
+            # A daemon without projections may run as a role that cannot
+            # read the checkpoints (the importer as the writer).
+            query = _QUERIES["ready"] if self.projections else _QUERIES["revision"]
+            row = self.collector.query_one(query, {"projections": self.projections})
         except psycopg.errors.UndefinedTable:
             return Check(False, ("the aura schema is not installed: run `aura-pg migrate`",))
         except psycopg.Error as exc:

@@ -278,8 +278,20 @@ class DatabaseSnapshot:
         )
 
 
+def _visible_rows(conn: psycopg.Connection[Any], query: LiteralString) -> list[Any]:
+    """The rows of one gauge query, or none when this role may not read
+    what it reads: a daemon serving /metrics as the writer role (the
+    importer) reports the gauges it can see, and the database as up."""
+    try:
+        with conn.transaction():
+            return conn.execute(query).fetchall()
+    except psycopg.errors.InsufficientPrivilege:
+        return []
+
+
 def read_snapshot(conn: psycopg.Connection[Any]) -> DatabaseSnapshot:
-    """Every database gauge, read in one short read-only transaction."""
+    """Every database gauge (that this role may read), read in one short
+    read-only transaction."""
     with conn.transaction():
         projections = tuple(
             ProjectionGauges(
@@ -291,18 +303,20 @@ def read_snapshot(conn: psycopg.Connection[Any]) -> DatabaseSnapshot:
                 checkpoint_position=int(row[5]),
                 dead_letters=int(row[6]),
             )
-            for row in conn.execute(_QUERIES["projections"]).fetchall()
+            for row in _visible_rows(conn, _QUERIES["projections"])
         )
-        store = conn.execute(_QUERIES["store"]).fetchone()
+        store_rows = _visible_rows(conn, _QUERIES["store"])
+        store = store_rows[0] if store_rows else (None, None)
         outbox = tuple(
             (row[0], row[1], int(row[2]), int(row[3]), row[4])
-            for row in conn.execute(_QUERIES["outbox"]).fetchall()
+            for row in _visible_rows(conn, _QUERIES["outbox"])
         )
         shadows = tuple(
             (row[0], float(row[1]), None if row[2] is None else int(row[2]))
-            for row in conn.execute(_QUERIES["shadows"]).fetchall()
+            for row in _visible_rows(conn, _QUERIES["shadows"])
         )
-        schema_row = conn.execute(_QUERIES["debate_schema"]).fetchone()
+        schema_rows = _visible_rows(conn, _QUERIES["debate_schema"])
+        schema_row = schema_rows[0] if schema_rows else None
         active: float | None = None
         rates: tuple[tuple[str, float | None], ...] = ()
         if schema_row is not None:
@@ -311,7 +325,6 @@ def read_snapshot(conn: psycopg.Connection[Any]) -> DatabaseSnapshot:
             if debates is not None:
                 active = debates[0]
                 rates = (("5m", debates[1]), ("1h", debates[2]))
-    assert store is not None
     return DatabaseSnapshot(
         up=True,
         projections=projections,

@@ -6,11 +6,10 @@
 -- Per projection (rebuild and shadow rows included): status, circuit, lag
 -- in seconds (how long the oldest event of its types it has not applied
 -- has waited; 0 when caught up), events behind, checkpoint, pending dead
--- letters.
+-- letters. From the view only, so the reader role sees them too.
 SELECT s.name, s.status, s.circuit, coalesce(s.seconds_behind, 0)::float8,
-       s.events_behind, c.global_position, s.dead_letters
-FROM aura.projection_status s
-JOIN aura.projection_checkpoints c ON c.name = s.name;
+       s.events_behind, split_part(s.checkpoint, '/', 2)::bigint, s.dead_letters
+FROM aura.projection_status s;
 
 -- name: store
 -- The newest global position (its rate is the append rate of every writer),
@@ -50,6 +49,11 @@ SELECT c.schema_name
 FROM aura.projection_checkpoints c
 WHERE c.name = 'agent_performance' AND c.rebuild_of IS NULL
   AND to_regclass(quote_ident(c.schema_name) || '.active_debate_count') IS NOT NULL;
+
+-- name: revision
+-- Readiness of a daemon that runs no projection (the relay, the importer,
+-- perhaps as the writer role): the schema revision, which every role reads.
+SELECT (SELECT v.version_num FROM aura.alembic_version v LIMIT 1), '{}'::text[];
 
 -- name: ready
 -- Readiness: the schema revision, and this daemon's projections that failed.

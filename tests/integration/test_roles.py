@@ -18,7 +18,9 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent, migrate
+from aura_pg._resources import named_queries
 from aura_pg.errors import MigrationError
+from aura_pg.observability import metrics
 from tests.helpers.projections import (
     applied_positions,
     caught_up,
@@ -471,3 +473,22 @@ def test_a_superuser_is_refused_as_a_group_role(empty_dsn: str) -> None:
     superuser = str(conninfo_to_dict(empty_dsn)["user"])
     with pytest.raises((MigrationError, psycopg.Error), match="superuser"):
         migrate.upgrade(make_conninfo(empty_dsn, options=f"-c aura.reader_role={superuser}"))
+
+
+@pytest.mark.parametrize("kind", ["writer", "reader", "projector"])
+async def test_metrics_and_readiness_as_each_role(read_model: Logins, kind: str) -> None:
+    """A daemon serving /metrics as a least-privilege role (the importer as
+    the writer) sees the database as up and reports what its role may read;
+    a daemon that runs no projection is ready as any role."""
+    with psycopg.connect(read_model.dsns[kind], autocommit=True) as conn:
+        snapshot = metrics.read_snapshot(conn)
+        revision = conn.execute(
+            named_queries("queries/metrics.sql")["revision"], {"projections": []}
+        ).fetchone()
+    assert snapshot.up
+    assert revision is not None and revision[0] == migrate.head_revision()
+    visible = [p.name for p in snapshot.projections]
+    assert visible == ([] if kind == "writer" else ["tally_set"])
+    assert (snapshot.head_position is not None) == (kind != "reader")
+    if kind != "writer":
+        assert snapshot.projections[0].checkpoint_position == 6
