@@ -107,7 +107,12 @@ AS $$
 $$;
 
 -- The rows already recorded for a batch's idempotency keys, in batch order,
--- and whether each has the batch's type and data.
+-- and whether each has the batch's type and data. One index probe per
+-- element: with a plain join the planner, which expects 100 elements from
+-- jsonb_array_elements, hashed the batch and scanned the events table
+-- whenever that looked cheaper (a log of thousands of events), several
+-- times the cost of an append for each resend. LIMIT 1, true of a unique
+-- key, keeps the LATERAL subquery from being flattened back into that join.
 CREATE OR REPLACE FUNCTION aura.recorded_for_batch(p_stream_id text, p_events jsonb)
 RETURNS TABLE (event_id uuid, version bigint, global_position bigint, same_content boolean)
 LANGUAGE sql STABLE
@@ -115,9 +120,13 @@ AS $$
     SELECT e.event_id, e.version, e.global_position,
            e.type = b.el->>'type' AND e.data = b.el->'data'
     FROM jsonb_array_elements(p_events) WITH ORDINALITY AS b(el, ord)
-    JOIN aura.events e
-      ON e.idempotency_hash = aura.idempotency_hash(
-             p_stream_id, coalesce(b.el->>'idempotency_key', b.el->>'event_id'))
+    CROSS JOIN LATERAL (
+        SELECT r.event_id, r.version, r.global_position, r.type, r.data
+        FROM aura.events r
+        WHERE r.idempotency_hash = aura.idempotency_hash(
+                  p_stream_id, coalesce(b.el->>'idempotency_key', b.el->>'event_id'))
+        LIMIT 1
+    ) AS e
     ORDER BY b.ord
 $$;
 

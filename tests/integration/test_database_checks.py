@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from aura_pg import EventStore
+from aura_pg import EventStore, NewEvent
 
 
 def call_append(
@@ -187,3 +187,30 @@ def test_table_check_constraints(store: EventStore, column: str, value: str) -> 
         }[column]  # fmt: skip
         ok = f"INSERT INTO aura.events ({', '.join(values)}) VALUES ({', '.join(values.values())})"
         conn.execute(ok)  # type: ignore[arg-type]
+
+
+def test_a_resend_probes_the_idempotency_index_instead_of_scanning_the_log(
+    store: EventStore,
+) -> None:
+    """aura.recorded_for_batch, which answers every resend, looks each key up
+    in the unique index, whatever the planner thinks of the table's size.
+    (A plain join was planned as a scan of the events table for a log of a
+    few thousand events.)"""
+    for n in range(30):
+        store.append(f"s-{n}", [NewEvent("T", {"i": i}) for i in range(100)])
+    with store.pool.connection() as conn:
+        conn.execute("ANALYZE aura.events")
+        ((plan,),) = conn.execute(
+            "EXPLAIN (FORMAT JSON) SELECT * FROM aura.recorded_for_batch("
+            '\'s-1\', \'[{"type": "T", "data": {}, "idempotency_key": "k"}]\')'
+        ).fetchall()
+    nodes = []
+
+    def walk(node: dict[str, Any]) -> None:
+        nodes.append((node["Node Type"], node.get("Relation Name"), node.get("Index Name")))
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    assert ("Seq Scan", "events", None) not in nodes
+    assert ("Index Scan", "events", "events_idempotency_hash_key") in nodes
