@@ -111,10 +111,7 @@ def _check_schema(conn: psycopg.Connection[dict[str, Any]], connection: Connecti
         current = row["version_num"] if row else None
     head, known = migrate.head_revision(), migrate.known_revisions()
     if current != head and (current is None or current in known):
-        raise MigrationError(
-            f"database schema is at revision {current or 'none'}, this code needs {head}: "
-            "run `aura-pg migrate`"
-        )
+        raise migrate.behind(current)
 
 
 @contextmanager

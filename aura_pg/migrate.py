@@ -122,7 +122,13 @@ def check_current(conninfo: str) -> None:
     """Raise MigrationError unless the database is at the newest revision."""
     current, head = current_revision(conninfo), head_revision()
     if current != head:
-        raise MigrationError(
-            f"database schema is at revision {current or 'none'}, this code needs {head}: "
-            "run `aura-pg migrate`"
-        )
+        raise behind(current)
+
+
+def behind(current: str | None) -> MigrationError:
+    """The error for a database at ``current`` (None: never migrated) when
+    this code needs the head revision."""
+    return MigrationError(
+        f"database schema is at revision {current or 'none'}, this code needs "
+        f"{head_revision()}: run `aura-pg migrate`"
+    )

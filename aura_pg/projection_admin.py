@@ -46,7 +46,9 @@ def _checked(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _call(dsn: str, query: str, params: dict[str, Any]) -> Any:
+def call_function(dsn: str, query: str, params: dict[str, Any]) -> Any:
+    """One operator function's value (first column of the first row), its
+    text arguments checked first and its refusals typed."""
     _checked(params)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -63,20 +65,20 @@ def status(dsn: str) -> list[dict[str, Any]]:
 
 
 def pause(dsn: str, name: str) -> str:
-    return str(_call(dsn, _queries()["pause"], {"name": name}))
+    return str(call_function(dsn, _queries()["pause"], {"name": name}))
 
 
 def resume(dsn: str, name: str) -> str:
-    return str(_call(dsn, _queries()["resume"], {"name": name}))
+    return str(call_function(dsn, _queries()["resume"], {"name": name}))
 
 
 def reset(dsn: str, name: str) -> str:
-    return str(_call(dsn, _queries()["reset"], {"name": name}))
+    return str(call_function(dsn, _queries()["reset"], {"name": name}))
 
 
 def replay_stream(dsn: str, name: str, stream_id: str, from_version: int = 1) -> int:
     return int(
-        _call(
+        call_function(
             dsn,
             _queries()["replay_stream"],
             {"name": name, "stream_id": stream_id, "from_version": from_version},
@@ -92,11 +94,12 @@ def dead_letters(dsn: str, projection: str | None = None) -> list[dict[str, Any]
 
 
 def retry_dead_letter(dsn: str, dead_letter_id: int) -> str:
-    return str(_call(dsn, _queries()["retry_dead_letter"], {"id": dead_letter_id}))
+    return str(call_function(dsn, _queries()["retry_dead_letter"], {"id": dead_letter_id}))
 
 
 def skip_dead_letter(dsn: str, dead_letter_id: int, note: str | None = None) -> str:
-    return str(_call(dsn, _queries()["skip_dead_letter"], {"id": dead_letter_id, "note": note}))
+    params = {"id": dead_letter_id, "note": note}
+    return str(call_function(dsn, _queries()["skip_dead_letter"], params))
 
 
 @dataclass(frozen=True)
@@ -231,4 +234,4 @@ async def rebuild(
 
 
 def abort_rebuild(dsn: str, name: str) -> str:
-    return str(_call(dsn, _queries()["abort_rebuild"], {"name": name}))
+    return str(call_function(dsn, _queries()["abort_rebuild"], {"name": name}))

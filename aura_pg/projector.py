@@ -959,24 +959,39 @@ class ProjectorDaemon:
         await stop.wait()
 
     async def _find_new_shadows(self, stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-        """Start runners for shadows created while the daemon runs."""
-        while not stop.is_set():
-            await _wait(stop, None, self.settings.shadow_discovery_interval)
-            if stop.is_set():
-                return
-            try:
-                async with await connect(self.dsn, self.settings, "projector shadows") as conn:
+        """Start runners for shadows created while the daemon runs, over one
+        connection kept between looks (opened again after a failure)."""
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while not stop.is_set():
+                await _wait(stop, None, self.settings.shadow_discovery_interval)
+                if stop.is_set():
+                    return
+                try:
+                    if conn is None or conn.closed:
+                        conn = await connect(self.dsn, self.settings, "projector shadows")
                     found = await self._discover_shadows(conn)
-            except psycopg.Error as exc:
-                log.warning("looking for new shadows failed (%s); trying again later", exc)
-                continue
-            for name in found:
-                log.info("projector %s: running shadow %s", self.settings.owner, name)
-                tasks.append(
-                    asyncio.create_task(
-                        self._run_shadow(self.shadow_runners[name], stop), name=f"projection {name}"
-                    )
+                except psycopg.Error as exc:
+                    log.warning("looking for new shadows failed (%s); trying again later", exc)
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    continue
+                self._start_shadows(found, stop, tasks)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    def _start_shadows(
+        self, found: list[str], stop: asyncio.Event, tasks: list[asyncio.Task[None]]
+    ) -> None:
+        for name in found:
+            log.info("projector %s: running shadow %s", self.settings.owner, name)
+            tasks.append(
+                asyncio.create_task(
+                    self._run_shadow(self.shadow_runners[name], stop), name=f"projection {name}"
                 )
+            )
 
     async def _register_when_reachable(self, stop: asyncio.Event) -> bool:
         """Register, waiting out a database that is down or restarting (a

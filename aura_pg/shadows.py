@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import ProjectionError
+from aura_pg.projection_admin import call_function
 from aura_pg.projector import shadow_params, translate_projection_error
 
 log = logging.getLogger("aura_pg.shadows")
@@ -40,19 +41,6 @@ def _queries() -> dict[str, Any]:
     return named_queries("queries/shadows.sql")
 
 
-def _translate(exc: psycopg.Error) -> BaseException:
-    return translate_projection_error(exc) or exc
-
-
-def _call(dsn: str, query: str, params: dict[str, Any]) -> Any:
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute(query, params).fetchone()
-    except psycopg.Error as exc:
-        raise _translate(exc) from None
-    return row[0] if row else None
-
-
 def begin(dsn: str, live: str, spec: ProjectionSpec) -> str:
     """Start (or resume) the shadow of ``live`` with ``spec``'s definition:
     'created', 'restarted' (a shadow of another definition was dropped) or
@@ -60,18 +48,18 @@ def begin(dsn: str, live: str, spec: ProjectionSpec) -> str:
     ``__shadow`` appended, and its settings."""
     if not spec.definition_sql:
         raise ProjectionError(f"the new definition of {live} has no SQL")
-    return str(_call(dsn, _queries()["begin_shadow"], shadow_params(live, spec)))
+    return str(call_function(dsn, _queries()["begin_shadow"], shadow_params(live, spec)))
 
 
 def drop(dsn: str, live: str) -> str:
     """Drop ``live``'s shadow: its schema, row, dead letters and last diff."""
-    return str(_call(dsn, _queries()["drop_shadow"], {"name": live}))
+    return str(call_function(dsn, _queries()["drop_shadow"], {"name": live}))
 
 
 def promote(dsn: str, live: str) -> str:
     """Swap ``live``'s shadow in; the old version becomes the shadow (so a
     second promote rolls back)."""
-    return str(_call(dsn, _queries()["promote_shadow"], {"name": live}))
+    return str(call_function(dsn, _queries()["promote_shadow"], {"name": live}))
 
 
 @dataclass(frozen=True)
@@ -145,7 +133,7 @@ def diff(dsn: str, live: str, limit: int = 100) -> ShadowDiff:
             params = {"name": live, "limit": limit}
             rows = conn.execute(_queries()["diff_shadow"], params).fetchall()
     except psycopg.Error as exc:
-        raise _translate(exc) from None
+        raise translate_projection_error(exc) or exc from None
     return _assemble(live, rows)
 
 
