@@ -10,6 +10,7 @@ from aura_pg.errors import (
     MigrationError,
     ProjectionError,
     StaleCheckpoint,
+    StreamOrderConflict,
     UnknownProjection,
 )
 from aura_pg.models import (
@@ -64,6 +65,7 @@ __all__ = [
     "ProjectorSettings",
     "RecordedEvent",
     "StaleCheckpoint",
+    "StreamOrderConflict",
     "StreamState",
     "UnknownProjection",
     "load_catalog",

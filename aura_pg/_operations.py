@@ -24,6 +24,7 @@ from aura_pg.errors import (
     ConcurrencyError,
     EventValidationError,
     IdempotencyConflict,
+    StreamOrderConflict,
 )
 from aura_pg.models import (
     START,
@@ -370,6 +371,15 @@ def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | N
             _expected_from_text(str(detail.get("expected", "any"))),
             int(detail.get("actual", -1)),
         )
+    if state == "40001" and statement.sql == _QUERIES["append_events"]:
+        detail = json.loads(diag.message_detail or "{}")
+        if detail.get("reason") == "stream_order":
+            return StreamOrderConflict(
+                detail.get("stream_id", stream_id),
+                _expected_from_text(str(detail.get("expected", "any"))),
+                int(detail.get("actual", -1)),
+            )
+        return None
     if state == "AU002":
         detail = json.loads(diag.message_detail or "{}")
         return IdempotencyConflict(

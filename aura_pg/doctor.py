@@ -58,6 +58,7 @@ CHECK_NAMES: Final = (
     "long_transactions",
     "clock_skew",
     "projections",
+    "stream_order",
     "connections",
     "durability",
 )
@@ -389,6 +390,22 @@ def projections_check(rows: Sequence[Mapping[str, Any]]) -> Check:
     return Check("projections", "fail" if failing else "warn", "; ".join(failing + warning), hint)
 
 
+def stream_order_check(streams: int, listed: Sequence[str]) -> Check:
+    if not streams:
+        return Check("stream_order", "ok", "every stream is read in version order")
+    shown = ", ".join(repr(s) for s in listed)
+    more = f" and {streams - len(listed)} more" if streams > len(listed) else ""
+    return Check(
+        "stream_order",
+        "warn",
+        f"{streams} stream(s) recorded before migration 0009 are read out of version order: "
+        f"{shown}{more}",
+        "SELECT * FROM aura.stream_order_inversions; projections folded their events in read "
+        "order: rebuild those whose fold depends on order, or aura.replay_stream each stream "
+        "(docs/event-store.md, per-stream order)",
+    )
+
+
 def connections_check(
     max_connections: int, superuser_reserved: int, reserved: int, client_connections: int
 ) -> Check:
@@ -533,6 +550,31 @@ def _check_projections(conn: Connection, _: _Options) -> Check:
     return projections_check(conn.execute(_queries()["projection_status"]).fetchall())
 
 
+def _check_stream_order(conn: Connection, _: _Options) -> Check:
+    state = _schema_state(conn)
+    if not state["has_schema"]:
+        return _not_migrated("stream_order")
+    if not state["has_stream_order_view"]:
+        return Check(
+            "stream_order",
+            "warn",
+            "not checked: aura.stream_order_inversions is missing",
+            "run aura-pg migrate",
+        )
+    try:
+        with conn.transaction():
+            conn.execute(_queries()["longer_statement_timeout"])
+            row = _one(conn, _queries()["stream_order_inversions"])
+    except psycopg.errors.QueryCanceled:
+        return Check(
+            "stream_order",
+            "warn",
+            "not checked: reading the whole log took over 30 s",
+            "run SELECT * FROM aura.stream_order_inversions off-peak",
+        )
+    return stream_order_check(int(row["streams"]), list(row["listed"] or []))
+
+
 def _check_connections(conn: Connection, _: _Options) -> Check:
     row = _one(conn, _queries()["connections"])
     return connections_check(
@@ -562,6 +604,7 @@ _CHECKS: Final[Sequence[tuple[str, Callable[[Connection, _Options], Check]]]] = 
     ("long_transactions", _check_long_transactions),
     ("clock_skew", _check_clock_skew),
     ("projections", _check_projections),
+    ("stream_order", _check_stream_order),
     ("connections", _check_connections),
     ("durability", _check_durability),
 )

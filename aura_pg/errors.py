@@ -32,6 +32,22 @@ class ConcurrencyError(AuraPgError):
         )
 
 
+class StreamOrderConflict(ConcurrencyError):
+    """An append inside a transaction that had written before it was refused
+    (SQLSTATE 40001): a transaction that began writing later has appended to
+    the stream since, and these events would be read before it. Nothing was
+    written; roll back and run the whole transaction again. A
+    ``ConcurrencyError``, so code that reloads and retries on a conflict
+    handles it too."""
+
+    def __init__(self, stream_id: str, expected: ExpectedVersion, actual: int) -> None:
+        super().__init__(stream_id, expected, actual)
+        self.args = (
+            f"stream {stream_id!r} moved on to version {actual} in a transaction that began "
+            "writing after this one: roll back and run the transaction again",
+        )
+
+
 class IdempotencyConflict(AuraPgError):
     """An idempotency key (or event id) was recorded before with other content,
     or a batch mixes recorded and new keys; nothing was written."""

@@ -30,13 +30,18 @@ from aura_pg.observability import metrics
 log = logging.getLogger("aura_pg.retry")
 
 # SQLSTATEs worth another attempt, by the reason the retries metric counts:
-# the server shutting down or not yet accepting connections, too many
-# connections, and the transaction rollbacks a retry resolves. The whole
-# connection exception class (08) counts as "connection".
+# the server shutting down or not yet accepting connections, a session the
+# server closed for idling, too many connections, and the transaction
+# rollbacks a retry resolves. The whole connection exception class (08)
+# counts as "connection". Not retried from class 57: 57000 (operator
+# intervention), 57014 (a cancelled statement: a statement timeout would
+# hit again) and 57P04 (the database was dropped).
 _TRANSIENT_STATES = {
     "57P01": "server_shutdown",
     "57P02": "server_shutdown",
     "57P03": "server_starting",
+    # idle_session_timeout closed an idle pooled connection: nothing was sent.
+    "57P05": "connection",
     "53300": "too_many_connections",
     "40001": "serialization",
     "40P01": "deadlock",

@@ -28,4 +28,5 @@ BEGIN;
 \ir data/rehash_colon_streams.sql
 \ir functions/shadows.sql
 \ir tables/import_dead_letters.sql
+\ir views/stream_order_inversions.sql
 COMMIT;

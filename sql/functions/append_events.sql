@@ -18,6 +18,19 @@
 --   AU002  an idempotency key was recorded with other content, or the batch
 --          mixes recorded and new keys; nothing written
 --   AU003  invalid input; nothing written
+--   40001  the calling transaction wrote before this append and its
+--          transaction id is older than that of the stream's last append:
+--          its events would be read before the stream's earlier versions.
+--          Nothing written; retry the whole transaction (a serialization
+--          failure, which retry loops already treat as transient).
+--
+-- Per-stream order: global readers order events by (transaction_id,
+-- global_position). A per-stream advisory lock is taken before the
+-- transaction writes anything here, so a transaction that had no id yet
+-- gets one only after every earlier append to the stream has committed:
+-- later versions always carry later transaction ids. A transaction that
+-- already had an id (it wrote before appending) is checked against the
+-- stream's head instead, and refused with 40001 when it is older.
 --
 -- Limits (settings): aura.max_payload_bytes (data or metadata of one event,
 -- default 1 MiB) and aura.max_batch_events (events in one append, default
@@ -58,6 +71,15 @@ AS $$
     END
 $$;
 
+-- The idempotency key an element of a batch is recorded under: its key,
+-- else its event id in the uuid type's canonical text (the insert stores
+-- that form, so 'A0...', '{a0...}' and 'a0...' are one key), else NULL.
+CREATE OR REPLACE FUNCTION aura.batch_key(p_event jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT coalesce(p_event->>'idempotency_key', (p_event->>'event_id')::uuid::text)
+$$;
+
 -- The first problem of a batch, for the error message (slow path only).
 CREATE OR REPLACE FUNCTION aura.batch_problem(p_events jsonb, p_max_bytes bigint) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
@@ -69,8 +91,8 @@ AS $$
          ORDER BY ord LIMIT 1),
         (SELECT 'idempotency keys repeat within the batch'
          FROM jsonb_array_elements(p_events) AS t(e)
-         WHERE coalesce(e->>'idempotency_key', e->>'event_id') IS NOT NULL
-         GROUP BY coalesce(e->>'idempotency_key', e->>'event_id')
+         WHERE aura.batch_key(e) IS NOT NULL
+         GROUP BY aura.batch_key(e)
          HAVING count(*) > 1
          LIMIT 1))
 $$;
@@ -124,7 +146,7 @@ AS $$
         SELECT r.event_id, r.version, r.global_position, r.type, r.data
         FROM aura.events r
         WHERE r.idempotency_hash = aura.idempotency_hash(
-                  p_stream_id, coalesce(b.el->>'idempotency_key', b.el->>'event_id'))
+                  p_stream_id, aura.batch_key(b.el))
         LIMIT 1
     ) AS e
     ORDER BY b.ord
@@ -168,6 +190,8 @@ DECLARE
     v_recorded   int;
     v_matching   int;
     v_problem    text;
+    v_own_xid    xid8;     -- this transaction's id if it had one before the append
+    v_head_xid   xid8;
 BEGIN
     IF p_stream_id IS NULL OR char_length(p_stream_id) NOT BETWEEN 1 AND 200
        OR p_stream_id ~ '[[:cntrl:]]' THEN
@@ -175,7 +199,8 @@ BEGIN
             coalesce(quote_literal(left(p_stream_id, 210)), 'NULL')
             USING ERRCODE = 'AU003';
     END IF;
-    IF p_expected_version ~ '^[0-9]{1,18}$' THEN
+    IF p_expected_version ~ '^[0-9]{1,19}$'
+       AND p_expected_version::numeric <= 9223372036854775807 THEN
         v_expected := p_expected_version::bigint;
     ELSIF p_expected_version IS NULL
           OR p_expected_version NOT IN ('any', 'no_stream', 'stream_exists') THEN
@@ -189,11 +214,10 @@ BEGIN
         RAISE EXCEPTION 'events must be a non-empty JSON array' USING ERRCODE = 'AU003';
     END IF;
 
-    IF v_max_bytes > 1048576 OR v_max_events > 10000 THEN
-        -- Above the defaults: only as far as the database's setting allows.
-        v_max_bytes := least(v_max_bytes, aura.database_setting('aura.max_payload_bytes', 1048576));
-        v_max_events := least(v_max_events, aura.database_setting('aura.max_batch_events', 10000));
-    END IF;
+    -- The database's own setting (or the default) is the ceiling: a session
+    -- may lower a limit, never lift it, whatever it SETs.
+    v_max_bytes := least(v_max_bytes, aura.database_setting('aura.max_payload_bytes', 1048576));
+    v_max_events := least(v_max_events, aura.database_setting('aura.max_batch_events', 10000));
     v_count := jsonb_array_length(p_events);
     IF v_count > v_max_events THEN
         RAISE EXCEPTION 'invalid event batch for stream %: % events, over the limit of % (aura.max_batch_events)',
@@ -201,10 +225,17 @@ BEGIN
             USING ERRCODE = 'AU003';
     END IF;
 
+    -- Before anything here assigns a transaction id: wait for every other
+    -- append to this stream to end (see "Per-stream order" above). The lock
+    -- class 1635087475 ('aurs') is aura-pg's per-stream append lock.
+    v_own_xid := pg_current_xact_id_if_assigned();
+    PERFORM pg_advisory_xact_lock(1635087475, hashtext(p_stream_id));
+
     LOOP
-        -- Bump the version first: the row lock serialises appends to this
-        -- stream, so every check below sees all earlier appends to it.
-        -- Any error raised later undoes this update with the rest.
+        -- Bump the version first. The append lock already serialises
+        -- appends to this stream (the row lock would too), so every check
+        -- below sees all earlier appends to it. Any error raised later
+        -- undoes this update with the rest.
         UPDATE aura.streams s SET version = s.version + v_count
          WHERE s.stream_id = p_stream_id
         RETURNING s.version - v_count INTO v_current;
@@ -255,6 +286,21 @@ BEGIN
             )
             SELECT i.event_id, i.version, i.global_position, false FROM inserted i ORDER BY i.version;
         GET DIAGNOSTICS v_inserted = ROW_COUNT;
+        -- Only new events can be out of order; a resend is answered below.
+        IF v_inserted > 0 AND v_own_xid IS NOT NULL AND v_current > 0 THEN
+            SELECT e.transaction_id INTO v_head_xid
+            FROM aura.events e WHERE e.stream_id = p_stream_id AND e.version = v_current;
+            IF v_head_xid > v_own_xid THEN
+                RAISE EXCEPTION 'stream % moved on to version % in a transaction that began writing after this one: retry this transaction',
+                    quote_literal(p_stream_id), v_current
+                    USING ERRCODE = '40001',
+                          DETAIL = json_build_object('stream_id', p_stream_id,
+                                                     'expected', p_expected_version,
+                                                     'actual', v_current,
+                                                     'reason', 'stream_order')::text,
+                          HINT = 'Appending after other writes in one transaction is refused when the stream''s last append began later; run the whole transaction again.';
+            END IF;
+        END IF;
         IF v_inserted = v_count THEN
             IF v_debug THEN
                 RAISE NOTICE 'aura.append_events: stream % was at version %, expected %: appended % events as versions % to %',

@@ -26,7 +26,9 @@ SELECT (SELECT e.extversion FROM pg_catalog.pg_extension e
 SELECT pg_catalog.to_regnamespace('aura') IS NOT NULL                 AS has_schema,
        pg_catalog.to_regclass('aura.alembic_version') IS NOT NULL     AS has_version_table,
        pg_catalog.to_regclass('aura.role_names') IS NOT NULL          AS has_role_names,
-       pg_catalog.to_regclass('aura.projection_status') IS NOT NULL   AS has_projection_status;
+       pg_catalog.to_regclass('aura.projection_status') IS NOT NULL   AS has_projection_status,
+       pg_catalog.to_regclass('aura.stream_order_inversions') IS NOT NULL
+                                                                      AS has_stream_order_view;
 
 -- name: alembic_version
 SELECT v.version_num FROM aura.alembic_version v ORDER BY v.version_num;
@@ -137,3 +139,16 @@ SELECT s.name, s.setting, s.source
 FROM pg_catalog.pg_settings s
 WHERE s.name IN ('fsync', 'synchronous_commit', 'full_page_writes')
 ORDER BY s.name;
+
+-- name: longer_statement_timeout
+-- For the rest of the transaction: checks that read the whole log.
+SELECT pg_catalog.set_config('statement_timeout', '30s', true);
+
+-- name: stream_order_inversions
+-- Streams recorded out of version order (before migration 0009). It reads
+-- the whole log, so it runs with longer_statement_timeout and gives up (a
+-- warning) rather than hold a large database's I/O for long.
+WITH inverted AS (SELECT s.stream_id FROM aura.stream_order_inversions s)
+SELECT (SELECT count(*) FROM inverted)                                  AS streams,
+       (SELECT pg_catalog.array_agg(l.stream_id ORDER BY l.stream_id)
+        FROM (SELECT i.stream_id FROM inverted i ORDER BY i.stream_id LIMIT 3) AS l) AS listed;

@@ -124,3 +124,18 @@ async def test_the_async_store_retries_the_same_way(dsn: str) -> None:
         result = await store.append("idle", [event], 1, retry=FAST)
     assert (result.duplicate, result.events[0].version) == (False, 2)
     assert recorded_copies(dsn, event) == 1
+
+
+def test_a_pooled_connection_closed_for_idling_is_retried(dsn: str) -> None:
+    # idle_session_timeout ends the pool's idle connection (SQLSTATE 57P05):
+    # nothing of the append was sent on it, so it is sent again.
+    options = {"application_name": APP, "options": "-c idle_session_timeout=300"}
+    with EventStore.connect(dsn, min_size=1, max_size=1, kwargs=options) as store:
+        store.append("idle", NewEvent("T", {}))
+        time.sleep(1.0)
+        event = NewEvent("T", {"after": "idle"})
+        before = retries_counted("connection")
+        result = store.append("idle", event, retry=FAST)
+    assert result.version == 2
+    assert recorded_copies(dsn, event) == 1
+    assert retries_counted("connection") > before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Any
 
 import psycopg
@@ -13,7 +14,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from aura_pg import EventStore, NewEvent
+from aura_pg import ConcurrencyError, EventStore, NewEvent
 
 
 def call_append(
@@ -214,3 +215,71 @@ def test_a_resend_probes_the_idempotency_index_instead_of_scanning_the_log(
     walk(plan[0]["Plan"])
     assert ("Seq Scan", "events", None) not in nodes
     assert ("Index Scan", "events", "events_idempotency_hash_key") in nodes
+
+
+def test_a_session_cannot_lift_limits_the_database_lowered(store: EventStore, dsn: str) -> None:
+    """ALTER DATABASE ... SET below the defaults binds every session: SET
+    back up to the default (or beyond) in a writer's session lifts nothing."""
+    database = conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for setting, value in (("max_payload_bytes", 1000), ("max_batch_events", 5)):
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(str(database)),
+                    sql.Identifier("aura", setting),
+                    sql.Literal(str(value)),
+                )
+            )
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET aura.max_batch_events = 10000")
+        conn.execute("SET aura.max_payload_bytes = 1048576")
+        with pytest.raises(psycopg.Error, match="6 events, over the limit of 5"):
+            call_append(conn, "many", [{"type": "T", "data": {}}] * 6)
+        conn.rollback()
+        with pytest.raises(psycopg.Error, match="over the limit of 1000"):
+            call_append(conn, "big", [{"type": "T", "data": {"x": "y" * 500_000}}])
+        conn.rollback()
+        call_append(conn, "few", [{"type": "T", "data": {}}] * 5)
+        conn.commit()
+    assert [row for row in store.read_stream("many")] == []
+    assert len(store.read_stream("few")) == 5
+
+
+@pytest.mark.parametrize(
+    "spelling", [str.upper, lambda text: "{" + text + "}", lambda text: text.replace("-", "")]
+)
+def test_a_resend_with_the_event_id_spelled_otherwise_is_a_duplicate(
+    store: EventStore, spelling: Any
+) -> None:
+    """The uuid type accepts several spellings of one id; the recorded key
+    is its canonical text, so every spelling of a resend finds it."""
+    event_id = "0b6f2a7e-5c1d-4e8a-9f3b-2d4c6e8a0b1c"
+    first = [{"type": "T", "data": {"n": 1}, "event_id": event_id}]
+    resend = [{"type": "T", "data": {"n": 1}, "event_id": spelling(event_id)}]
+    with store.pool.connection() as conn:
+        ((_, version, position, duplicate),) = call_append(conn, "ids", first, "no_stream")
+        assert not duplicate
+        for expected in ("no_stream", "any", "1"):
+            rows = call_append(conn, "ids", resend, expected)
+            assert rows == [(uuid.UUID(event_id), version, position, True)]
+        # Two spellings of one id in one batch are one key, repeated.
+        other = str(uuid.uuid4())
+        with pytest.raises(psycopg.Error, match="repeat within the batch"):
+            call_append(
+                conn,
+                "ids-2",
+                [{"type": "T", "data": {}, "event_id": s} for s in (other, spelling(other))],
+            )
+    assert len(store.read_stream("ids")) == 1
+
+
+def test_an_expected_version_beyond_eighteen_digits_is_a_version_conflict(
+    store: EventStore,
+) -> None:
+    store.append("far", NewEvent("T", {}))
+    for expected in (10**18, 2**63 - 1):
+        with pytest.raises(ConcurrencyError) as conflict:
+            store.append("far", NewEvent("T", {}), expected)
+        assert (conflict.value.expected, conflict.value.actual) == (expected, 1)
+    with store.pool.connection() as conn, pytest.raises(psycopg.Error, match="invalid expected"):
+        call_append(conn, "far", [{"type": "T", "data": {}}], str(2**63))

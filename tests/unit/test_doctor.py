@@ -310,3 +310,12 @@ def test_connection_and_durability_rules() -> None:
     lax = doctor.durability_check({**durable, "synchronous_commit": "off"})
     assert lax.status == "warn"
     assert "synchronous_commit is off" in lax.detail
+
+
+def test_stream_order_rules() -> None:
+    assert doctor.stream_order_check(0, []).status == "ok"
+    found = doctor.stream_order_check(5, ["a", "b", "c"])
+    assert found.status == "warn"
+    assert "5 stream(s)" in found.detail
+    assert "'a', 'b', 'c' and 2 more" in found.detail
+    assert found.hint is not None and "aura.stream_order_inversions" in found.hint

@@ -23,6 +23,7 @@ from aura_pg.retry import is_transient, transient_reason
         psycopg.errors.ConnectionFailure("connection failure"),
         psycopg.errors.SerializationFailure("could not serialize access"),
         psycopg.errors.DeadlockDetected("deadlock detected"),
+        psycopg.errors.lookup("57P05")("terminating connection due to idle-session timeout"),
         PoolTimeout("couldn't get a connection after 30.00 sec"),
     ],
 )
@@ -37,6 +38,8 @@ def test_failures_that_say_nothing_about_the_append_are_retried(exc: Exception) 
         psycopg.errors.InvalidCatalogName('database "nope" does not exist'),
         psycopg.errors.UniqueViolation("duplicate key"),
         psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+        psycopg.errors.DatabaseDropped("terminating connection due to database drop"),
+        psycopg.errors.OperatorIntervention("operator intervention"),
         psycopg.errors.UndefinedFunction("function aura.append_events does not exist"),
         psycopg.ProgrammingError("no results to fetch"),
         ConcurrencyError("s", 1, 2),
