@@ -4,12 +4,18 @@
 --                   with the decision a debate led to)
 --   active_debates  view, the debates still open
 --
--- Folds the debate streams (`debate-<debate_id>`) and, for the decision
--- link, DECISION_PROPOSED from the decision streams (`decision-<id>`).
--- Events on other streams are ignored. DEBATE_STARTED is read at the
--- schema_version in its metadata (missing = 1): version 1 named the
--- participants `agents` and had no rules (max_rounds then defaults to 3,
--- as the upcaster in aura_pg/domain/events.py does).
+-- Folds the debate streams (`debate-<debate_id>`), and records in
+-- decision_links the debate each DECISION_PROPOSED of a decision stream
+-- (`decision-<id>`) names. Events on other streams are ignored.
+-- DEBATE_STARTED is read at the schema_version in its metadata (missing =
+-- 1) as the upcaster in aura_pg/domain/events.py reads it: version 1 named
+-- the participants `agents` (each once, in order), had no rules (max_rounds
+-- defaults to 3) and no minimum of agents; a missing, null or empty
+-- started_by is the first agent (NULL when there is none).
+--
+-- A debate's decision_id is the one its DEBATE_CONSENSUS_REACHED names, as
+-- in the domain's fold: a proposal that merely names the debate (recorded
+-- before the domain refused such proposals) is no decision of the debate.
 --
 -- Times are the events' recorded_at (database time), so the model is a pure
 -- function of the log: a rebuild gives the same rows.
@@ -49,8 +55,8 @@ CREATE TABLE debate_fold (
 
 CREATE INDEX debate_fold_status_idx ON debate_fold (status);
 
--- DECISION_PROPOSED: which decision a debate led to (the consensus event
--- may name it too).
+-- DECISION_PROPOSED: the debate each proposal names (for operators; the
+-- debates view takes a debate's decision from its consensus alone).
 CREATE TABLE decision_links (
     decision_id     text        PRIMARY KEY,
     stream_id       text        NOT NULL UNIQUE,
@@ -64,16 +70,10 @@ CREATE INDEX decision_links_debate_idx ON decision_links (debate_id, global_posi
 CREATE VIEW debates AS
 SELECT d.debate_id, d.topic, d.status, d.participants, d.rounds_completed, d.current_round,
        d.argument_count, d.votes_for, d.votes_against, d.outcome,
-       coalesce(d.consensus_decision_id, l.decision_id) AS decision_id,
+       d.consensus_decision_id AS decision_id,
        d.started_at, d.ended_at, d.last_version, d.updated_at,
        d.started_by, d.max_rounds, d.failure_reason
-FROM debate_fold d
-LEFT JOIN LATERAL (
-    SELECT dl.decision_id FROM decision_links dl
-    WHERE dl.debate_id = d.debate_id
-    ORDER BY dl.global_position
-    LIMIT 1
-) l ON true;
+FROM debate_fold d;
 
 CREATE VIEW active_debates AS
 SELECT debate_id, topic, participants, current_round, rounds_completed, argument_count,
@@ -124,7 +124,8 @@ LANGUAGE sql AS $$
                 FILTER (WHERE e.type = 'DEBATE_STARTED'))[1] AS topic,
             (array_agg(CASE WHEN coalesce((e.metadata->>'schema_version')::integer, 1) >= 2
                             THEN e.data->>'started_by'
-                            ELSE coalesce(e.data->>'started_by', e.data->'agents'->>0) END
+                            ELSE coalesce(nullif(e.data->>'started_by', ''),
+                                          e.data->'agents'->>0) END
                        ORDER BY e.version)
                 FILTER (WHERE e.type = 'DEBATE_STARTED'))[1] AS started_by,
             (array_agg(coalesce((e.data->>'max_rounds')::integer, 3) ORDER BY e.version)

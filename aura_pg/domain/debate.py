@@ -14,9 +14,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, TypeVar
-
-from pydantic import ValidationError
+from fractions import Fraction
+from numbers import Real
+from typing import Literal
 
 from aura_pg.domain.errors import (
     AlreadyExists,
@@ -40,16 +40,11 @@ from aura_pg.domain.events import (
     Vote,
     decode,
     encode,
+    new_payload,
 )
 from aura_pg.models import NewEvent, RecordedEvent
 
 Stance = Literal["for", "against", "neutral"]
-
-# Float slack for quorum arithmetic: 2/3 of 3 participants must be 2 votes,
-# not 3 because 2/3 * 3 came out as 2.0000000000000004.
-_EPSILON = 1e-9
-
-P = TypeVar("P", bound=EventPayload)
 
 
 class DebateStatus(enum.StrEnum):
@@ -63,23 +58,61 @@ class DebateStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DebateRules:
+    """A debate's rules, checked when made: ``InvalidCommand`` for a value
+    the debate could not run with or the store could not hold."""
+
     max_rounds: int = 3
+    """1 to 50 rounds (an int, not a bool)."""
     quorum: float = 2 / 3
+    """Share of the participants one outcome needs: above 1/2, at most 1
+    (any real number but a bool; kept, and recorded, as a float)."""
     timeout_seconds: float = 300.0
+    """Positive and finite."""
+
+    def __post_init__(self) -> None:
+        max_rounds, quorum, timeout = self.max_rounds, self.quorum, self.timeout_seconds
+        if not _is_int(max_rounds) or not 1 <= max_rounds <= 50:
+            raise _invalid(f"max_rounds must be an int from 1 to 50, not {max_rounds!r}")
+        if not _is_real(quorum) or not (math.isfinite(quorum) and 0.5 < float(quorum) <= 1):
+            raise _invalid(f"quorum must be a number above 0.5 and at most 1, not {quorum!r}")
+        if not _is_real(timeout) or not (math.isfinite(timeout) and timeout > 0):
+            raise _invalid(f"timeout_seconds must be a finite number above 0, not {timeout!r}")
+        object.__setattr__(self, "quorum", float(quorum))
+        object.__setattr__(self, "timeout_seconds", float(timeout))
 
 
-def votes_needed(quorum: float, participants: int) -> int:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _invalid(message: str) -> InvalidCommand:
+    return InvalidCommand(message, code="invalid_arguments")
+
+
+def quorum_fraction(quorum: float | Fraction) -> Fraction:
+    """The rational number a quorum means.
+
+    A float quorum means the decimal it is written as: its shortest repr,
+    which is also the number its event's JSON holds (``0.55`` is 11/20, not
+    the binary float just above it; ``2 / 3`` is 0.6666666666666666), so
+    SQL reading the event's quorum as numeric gets the same number. A
+    ``Fraction`` is taken as it is.
+    """
+    if isinstance(quorum, Fraction):
+        return quorum
+    return Fraction(repr(float(quorum)))
+
+
+def votes_needed(quorum: float | Fraction, participants: int) -> int:
     """Votes one outcome needs for consensus: the quorum share of the
-    participants, rounded up."""
-    return max(1, math.ceil(quorum * participants - _EPSILON))
-
-
-def _payload(model: type[P], **fields: object) -> P:
-    """Build a payload, turning pydantic's refusal into ``InvalidCommand``."""
-    try:
-        return model.model_validate(fields)
-    except ValidationError as exc:
-        raise InvalidCommand(f"{model.TYPE}: {exc}", code="invalid_arguments") from None
+    participants rounded up, computed exactly (and at least 1). With a
+    quorum above 1/2 that is more than half the participants, so at most
+    one outcome can reach it."""
+    return max(1, math.ceil(quorum_fraction(quorum) * participants))
 
 
 @dataclass(slots=True)
@@ -201,6 +234,10 @@ class Debate:
         return self.votes_for() + remaining < needed and self.votes_against() + remaining < needed
 
     def timeout_due(self, now: datetime) -> bool:
+        """More than ``timeout_seconds`` since the start, by ``now`` (an
+        aware datetime, else ``InvalidCommand``)."""
+        if not isinstance(now, datetime) or now.utcoffset() is None:
+            raise _invalid(f"now must be a timezone-aware datetime, not {now!r}")
         if self.started_at is None:
             return False
         return (now - self.started_at).total_seconds() > self.rules.timeout_seconds
@@ -216,6 +253,8 @@ class Debate:
             )
 
     def _require_current_round(self, round: int) -> None:
+        if not _is_int(round):
+            raise _invalid(f"round must be an int, not {round!r}")
         if round != self.current_round:
             raise RuleViolation(
                 f"debate {self.debate_id}: round {round} is not the current round "
@@ -250,6 +289,13 @@ class Debate:
         """Start the debate: at least 3 distinct participants."""
         if self.status is not DebateStatus.NEW:
             raise AlreadyExists(f"debate {self.debate_id} exists already", code="already_started")
+        # A str is a Sequence[str] too: "abc" would start a debate of a, b and c.
+        if isinstance(participants, str | bytes) or not isinstance(participants, Sequence):
+            raise _invalid(f"participants must be a list of agent ids, not {participants!r}")
+        if not all(isinstance(agent, str) for agent in participants):
+            raise _invalid(f"participants must be agent ids (str), not {participants!r}")
+        if rules is not None and not isinstance(rules, DebateRules):
+            raise _invalid(f"rules must be DebateRules, not {rules!r}")
         if len(participants) < 3:
             raise InvalidCommand(
                 f"a debate needs at least 3 participants, not {len(participants)}",
@@ -258,7 +304,7 @@ class Debate:
         if len(set(participants)) != len(participants):
             raise InvalidCommand("participants must be distinct", code="duplicate_participants")
         rules = rules or DebateRules()
-        payload = _payload(
+        payload = new_payload(
             DebateStarted,
             debate_id=self.debate_id,
             topic=topic,
@@ -282,7 +328,7 @@ class Debate:
             raise RuleViolation(
                 f"debate {self.debate_id}: voting has begun, nobody may join", code="voting_begun"
             )
-        return [self._event(_payload(AgentJoined, agent_id=agent_id), f"join:{agent_id}")]
+        return [self._event(new_payload(AgentJoined, agent_id=agent_id), f"join:{agent_id}")]
 
     def add_argument(
         self, agent_id: str, round: int, stance: Stance, text: str, confidence: float
@@ -297,7 +343,7 @@ class Debate:
                 f"{agent_id} has argued in round {round} of debate {self.debate_id} already",
                 code="already_argued",
             )
-        payload = _payload(
+        payload = new_payload(
             DebateArgumentAdded,
             agent_id=agent_id,
             round=round,
@@ -322,7 +368,7 @@ class Debate:
                 f"debate {self.debate_id}: round {round} lacks arguments from {', '.join(missing)}",
                 code="round_incomplete",
             )
-        payload = _payload(DebateRoundCompleted, round=round, arguments=len(argued))
+        payload = new_payload(DebateRoundCompleted, round=round, arguments=len(argued))
         return [self._event(payload, f"round:{round}:completed")]
 
     def cast_vote(self, agent_id: str, vote: Vote, confidence: float) -> list[NewEvent]:
@@ -337,7 +383,7 @@ class Debate:
             raise RuleViolation(
                 f"{agent_id} has voted in debate {self.debate_id} already", code="already_voted"
             )
-        payload = _payload(DebateVoteCast, agent_id=agent_id, vote=vote, confidence=confidence)
+        payload = new_payload(DebateVoteCast, agent_id=agent_id, vote=vote, confidence=confidence)
         return [self._event(payload, f"vote:{agent_id}")]
 
     def reach_consensus(self, decision_id: str | None = None) -> list[NewEvent]:
@@ -351,7 +397,7 @@ class Debate:
                 f"reject {self.votes_against()})",
                 code="no_quorum",
             )
-        payload = _payload(
+        payload = new_payload(
             DebateConsensusReached,
             outcome=outcome,
             votes_for=self.votes_for(),
@@ -368,7 +414,7 @@ class Debate:
             raise RuleViolation(
                 f"debate {self.debate_id}: a quorum is still possible", code="quorum_possible"
             )
-        payload = _payload(
+        payload = new_payload(
             DebateFailed,
             reason=reason,
             votes_for=self.votes_for(),
@@ -378,7 +424,9 @@ class Debate:
 
     def time_out(self, now: datetime) -> list[NewEvent]:
         """End the debate as timed out: only when more than ``timeout_seconds``
-        have passed since it started, by the clock passed in."""
+        have passed since it started, by the clock passed in (an aware
+        datetime). That clock is trusted: a time in the future ends any open
+        debate at once, so only callers that own the clock should call this."""
         self._require_open()
         if not self.timeout_due(now):
             raise RuleViolation(
@@ -386,5 +434,5 @@ class Debate:
                 "has not passed",
                 code="not_timed_out",
             )
-        payload = _payload(DebateTimedOut, rounds_completed=self.rounds_completed)
+        payload = new_payload(DebateTimedOut, rounds_completed=self.rounds_completed)
         return [self._event(payload, "end")]

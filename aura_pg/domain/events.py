@@ -15,27 +15,62 @@ Streams: ``debate-<debate_id>`` holds a debate's events,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
+from aura_pg.domain.errors import InvalidCommand
 from aura_pg.errors import EventValidationError
 from aura_pg.models import NewEvent, RecordedEvent
 
-# No ':' in ids: idempotency keys are built as "<id>:<command>..." and
-# must not be ambiguous.
-AgentId = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
-]
-EntityId = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+RECORDED = "recorded"
+"""Validation context key set by ``decode``: the data is a recorded fact.
+Facts are held to what was valid when they were written (ids with ':',
+version 1 starts with fewer than 3 agents); new events to today's rules."""
+
+
+def _recorded(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(RECORDED))
+
+
+def _new_id(value: str, info: ValidationInfo) -> str:
+    # No ':' in new ids: idempotency keys are built as "<id>:<command>..."
+    # and must not be ambiguous. Ids recorded before that rule had them.
+    if ":" in value and not _recorded(info):
+        raise ValueError("must not contain ':'")
+    return value
+
+
+def _storable(value: str) -> str:
+    # Postgres text and jsonb hold neither NUL nor unpaired surrogates: refuse
+    # them here, as an invalid argument, rather than fail in the store.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no unpaired surrogates)") from None
+    return value
+
+
+_ID = StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+AgentId = Annotated[str, _ID, AfterValidator(_new_id)]
+EntityId = Annotated[str, _ID, AfterValidator(_new_id)]
+Topic = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_storable)]
+Title = Topic
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000), AfterValidator(_storable)]
+ArgumentText = Annotated[
+    str, StringConstraints(min_length=1, max_length=10_000), AfterValidator(_storable)
 ]
 Vote = Literal["approve", "reject"]
 
@@ -67,18 +102,26 @@ class DebateStarted(EventPayload):
     VERSION: ClassVar[int] = 2
 
     debate_id: EntityId
-    topic: Annotated[str, StringConstraints(min_length=1, max_length=500)]
-    participants: tuple[AgentId, ...] = Field(min_length=3)
-    started_by: AgentId
+    topic: Topic
+    # At least 3 (checked below), except in a recorded version 1 start.
+    participants: tuple[AgentId, ...]
+    # None only in a recorded version 1 start that named nobody.
+    started_by: AgentId | None
     max_rounds: int = Field(default=3, ge=1, le=50)
-    # Share of participants' votes needed for consensus either way.
-    quorum: float = Field(default=2 / 3, gt=0.5, le=1.0)
-    timeout_seconds: float = Field(default=300.0, gt=0)
+    # Share of participants' votes needed for consensus either way; read as
+    # the decimal written here (see ``debate.quorum_fraction``).
+    quorum: float = Field(default=2 / 3, gt=0.5, le=1.0, allow_inf_nan=False)
+    timeout_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _distinct_participants(self) -> DebateStarted:
+    def _valid_start(self, info: ValidationInfo) -> DebateStarted:
         if len(set(self.participants)) != len(self.participants):
             raise ValueError("participants must be distinct")
+        if not _recorded(info):
+            if len(self.participants) < 3:
+                raise ValueError("a debate needs at least 3 participants")
+            if self.started_by is None:
+                raise ValueError("started_by is required")
         return self
 
 
@@ -94,7 +137,7 @@ class DebateArgumentAdded(EventPayload):
     agent_id: AgentId
     round: int = Field(ge=1)
     stance: Literal["for", "against", "neutral"]
-    text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+    text: ArgumentText
     confidence: float = Field(ge=0.0, le=1.0)
 
 
@@ -126,7 +169,7 @@ class DebateConsensusReached(EventPayload):
 class DebateFailed(EventPayload):
     TYPE: ClassVar[str] = "DEBATE_FAILED"
 
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    reason: Reason
     votes_for: int = Field(default=0, ge=0)
     votes_against: int = Field(default=0, ge=0)
 
@@ -143,7 +186,7 @@ class DecisionProposed(EventPayload):
     decision_id: EntityId
     debate_id: EntityId
     proposed_by: AgentId
-    title: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    title: Title
 
 
 class DecisionApproved(EventPayload):
@@ -158,7 +201,7 @@ class DecisionRejected(EventPayload):
 
     decision_id: EntityId
     rejected_by: AgentId
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    reason: Reason
 
 
 PAYLOAD_TYPES: Mapping[str, type[EventPayload]] = {
@@ -203,12 +246,21 @@ def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster]
 
 @register_upcaster("DEBATE_STARTED", 1)
 def upcast_debate_started_v1(data: dict[str, Any]) -> dict[str, Any]:
-    """v1 {debate_id, topic, agents, started_by?} -> v2 (default rules)."""
+    """v1 {debate_id, topic, agents, started_by?} -> v2 (default rules).
+
+    Version 1 set no minimum of agents and let ``started_by`` be missing,
+    null or empty. Such a start means: the agents (first occurrence of each,
+    in order) are the participants, the first of them started it (nobody if
+    there are none), and today's default rules apply. The SQL fold
+    (projections/debate_state.sql) reads it the same way.
+    """
     upgraded = {key: value for key, value in data.items() if key != "agents"}
-    upgraded.setdefault("participants", data.get("agents", []))
+    listed = upgraded.setdefault("participants", data.get("agents", []))
+    if isinstance(listed, list):
+        upgraded["participants"] = list(dict.fromkeys(listed))
     if not upgraded.get("started_by"):
         participants = upgraded["participants"]
-        upgraded["started_by"] = participants[0] if participants else "unknown"
+        upgraded["started_by"] = participants[0] if participants else None
     return upgraded
 
 
@@ -254,6 +306,30 @@ def decode(event: RecordedEvent) -> EventPayload:
         data = upcaster(data)
         version += 1
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={RECORDED: True})
     except ValidationError as exc:
         raise EventValidationError(f"event {event.event_id} ({event.type}): {exc}") from None
+
+
+P = TypeVar("P", bound=EventPayload)
+
+
+def new_payload(model: type[P], **fields: object) -> P:
+    """The payload of a new event from a command's arguments, validated
+    strictly (a bool is no number, a string no int), or ``InvalidCommand``."""
+    try:
+        return model.model_validate(fields, strict=True)
+    except ValidationError as exc:
+        raise InvalidCommand(f"{model.TYPE}: {exc}", code="invalid_arguments") from None
+
+
+_AGENT_ID: TypeAdapter[str] = TypeAdapter(AgentId)
+
+
+def new_agent_id(value: object, argument: str) -> str:
+    """``value`` as a new event's agent id, or ``InvalidCommand`` naming
+    ``argument``: for a command that must refuse before its first append."""
+    try:
+        return _AGENT_ID.validate_python(value, strict=True)
+    except ValidationError as exc:
+        raise InvalidCommand(f"{argument}: {exc}", code="invalid_arguments") from None

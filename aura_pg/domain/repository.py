@@ -28,9 +28,9 @@ from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 from aura_pg.domain.debate import Debate, DebateRules, DebateStatus, Stance
-from aura_pg.domain.decision import Decision, DecisionStatus, decision_id_for
+from aura_pg.domain.decision import Decision, consensus_title, decision_id_for
 from aura_pg.domain.errors import RuleViolation
-from aura_pg.domain.events import Vote, debate_stream, decision_stream
+from aura_pg.domain.events import Vote, debate_stream, decision_stream, new_agent_id
 from aura_pg.errors import ConcurrencyError, IdempotencyConflict
 from aura_pg.models import AppendResult, NewEvent, RecordedEvent
 from aura_pg.retry import AppendRetry
@@ -226,7 +226,12 @@ class DecisionRepository(_Repository[Decision]):
     def propose(
         self, decision_id: str, debate_id: str, proposed_by: str, title: str
     ) -> CommandResult:
-        return self.execute(decision_id, lambda d: d.propose(debate_id, proposed_by, title))
+        """Propose the decision the consensus of ``debate_id`` names, by hand
+        (see ``Decision.propose``: not the id derived from the debate, which
+        ``DebateRepository.reach_consensus`` proposes). The debate is read
+        once: a debate in consensus never changes again."""
+        debate = Debate.fold(debate_id, self.store.read_stream(debate_stream(debate_id)))
+        return self.execute(decision_id, lambda d: d.propose(debate, proposed_by, title))
 
     def approve(self, decision_id: str, approved_by: str) -> CommandResult:
         return self.execute(decision_id, lambda d: d.approve(approved_by))
@@ -301,32 +306,38 @@ class DebateRepository(_Repository[Debate]):
         Two appends to two streams. Re-running this after a crash between
         them (or racing another caller) is safe: once the debate is in
         consensus the first step has nothing to do, and the proposal is
-        made at most once.
+        made at most once. Refusals that the second step would meet
+        (an invalid ``proposed_by``, a decision id taken by another
+        proposal) are raised before the first append; a proposal that
+        appears in between fails the second step with ``AlreadyExists``
+        (``decision_preempted``): the proposal is made or the call fails.
         """
+        new_agent_id(proposed_by, "proposed_by")
         decision_id = decision_id_for(debate_id)
+        taken = self.decisions.load(decision_id)
 
         def command(debate: Debate) -> list[NewEvent]:
             if debate.status is DebateStatus.CONSENSUS and debate.decision_id == decision_id:
                 return []
-            return debate.reach_consensus(decision_id)
+            events = debate.reach_consensus(decision_id)
+            taken.require_not_preempted(
+                debate_id, consensus_title(debate.consensus_outcome(), debate.topic)
+            )
+            return events
 
         debate_result = self.execute(debate_id, command)
         return ConsensusResult(debate_result, self.ensure_decision(debate_id, proposed_by))
 
     def ensure_decision(self, debate_id: str, proposed_by: str) -> CommandResult:
         """Propose the decision of a debate that ended in consensus, unless it
-        was proposed already (the repair step after a crash)."""
+        was proposed already (the repair step after a crash). A proposal
+        that is not this consensus's raises ``AlreadyExists``
+        (``decision_preempted``)."""
         debate = self.load(debate_id)
         if debate.status is not DebateStatus.CONSENSUS or debate.decision_id is None:
             raise RuleViolation(
                 f"debate {debate_id} has not reached consensus", code="no_consensus"
             )
-        title = f"{debate.outcome}: {debate.topic}"[:500]
-        decision_id = debate.decision_id
-
-        def command(decision: Decision) -> list[NewEvent]:
-            if decision.status is not DecisionStatus.NEW:
-                return []
-            return decision.propose(debate_id, proposed_by, title)
-
-        return self.decisions.execute(decision_id, command)
+        return self.decisions.execute(
+            debate.decision_id, lambda decision: decision.propose_consensus(debate, proposed_by)
+        )

@@ -96,18 +96,11 @@ class _Debate:
 def fold_debates(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """debate_state.debates computed event by event in Python."""
     debates: dict[str, _Debate] = {}
-    links: dict[str, tuple[int, str]] = {}  # debate_id -> (position, decision_id), first
-    seen_decisions: set[str] = set()
     for e in events:
         stream, kind, data = e["stream_id"], e["type"], e["data"]
-        if kind == "DECISION_PROPOSED":
-            if stream.startswith("decision-"):
-                decision_id = stream.removeprefix("decision-")
-                if decision_id not in seen_decisions:
-                    seen_decisions.add(decision_id)
-                    links.setdefault(data["debate_id"], (e["global_position"], decision_id))
-            continue
-        if not stream.startswith("debate-"):
+        # A debate's decision is the one its consensus names, never one that
+        # a proposal merely links to it.
+        if kind == "DECISION_PROPOSED" or not stream.startswith("debate-"):
             continue
         d = debates.setdefault(stream.removeprefix("debate-"), _Debate(stream))
         if kind == "DEBATE_STARTED":
@@ -118,7 +111,9 @@ def fold_debates(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any
             if d.topic is None:
                 d.topic = data["topic"]
             if d.started_by is None:
-                d.started_by = data.get("started_by") or (None if v2 else data["agents"][0])
+                # v1: a missing, null or empty starter is the first agent, if any.
+                agents = data["participants"] if v2 else data["agents"]
+                d.started_by = data.get("started_by") or (None if v2 or not agents else agents[0])
             if d.max_rounds is None:
                 d.max_rounds = int(data.get("max_rounds", 3))
             if d.started_at is None:
@@ -150,7 +145,6 @@ def fold_debates(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any
     folded = {}
     for debate_id, d in debates.items():
         open_ = d.status == "open"
-        linked = links.get(debate_id)
         folded[debate_id] = {
             "debate_id": debate_id,
             "topic": d.topic,
@@ -162,7 +156,7 @@ def fold_debates(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any
             "votes_for": d.votes_for,
             "votes_against": d.votes_against,
             "outcome": d.outcome,
-            "decision_id": d.consensus_decision_id or (linked[1] if linked else None),
+            "decision_id": d.consensus_decision_id,
             "started_at": d.started_at,
             "ended_at": d.ended_at,
             "last_version": d.last_version,

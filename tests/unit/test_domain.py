@@ -403,9 +403,15 @@ def test_idempotency_keys_are_deterministic_and_endings_share_one() -> None:
 # -- decisions -------------------------------------------------------------
 
 
+def in_consensus(decision_id: str = "dec-1") -> Debate:
+    """Debate d1 ended in consensus, naming ``decision_id``."""
+    debate = vote(voting(), {"ann": "approve", "bob": "approve"})
+    return apply(debate, debate.reach_consensus(decision_id))
+
+
 def decided(action: str) -> Decision:
     decision = Decision("dec-1")
-    for event in decision.propose("d1", "ann", "Ship it"):
+    for event in decision.propose(in_consensus(), "ann", "Ship it"):
         decision.apply(recorded(event, decision.version + 1, "decision-dec-1"))
     events = decision.approve("bob") if action == "approve" else decision.reject("bob", "no")
     for event in events:
@@ -432,7 +438,7 @@ def test_a_resolved_decision_never_changes(action: str) -> None:
     with refused(Closed, "decision_closed"):
         decision.reject("cyd", "changed my mind")
     with refused(AlreadyExists, "already_proposed"):
-        decision.propose("d1", "ann", "Again")
+        decision.propose(in_consensus(), "ann", "Again")
     late = encode(DecisionApproved(decision_id="dec-1", approved_by="cyd"))
     with refused(UnexpectedEvent, "unexpected_event"):
         decision.apply(recorded(late, 3, "decision-dec-1"))
@@ -444,7 +450,7 @@ def test_decision_commands_need_a_proposal() -> None:
     with refused(NotFound, "not_found"):
         Decision("dec-1").reject("ann", "no")
     with refused(InvalidCommand, "invalid_arguments"):
-        Decision("dec-1").propose("d1", "ann", "")
+        Decision("dec-1").propose(in_consensus(), "ann", "")
 
 
 def test_decision_ids_derive_from_the_debate() -> None:
@@ -522,8 +528,17 @@ def test_v1_keeps_an_explicit_starter() -> None:
     assert payload.started_by == "cyd"
 
 
-def test_v1_with_too_few_agents_is_a_typed_error() -> None:
+def test_v1_with_too_few_agents_folds_as_recorded() -> None:
+    """Version 1 set no minimum: such a start stays loadable (see
+    tests/unit/test_debate_edges.py for every v1 shape)."""
     v1 = NewEvent("DEBATE_STARTED", {"debate_id": "d1", "topic": "Old", "agents": ["a"]})
+    payload = decode(recorded(v1, 1))
+    assert isinstance(payload, DebateStarted)
+    assert (payload.participants, payload.started_by) == (("a",), "a")
+
+
+def test_v1_with_invalid_agents_is_a_typed_error() -> None:
+    v1 = NewEvent("DEBATE_STARTED", {"debate_id": "d1", "topic": "Old", "agents": ["a b"]})
     with pytest.raises(EventValidationError, match="DEBATE_STARTED"):
         decode(recorded(v1, 1))
 
