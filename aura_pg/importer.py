@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -130,6 +130,9 @@ class SourceMessage:
     headers: Mapping[str, str]
     timestamp: datetime | None = None
     """When the stream stored the message."""
+    stream_created: datetime | None = None
+    """When the stream was created: tells apart the lives of a stream
+    deleted and created again under its name, whose sequences start over."""
 
     @property
     def message_id(self) -> str | None:
@@ -156,9 +159,11 @@ class ImportedEvent:
     """What a mapping makes of a message: the event to append.
 
     ``idempotency_key`` None: the importer uses the ``Nats-Msg-Id`` header,
-    else ``nats:<stream>:<sequence>``. The importer adds its provenance keys
-    (``nats_stream``, ``nats_subject``, ``nats_sequence``, ``nats_msg_id``)
-    to ``metadata``.
+    else a key made of the stream sequence (``nats:<stream>:<sequence>``, or
+    ``nats:<stream>@<created>:<sequence>`` for a stream recreated since
+    this database first imported it; docs/import.md). The importer adds its
+    provenance keys (``nats_stream``, ``nats_subject``, ``nats_sequence``,
+    ``nats_msg_id``, ``nats_stream_created``) to ``metadata``.
     """
 
     stream_id: str
@@ -543,6 +548,11 @@ def default_consumer(stream: str) -> str:
     return CONSUMER_PREFIX + stream
 
 
+def _instant(moment: datetime) -> str:
+    """A creation time as it appears in keys and metadata: UTC, microseconds."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _clean_text(text: str) -> str:
     # text and jsonb cannot hold NUL.
     return text.replace("\x00", "\\u0000")
@@ -596,6 +606,9 @@ class NatsImporter:
         self._jetstream: JetStreamContext | None = None
         self._store: AsyncEventStore | None = None
         self._closing = False
+        # The life of the stream read (its creation time), set by run().
+        self._stream_created: datetime | None = None
+        self._plain_keys = True
         self._lag = IMPORT_LAG.labels(SOURCE_NATS, stream)
         self._counters = {
             outcome: IMPORTED.labels(SOURCE_NATS, stream, outcome) for outcome in OUTCOMES
@@ -646,7 +659,8 @@ class NatsImporter:
             row = await (await conn.execute(_QUERIES["schema_ready"])).fetchone()
         if row is None or not row[0]:
             raise MigrationError(
-                "aura.import_dead_letters does not exist: run `aura-pg migrate` (migration 0008)"
+                "aura.import_dead_letters or aura.import_stream_lives does not exist: "
+                "run `aura-pg migrate` (migrations 0008 and 0009)"
             )
         self._store = await AsyncEventStore.connect(
             self.dsn, min_size=1, max_size=2, timeout=DEFAULT_DB_TIMEOUT, kwargs=extra
@@ -796,7 +810,7 @@ class NatsImporter:
             return f"the mapping's metadata is a {type(result.metadata).__name__}, not a mapping"
         key = result.idempotency_key
         if key is None:
-            key = message.message_id or f"nats:{message.stream}:{message.sequence}"
+            key = message.message_id or self._sequence_key(message)
         provenance: dict[str, Any] = {
             "nats_stream": message.stream,
             "nats_subject": message.subject,
@@ -804,6 +818,8 @@ class NatsImporter:
         }
         if message.message_id is not None:
             provenance["nats_msg_id"] = message.message_id
+        if message.stream_created is not None:
+            provenance["nats_stream_created"] = _instant(message.stream_created)
         try:
             event = NewEvent(
                 result.type,
@@ -814,6 +830,45 @@ class NatsImporter:
         except (EventValidationError, TypeError) as exc:
             return f"invalid event: {exc}"
         return result.stream_id, event
+
+    def _sequence_key(self, message: SourceMessage) -> str:
+        """The key of a message that has none of its own: its sequence, which
+        identifies it within one life of the stream only. The life this
+        database imported first keeps the keys of before migration 0009."""
+        if self._plain_keys or message.stream_created is None:
+            return f"nats:{message.stream}:{message.sequence}"
+        return f"nats:{message.stream}@{_instant(message.stream_created)}:{message.sequence}"
+
+    async def _register_stream_life(self) -> None:
+        """Read the stream's creation time and record this life of it; sets
+        whether its sequence keys are the plain ones (see _sequence_key)."""
+        from nats.js import errors as js_errors
+
+        assert self._jetstream is not None
+        assert self._store is not None
+        try:
+            info = await self._jetstream.stream_info(self.stream)
+        except js_errors.NotFoundError:
+            raise ImportConfigError(f"JetStream has no stream {self.stream!r}") from None
+        self._stream_created = info.created
+        if info.created is None:
+            # A server that does not say: one life is all that can be told.
+            log.warning("stream %s has no creation time: sequence keys are plain", self.stream)
+            self._plain_keys = True
+            return
+        params = {"source": SOURCE_NATS, "stream": self.stream, "created": info.created}
+        async with self._store.pool.connection() as conn:
+            await conn.execute(_QUERIES["claim_plain_keys"], params)
+            await conn.execute(_QUERIES["record_stream_life"], params)
+            row = await (await conn.execute(_QUERIES["stream_life_plain_keys"], params)).fetchone()
+        assert row is not None
+        self._plain_keys = bool(row[0])
+        if not self._plain_keys:
+            log.info(
+                "stream %s was created %s, after the life of it first imported here: its "
+                "sequence keys name its creation time",
+                self.stream, _instant(info.created),
+            )  # fmt: skip
 
     async def _dead_letter(self, message: SourceMessage, reason: str) -> bool:
         """Record a rejected message; False when it was recorded before."""
@@ -904,6 +959,7 @@ class NatsImporter:
             data=msg.data,
             headers=dict(msg.headers or {}),
             timestamp=metadata.timestamp,
+            stream_created=self._stream_created,
         )
         keeper = asyncio.create_task(self._keep_in_progress(msg))
         try:
@@ -952,6 +1008,10 @@ class NatsImporter:
         stop = stop if stop is not None else asyncio.Event()
         assert self._jetstream is not None
         await self.ensure_consumer()
+        # After the consumer: it dies with its stream, so the messages it
+        # delivers belong to the life whose creation time is read here (a
+        # stream recreated later ends the run: the consumer is gone).
+        await self._register_stream_life()
         subscription = await self._jetstream.pull_subscribe_bind(
             durable=self.consumer, stream=self.stream
         )

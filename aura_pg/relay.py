@@ -21,16 +21,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import http.client
 import json
 import logging
 import random
 import re
 import signal
+import ssl
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self, runtime_checkable
@@ -68,6 +68,7 @@ DEFAULT_PUBLISH_TIMEOUT: Final = 5.0
 DEFAULT_BACKOFF_BASE: Final = 1.0
 DEFAULT_BACKOFF_MAX: Final = 600.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 30.0
 # last_error keeps the start of long messages (HTTP bodies, tracebacks).
 _MAX_ERROR_LENGTH: Final = 1000
 _ERROR_BODY_BYTES: Final = 200
@@ -310,14 +311,102 @@ def check_webhook_url(url: str) -> str:
         raise ValueError("webhook URLs cannot carry credentials")
     if port == 0 or any(ch in url for ch in "\r\n\t "):
         raise ValueError(f"invalid webhook URL {url!r}")
+    if not (parts.path + parts.query).isascii():
+        raise ValueError(f"webhook URL {url!r}: percent-encode the path and query")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"invalid webhook URL {url!r}: {exc}") from exc
     return url
+
+
+class _BadAnswer(Exception):
+    """The receiver's answer is not HTTP/1.x as the sink reads it."""
+
+
+# Limits on an answer (as http.client's): the length of one status or
+# header line, and the number of header lines.
+_MAX_LINE: Final = 65536
+_MAX_HEADERS: Final = 100
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _BadAnswer(f"a line of the answer is longer than {_MAX_LINE} bytes") from None
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
+    """Status, reason and headers (names in lower case) of the final answer,
+    after any interim (1xx) ones."""
+    while True:
+        line = (await _read_line(reader)).rstrip(b"\r\n")
+        version, _, rest = line.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise _BadAnswer(f"not an HTTP/1.x status line: {line[:80]!r}")
+        headers: dict[str, str] = {}
+        for _ in range(_MAX_HEADERS + 1):
+            header = (await _read_line(reader)).rstrip(b"\r\n")
+            if not header:
+                break
+            name, _, value = header.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        else:
+            raise _BadAnswer(f"more than {_MAX_HEADERS} header lines")
+        status = int(code)
+        if not 100 <= status < 200 or status == 101:
+            return status, reason.decode("latin-1").strip(), headers
+
+
+async def _read_body_start(
+    reader: asyncio.StreamReader, status: int, headers: Mapping[str, str], limit: int
+) -> bytes:
+    """Up to ``limit`` bytes of the body (the relay keeps the start of an
+    error's body; the connection is closed after)."""
+    if status in (204, 304):
+        return b""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = b""
+        while len(body) < limit:
+            size_line = (await _read_line(reader)).split(b";")[0].strip()
+            try:
+                size = int(size_line, 16)
+            except ValueError:
+                raise _BadAnswer(f"bad chunk size {size_line[:20]!r}") from None
+            if size == 0:
+                break
+            body += await reader.readexactly(min(size, limit - len(body)))
+            if len(body) < limit:
+                await reader.readexactly(2)  # the chunk's CRLF
+        return body
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise _BadAnswer(f"bad Content-Length {length[:20]!r}")
+        return await reader.readexactly(min(int(length), limit))
+    body = b""
+    while len(body) < limit:  # no length: the body ends when the connection does
+        chunk = await reader.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 class WebhookSink:
     """POSTs the payload (JSON) to the URL configured for the row's topic, with
     ``Idempotency-Key: <message_id>`` and the row's headers. A 2xx answer is
-    delivered; any other answer is a failed attempt; no answer (refused,
-    timeout) also pauses that webhook. Redirects are not followed."""
+    delivered; any other answer is a failed attempt; no complete answer
+    within ``timeout`` (refused, slow, malformed) also pauses that webhook.
+    Redirects are not followed.
+
+    ``timeout`` bounds the whole exchange (connect, TLS, send, status,
+    headers, the start of the body), not each socket operation: a receiver
+    that trickles its answer cannot hold a batch open. The exchange runs on
+    the event loop (no thread), so a stop can cancel it at once.
+    """
 
     # Set by the sink; a row's headers cannot replace them.
     _RESERVED = ("Content-Type", "Content-Length", "Transfer-Encoding", "Host", "Connection")
@@ -328,52 +417,92 @@ class WebhookSink:
         *,
         name: str = "webhook",
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not urls:
             raise ValueError("WebhookSink needs at least one NAME=URL")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
         self._urls = {topic: check_webhook_url(url) for topic, url in urls.items()}
         self.name = name
         self.topics: frozenset[str] | None = frozenset(self._urls)
         self.timeout = timeout
+        self._ssl_context = ssl_context
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            # Certificate and host name checks, as http.client's default.
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _request(self, url: str, message: OutboxMessage) -> bytes:
+        parts = urlsplit(url)
+        assert parts.hostname is not None  # checked in __init__
+        default_port = 443 if parts.scheme == "https" else 80
+        host = parts.hostname.encode("idna").decode("ascii")
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None and parts.port != default_port:
+            host = f"{host}:{parts.port}"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {
+            "Host": host,
+            "Accept-Encoding": "identity",
+            **_without(message.headers, [*self._RESERVED, "Idempotency-Key"]),
+            "Content-Type": "application/json",
+            "Idempotency-Key": str(message.message_id),
+            "Content-Length": str(len(message.payload)),
+            # One request per connection: no reuse, and a body without a
+            # length ends with the connection.
+            "Connection": "close",
+        }
+        lines = [f"POST {target} HTTP/1.1".encode("ascii")]
+        # Values in UTF-8 (checked for control characters when the row was read).
+        lines += [f"{key}: {value}".encode() for key, value in headers.items()]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + message.payload
+
+    async def _exchange(self, url: str, message: OutboxMessage) -> tuple[int, str, bytes]:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        tls = parts.scheme == "https"
+        reader, writer = await asyncio.open_connection(
+            parts.hostname,
+            parts.port or (443 if tls else 80),
+            ssl=self._tls() if tls else None,
+            server_hostname=parts.hostname if tls else None,
+            limit=_MAX_LINE,
+        )
+        try:
+            writer.write(self._request(url, message))
+            await writer.drain()
+            status, reason, headers = await _read_head(reader)
+            body = await _read_body_start(reader, status, headers, _ERROR_BODY_BYTES)
+            return status, reason, body
+        finally:
+            # At once, also when cancelled: no TLS close_notify, no lingering.
+            writer.transport.abort()
 
     async def publish(self, message: OutboxMessage) -> None:
         url = self._urls.get(message.topic)
         if url is None:
             raise DeliveryError(f"no webhook named {message.topic!r} is configured")
-        status, reason, body = await asyncio.to_thread(self._post, url, message)
-        if not 200 <= status < 300:
-            raise DeliveryError(
-                f"webhook {message.topic!r} answered HTTP {status} {reason}: {body!r}"
-            )
-
-    def _post(self, url: str, message: OutboxMessage) -> tuple[int, str, str]:
-        parts = urlsplit(url)
-        assert parts.hostname is not None  # checked in __init__
-        connection_class = (
-            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        )
-        connection = connection_class(parts.hostname, parts.port, timeout=self.timeout)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers: dict[str, str | bytes] = {
-            # UTF-8 bytes: http.client would encode str values as Latin-1.
-            key: value.encode("utf-8")
-            for key, value in _without(
-                message.headers, [*self._RESERVED, "Idempotency-Key"]
-            ).items()
-        }
-        headers["Content-Type"] = "application/json"
-        headers["Idempotency-Key"] = str(message.message_id)
+        where = f"webhook {message.topic!r} ({urlsplit(url).hostname})"
         try:
-            connection.request("POST", target, body=message.payload, headers=headers)
-            response = connection.getresponse()
-            body = response.read(_ERROR_BODY_BYTES)
-            return response.status, response.reason, body.decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as exc:
+            async with asyncio.timeout(self.timeout):
+                status, reason, body = await self._exchange(url, message)
+        except TimeoutError:
             raise SinkUnavailable(
-                f"webhook {message.topic!r} ({parts.hostname}): {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            connection.close()
+                f"{where}: timed out: no complete answer within {self.timeout:g} s"
+            ) from None
+        except asyncio.IncompleteReadError:
+            raise SinkUnavailable(f"{where}: the connection closed mid-answer") from None
+        except (OSError, _BadAnswer) as exc:
+            raise SinkUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+        if not 200 <= status < 300:
+            text = body.decode("utf-8", "replace")
+            raise DeliveryError(
+                f"webhook {message.topic!r} answered HTTP {status} {reason}: {text!r}"
+            )
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -387,6 +516,10 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 _Endpoint = tuple[str, str | None]
 
 
+class _GaveUp(Exception):
+    """The shutdown timeout ran out before the publish in flight ended."""
+
+
 @dataclass(slots=True)
 class _Pause:
     failures: int = 0
@@ -398,7 +531,10 @@ class Relay:
 
     ``run_once()`` drains what is due and returns; ``run()`` polls until
     ``stop`` is set, reconnecting (with backoff) when the database
-    connection drops. Both finish the batch in flight before returning.
+    connection drops. Both finish the batch in flight before returning, for
+    at most ``shutdown_timeout`` seconds after ``stop`` is set: then the
+    publish in flight is cancelled, it and the rows not tried yet are left
+    as they were (published again later), and the outcomes known commit.
     Use as ``async with Relay(...) as relay`` to close the connections.
     """
 
@@ -412,6 +548,7 @@ class Relay:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: Backoff | None = None,
         reconnect_backoff: Backoff | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ) -> None:
         self.sinks: dict[str, Sink] = {}
         for sink in sinks:
@@ -420,14 +557,19 @@ class Relay:
             self.sinks[sink.name] = sink
         if not self.sinks:
             raise ValueError("a relay needs at least one sink")
-        if batch_size < 1 or max_attempts < 1 or not poll_interval > 0:
-            raise ValueError("batch_size, max_attempts and poll_interval must be positive")
+        if batch_size < 1 or max_attempts < 1 or not poll_interval > 0 or not shutdown_timeout > 0:
+            raise ValueError(
+                "batch_size, max_attempts, poll_interval and shutdown_timeout must be positive"
+            )
         self.dsn = dsn
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
         self.backoff = backoff or Backoff()
         self.reconnect_backoff = reconnect_backoff or Backoff(base=0.5, cap=30.0)
+        self.shutdown_timeout = shutdown_timeout
+        # Set shutdown_timeout after a stop: the batch in flight gives up.
+        self._give_up = asyncio.Event()
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._pauses: dict[_Endpoint, _Pause] = {}
 
@@ -535,6 +677,45 @@ class Relay:
         metrics.record_delivery(sink_name, time.perf_counter() - started, delivered=error is None)
         return error
 
+    async def _publish_or_give_up(self, row: tuple[Any, ...]) -> BaseException | None:
+        """``_publish(row)``; _GaveUp when the shutdown timeout ran out first
+        (the publish is cancelled: the row stays as it was)."""
+        if self._give_up.is_set():
+            raise _GaveUp
+        publishing = asyncio.ensure_future(self._publish(row))
+        giving_up = asyncio.ensure_future(self._give_up.wait())
+        try:
+            await asyncio.wait((publishing, giving_up), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            giving_up.cancel()
+            if not publishing.done():
+                publishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publishing
+        if publishing.cancelled():
+            raise _GaveUp
+        return publishing.result()
+
+    async def _watch_shutdown(self, stop: asyncio.Event) -> None:
+        """Once ``stop`` is set, give the batch in flight ``shutdown_timeout``."""
+        await stop.wait()
+        await asyncio.sleep(self.shutdown_timeout)
+        self._give_up.set()
+
+    @contextlib.asynccontextmanager
+    async def _shutdown_deadline(self, stop: asyncio.Event | None) -> AsyncIterator[None]:
+        self._give_up.clear()
+        if stop is None:
+            yield
+            return
+        watch = asyncio.create_task(self._watch_shutdown(stop))
+        try:
+            yield
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
     async def _batch(self) -> tuple[int, RelayStats]:
         """Claim, publish, record, commit: (rows claimed, what was recorded)."""
         params = self._claim_params()
@@ -552,7 +733,15 @@ class Relay:
                     endpoint = self._endpoint(self.sinks[sink_name], topic)
                     if self._paused(endpoint):
                         continue  # paused earlier in this batch: leave the row as it was
-                    error = await self._publish(row)
+                    try:
+                        error = await self._publish_or_give_up(row)
+                    except _GaveUp:
+                        log.warning(
+                            "shutdown timeout (%.3g s): outbox row %s (%s %s) and the rest of "
+                            "the batch are left as they were",
+                            self.shutdown_timeout, row_id, sink_name, topic,
+                        )  # fmt: skip
+                        break
                     if error is None:
                         delivered.append(row_id)
                         self._pauses.pop(endpoint, None)
@@ -605,11 +794,12 @@ class Relay:
         sinks are not claimed, so this ends. Database errors propagate.
         """
         stats = RelayStats()
-        while stop is None or not stop.is_set():
-            claimed, batch = await self._batch()
-            stats.add(batch)
-            if claimed < self.batch_size:
-                break
+        async with self._shutdown_deadline(stop):
+            while stop is None or not stop.is_set():
+                claimed, batch = await self._batch()
+                stats.add(batch)
+                if claimed < self.batch_size:
+                    break
         return stats
 
     async def run(self, stop: asyncio.Event | None = None) -> RelayStats:
@@ -619,21 +809,22 @@ class Relay:
         stop = stop if stop is not None else asyncio.Event()
         stats = RelayStats()
         failures = 0
-        while not stop.is_set():
-            try:
-                claimed, batch = await self._batch()
-            except psycopg.OperationalError as exc:
-                failures += 1
-                delay = self.reconnect_backoff.delay(failures)
-                log.warning("database: %s; reconnecting in %.3g s", str(exc).strip(), delay)
-                await _wait(stop, delay)
-                continue
-            if failures:
-                log.info("database connection restored")
-                failures = 0
-            stats.add(batch)
-            if claimed < self.batch_size:
-                await _wait(stop, self.poll_interval)
+        async with self._shutdown_deadline(stop):
+            while not stop.is_set():
+                try:
+                    claimed, batch = await self._batch()
+                except psycopg.OperationalError as exc:
+                    failures += 1
+                    delay = self.reconnect_backoff.delay(failures)
+                    log.warning("database: %s; reconnecting in %.3g s", str(exc).strip(), delay)
+                    await _wait(stop, delay)
+                    continue
+                if failures:
+                    log.info("database connection restored")
+                    failures = 0
+                stats.add(batch)
+                if claimed < self.batch_size:
+                    await _wait(stop, self.poll_interval)
         return stats
 
 
@@ -672,7 +863,8 @@ def _sinks(args: argparse.Namespace) -> list[Sink]:
 
 
 async def _serve(relay: Relay, once: bool, heartbeat: Heartbeat) -> RelayStats:
-    """Run the relay; SIGTERM or SIGINT ends it after the batch in flight."""
+    """Run the relay; SIGTERM or SIGINT ends it after the batch in flight
+    (at most the shutdown timeout later)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -706,6 +898,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         max_attempts=args.max_attempts,
         backoff=Backoff(base=min(args.backoff_base, args.backoff_max), cap=args.backoff_max),
+        shutdown_timeout=args.shutdown_timeout,
     )
     log.info(
         "relaying %s (batch %s, poll %s s, max attempts %s)",
@@ -782,7 +975,16 @@ def add_relay_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=positive_float,
         default=DEFAULT_PUBLISH_TIMEOUT,
         metavar="SECONDS",
-        help="wait for a PubAck or an HTTP answer (default %(default)s)",
+        help="the longest a publish may take: a JetStream PubAck, or a whole webhook "
+        "exchange from connect to the answer's body (default %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=positive_float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        metavar="SECONDS",
+        help="after SIGTERM/SIGINT, how long the batch in flight may go on before the "
+        "publish in flight is abandoned and the rest left pending (default %(default)s)",
     )
     p.add_argument(
         "--once", action="store_true", help="publish what is due now, print a summary, exit"

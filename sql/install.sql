@@ -28,5 +28,7 @@ BEGIN;
 \ir data/rehash_colon_streams.sql
 \ir functions/shadows.sql
 \ir tables/import_dead_letters.sql
+\ir upgrades/0009_import_dead_letter_identity.sql
+\ir tables/import_stream_lives.sql
 \ir views/stream_order_inversions.sql
 COMMIT;

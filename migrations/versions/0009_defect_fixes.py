@@ -24,6 +24,10 @@ def upgrade() -> None:
         [
             "functions/append_events.sql",
             "roles/append_definer.sql",
+            # The importer: dead letters identified by sequence and content
+            # hash; the source streams' lives for sequence keys.
+            "upgrades/0009_import_dead_letter_identity.sql",
+            "tables/import_stream_lives.sql",
             "views/stream_order_inversions.sql",
         ]
     )

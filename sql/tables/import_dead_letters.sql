@@ -4,9 +4,16 @@
 -- field, the mapping raised), or whose event the store refused (an invalid
 -- stream id or type, an idempotency key reused with other content), is kept
 -- here with the reason and then acknowledged: nothing is dropped silently
--- and nothing blocks the source stream. (source, stream, sequence) is
--- unique, so a reject that is delivered again (a crash before its
--- acknowledgement, a re-run from a new consumer) is stored once.
+-- and nothing blocks the source stream.
+--
+-- A message is identified by its sequence and its content: content_hash is
+-- sha256 of subject, headers and payload (the formula is in
+-- queries/importer.sql, record_dead_letter, and upgrades/0009_import_dead_letter_identity.sql).
+-- A reject delivered again (a crash before its acknowledgement, a re-run
+-- from a new consumer) is stored once; another message at the same
+-- sequence (the stream deleted and created again, or another cluster's
+-- stream of that name) is stored as well (migration 0009; before it the
+-- sequence alone identified a message, and such a message was lost).
 CREATE TABLE aura.import_dead_letters (
     id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source       text        NOT NULL,
@@ -18,10 +25,11 @@ CREATE TABLE aura.import_dead_letters (
     payload      bytea       NOT NULL,
     reason       text        NOT NULL,
     recorded_at  timestamptz NOT NULL DEFAULT now(),
+    content_hash bytea       NOT NULL,
     CONSTRAINT import_dead_letter_source_valid CHECK (source ~ '^[a-z][a-z0-9_]{0,62}$'),
     CONSTRAINT import_dead_letter_sequence_valid CHECK (sequence >= 1),
     CONSTRAINT import_dead_letter_headers_is_object CHECK (jsonb_typeof(headers) = 'object'),
-    CONSTRAINT import_dead_letter_once UNIQUE (source, stream, sequence)
+    CONSTRAINT import_dead_letter_once UNIQUE (source, stream, sequence, content_hash)
 );
 
 COMMENT ON TABLE aura.import_dead_letters IS

@@ -17,6 +17,7 @@ from aura_pg.localdb import free_port
 from aura_pg.observability import names
 from tests.helpers.metrics import answering, http_get, scrape, value
 from tests.helpers.projections import wait_for_sync
+from tests.helpers.slow_http import DripServer
 from tests.integration.test_relay import WebhookServer, add_route, append, outbox
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -181,3 +182,92 @@ def test_unmigrated_database_exits_1(empty_dsn: str) -> None:
     assert done.returncode == 1
     assert 'relation "aura.outbox" does not exist' in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- a receiver that drips its answer (issue 25) ----------------------------
+
+
+@pytest.fixture
+def drip_server() -> Iterator[DripServer]:
+    """Answers ``200 OK``, then a header one byte every 0.8 s (48 s in all)."""
+    server = DripServer(interval=0.8)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_publish_timeout_bounds_a_dripping_answer(dsn: str, drip_server: DripServer) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    append(dsn, "T", "T")
+    started = time.monotonic()
+    done = run_relay(
+        "--dsn", dsn, "--webhook", f"hook={drip_server.url('/hook')}",
+        "--publish-timeout", "2", "--once",
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    # 2 s and the interpreter's start, with room for a loaded machine; the
+    # answer itself takes 48 s.
+    assert elapsed < 12, f"the relay took {elapsed:.1f} s"
+    assert json.loads(done.stdout) == {"batches": 1, "delivered": 0, "failed": 1, "dead": 0}
+    first, second = outbox(dsn)
+    assert (first["status"], first["attempts"]) == ("pending", 1)
+    assert "no complete answer within 2 s" in first["last_error"]
+    assert (second["status"], second["attempts"]) == ("pending", 0)  # the webhook paused
+
+
+def wait_for_request(relay: subprocess.Popen[str], drip_server: DripServer) -> None:
+    deadline = time.monotonic() + 30
+    while not drip_server.arrived.wait(0.1):
+        assert relay.poll() is None, relay.communicate()
+        assert time.monotonic() < deadline, "the relay sent nothing"
+
+
+def test_sigterm_during_a_dripping_answer_ends_within_the_publish_timeout(
+    dsn: str, drip_server: DripServer
+) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    append(dsn, "T")
+    relay = start_relay(
+        "--dsn", dsn, "--webhook", f"hook={drip_server.url('/hook')}",
+        "--poll-interval", "0.1", "--publish-timeout", "3",
+    )  # fmt: skip
+    try:
+        wait_for_request(relay, drip_server)
+        relay.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = relay.communicate(timeout=20)
+        elapsed = time.monotonic() - signalled
+    finally:
+        relay.kill()
+    assert relay.returncode == 0, stderr
+    assert elapsed < 8, f"SIGTERM took {elapsed:.1f} s"
+    [row] = outbox(dsn)
+    assert (row["status"], row["attempts"]) == ("pending", 1)
+    assert "timed out" in row["last_error"]
+
+
+def test_sigterm_abandons_a_publish_after_the_shutdown_timeout(
+    dsn: str, drip_server: DripServer
+) -> None:
+    add_route(dsn, "hook", "webhook", "hook")
+    append(dsn, "T", "T")
+    relay = start_relay(
+        "--dsn", dsn, "--webhook", f"hook={drip_server.url('/hook')}",
+        "--poll-interval", "0.1", "--publish-timeout", "120", "--shutdown-timeout", "1",
+    )  # fmt: skip
+    try:
+        wait_for_request(relay, drip_server)
+        relay.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = relay.communicate(timeout=20)
+        elapsed = time.monotonic() - signalled
+    finally:
+        relay.kill()
+    assert relay.returncode == 0, stderr
+    assert elapsed < 6, f"SIGTERM took {elapsed:.1f} s"
+    assert "shutdown timeout" in stderr
+    # Neither row was recorded: both are published again later.
+    assert [(row["status"], row["attempts"]) for row in outbox(dsn)] == [("pending", 0)] * 2
+    assert not relay_connected(dsn)

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -411,8 +412,10 @@ async def test_unreachable_nats_is_a_clear_error(dsn: str) -> None:
 
 def test_dead_letters_belong_to_the_owner_and_the_writer_records_them(dsn: str) -> None:
     insert = (
-        "INSERT INTO aura.import_dead_letters (source, stream, subject, sequence, payload, reason)"
-        " VALUES ('nats', 'S', 's.x', 1, '\\x00ff', 'r') ON CONFLICT DO NOTHING RETURNING id"
+        "INSERT INTO aura.import_dead_letters"
+        " (source, stream, subject, sequence, payload, reason, content_hash)"
+        " VALUES ('nats', 'S', 's.x', 1, '\\x00ff', 'r', '\\x01') ON CONFLICT DO NOTHING"
+        " RETURNING id"
     )
     with psycopg.connect(dsn, autocommit=True) as conn:
         owner = conn.execute(
@@ -422,7 +425,7 @@ def test_dead_letters_belong_to_the_owner_and_the_writer_records_them(dsn: str) 
         assert owner == ("aura_owner",)
         conn.execute("SET ROLE aura_writer")
         assert conn.execute(insert).fetchone() is not None
-        assert conn.execute(insert).fetchone() is None  # once per (source, stream, sequence)
+        assert conn.execute(insert).fetchone() is None  # once per sequence and content
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DELETE FROM aura.import_dead_letters")
         for role in ("aura_projector", "aura_reader"):
@@ -437,3 +440,131 @@ def test_dead_letters_belong_to_the_owner_and_the_writer_records_them(dsn: str) 
             "SELECT has_table_privilege('public', 'aura.import_dead_letters', 'SELECT')"
         ).fetchone()
         assert public == (False,)
+
+
+# -- a stream deleted and created again under its name (issue 25) -----------
+
+
+async def recreate_stream(url: str) -> None:
+    """Delete the stream and create it again: its sequences start over at 1."""
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        await js.delete_stream(STREAM)
+        await js.add_stream(name=STREAM, subjects=["old.>"])
+    finally:
+        await nc.close()
+
+
+def body(aggregate: str, n: int) -> bytes:
+    """An event without a key of its own (no id, no idempotency_key)."""
+    return json.dumps({"type": "T", "aggregate_id": aggregate, "payload": {"n": n}}).encode()
+
+
+async def test_a_reject_in_a_recreated_stream_is_dead_lettered_too(dsn: str, nats_url: str) -> None:
+    assert await publish(nats_url, "old.x", b"first {not json", {}) == 1
+    first = await run_until_end(dsn, nats_url)
+    assert (first.appended, first.duplicates, first.rejected) == (0, 0, 1)
+
+    await recreate_stream(nats_url)
+    assert await publish(nats_url, "old.x", b"second {not json", {}) == 1
+    second = await run_until_end(dsn, nats_url)
+    # Before issue 25 this was a "duplicate": acknowledged and recorded nowhere.
+    assert (second.appended, second.duplicates, second.rejected) == (0, 0, 1)
+    letters = dead_letters(dsn)
+    assert [(letter["sequence"], bytes(letter["payload"])) for letter in letters] == [
+        (1, b"first {not json"),
+        (1, b"second {not json"),
+    ]
+
+    # The same message delivered again (a new consumer) is still stored once.
+    again = await run_until_end(dsn, nats_url, consumer="again")
+    assert (again.appended, again.duplicates, again.rejected) == (0, 1, 0)
+    assert len(dead_letters(dsn)) == 2
+
+
+async def test_sequence_keys_of_a_recreated_stream_do_not_meet_the_old_ones(
+    dsn: str, nats_url: str
+) -> None:
+    """Messages without a key of their own are keyed by their sequence. A
+    recreated stream's sequence 1 is a new event, whether its content equals
+    the old sequence 1 (it was answered as a duplicate) or not (refused as an
+    idempotency conflict); keys imported from the first life stay valid."""
+    for n in (1, 2):
+        await publish(nats_url, "old.a", body("a-1", n), {})
+    first = await run_until_end(dsn, nats_url)
+    assert (first.appended, first.duplicates, first.rejected) == (2, 0, 0)
+    assert [e["key"] for e in stored_events(dsn)["a-1"]] == ["nats:OLD:1", "nats:OLD:2"]
+
+    # A database upgraded from migration 0008 knows no life of the stream
+    # yet: the life it imports first keeps the plain keys it imported with.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM aura.import_stream_lives")
+    rerun = await run_until_end(dsn, nats_url, consumer="rerun")
+    assert (rerun.appended, rerun.duplicates, rerun.rejected) == (0, 2, 0)
+
+    await recreate_stream(nats_url)
+    await publish(nats_url, "old.a", body("a-1", 1), {})  # as the old sequence 1
+    await publish(nats_url, "old.a", body("a-1", 3), {})  # other data than the old 2
+    second = await run_until_end(dsn, nats_url)
+    assert (second.appended, second.duplicates, second.rejected) == (2, 0, 0)
+    assert dead_letters(dsn) == []
+    events = stored_events(dsn)["a-1"]
+    assert [e["data"] for e in events] == [{"n": 1}, {"n": 2}, {"n": 1}, {"n": 3}]
+    with psycopg.connect(dsn) as conn:
+        lives = conn.execute(
+            "SELECT created, plain_keys FROM aura.import_stream_lives"
+            " WHERE source = 'nats' AND stream = %s ORDER BY first_seen_at",
+            (STREAM,),
+        ).fetchall()
+    assert [plain for _, plain in lives] == [True, False]
+    created = lives[1][0].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert [e["key"] for e in events[2:]] == [f"nats:OLD@{created}:1", f"nats:OLD@{created}:2"]
+    assert events[2]["metadata"]["nats_stream_created"] == created
+
+    # The second life read again: duplicates, under its own keys.
+    again = await run_until_end(dsn, nats_url, consumer="again")
+    assert (again.appended, again.duplicates, again.rejected) == (0, 2, 0)
+    assert len(stored_events(dsn)["a-1"]) == 4
+
+
+def test_upgrading_from_0008_keeps_old_dead_letters_deduplicated(empty_dsn: str) -> None:
+    """Migration 0009 hashes the dead letters recorded before it as the
+    importer hashes a message, so an old reject delivered again is still
+    stored once, while another message at its sequence is stored too."""
+    from psycopg.types.json import Jsonb
+
+    from aura_pg import migrate
+    from aura_pg.importer import _QUERIES
+
+    migrate.upgrade(empty_dsn, "0008")
+    headers = {"Nats-Msg-Id": "m-1", "Ünï": "cödé"}
+    params = {
+        "source": "nats", "stream": STREAM, "subject": "old.x", "sequence": 1,
+        "message_id": "m-1", "headers": Jsonb(headers), "payload": b"{bad \xff",
+        "reason": "rejected by the mapping: x",
+    }  # fmt: skip
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        # The table as migration 0008 made it (a fresh install runs today's file).
+        conn.execute("ALTER TABLE aura.import_dead_letters DROP CONSTRAINT import_dead_letter_once")
+        conn.execute("ALTER TABLE aura.import_dead_letters DROP COLUMN content_hash")
+        conn.execute(
+            "ALTER TABLE aura.import_dead_letters"
+            " ADD CONSTRAINT import_dead_letter_once UNIQUE (source, stream, sequence)"
+        )
+        conn.execute(
+            "INSERT INTO aura.import_dead_letters"
+            " (source, stream, subject, sequence, message_id, headers, payload, reason)"
+            " VALUES (%(source)s, %(stream)s, %(subject)s, %(sequence)s, %(message_id)s,"
+            " %(headers)s, %(payload)s, %(reason)s)",
+            params,
+        )
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert conn.execute(_QUERIES["record_dead_letter"], params).fetchone() is None
+        other = {**params, "payload": b"another message at sequence 1"}
+        assert conn.execute(_QUERIES["record_dead_letter"], other).fetchone() is not None
+        rows = conn.execute(
+            "SELECT sequence, octet_length(content_hash) FROM aura.import_dead_letters"
+        ).fetchall()
+    assert rows == [(1, 32), (1, 32)]

@@ -36,6 +36,7 @@ from aura_pg.relay import (
     WebhookSink,
 )
 from tests.helpers.nats import NatsServer as BaseNatsServer
+from tests.helpers.slow_http import DripServer
 
 STREAM = "AURA"
 # Short waits: every test drains in well under a second.
@@ -478,7 +479,10 @@ async def test_rows_of_other_sinks_and_webhooks_are_left_alone(
             conn.execute(
                 "SELECT aura.publish_to_outbox(%s, %s, %s, '{}')", (sink, topic, message_id)
             )
-    sinks = [NatsSink([nats_server.url]), WebhookSink({"mine": webhook_server.url("/mine")})]
+    sinks: list[Sink] = [
+        NatsSink([nats_server.url]),
+        WebhookSink({"mine": webhook_server.url("/mine")}),
+    ]
     async with relay(dsn, *sinks) as r:
         assert await r.run_once() == RelayStats(batches=1, delivered=2)
     assert [(row["status"], row["attempts"]) for row in outbox(dsn)] == [
@@ -602,3 +606,90 @@ def test_outbox_rows_need_object_headers_and_old_deliveries_can_be_purged(dsn: s
         assert purged == (1,)
         left = conn.execute("SELECT status FROM aura.outbox ORDER BY id").fetchall()
         assert left == [("delivered",), ("pending",)]
+
+
+# -- a deadline over the whole webhook exchange (issue 25) ------------------
+
+
+@pytest.fixture
+def drip_server() -> Iterator[DripServer]:
+    server = DripServer(interval=0.2)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "phase",
+    ["headers", "body"],
+)
+async def test_a_dripping_answer_fails_at_the_deadline_and_pauses_the_webhook(
+    dsn: str, drip_server: DripServer, phase: str
+) -> None:
+    """Each byte (every 0.2 s) restarts a per-operation timeout of 1 s; the
+    whole answer takes 12 s. Only a deadline over the exchange ends it."""
+    if phase == "body":
+        drip_server.head = b"HTTP/1.1 500 Oops\r\nContent-Length: 60\r\n\r\n"
+        drip_server.drip = b"b" * 60
+        drip_server.tail = b""
+    add_route(dsn, "slow", "webhook", "slow")
+    append(dsn, "T", "T")
+    sink = WebhookSink({"slow": drip_server.url("/slow")}, timeout=1.0)
+    async with relay(dsn, sink, backoff=Backoff(base=10, cap=10)) as r:
+        started = time.monotonic()
+        stats = await r.run_once()
+        elapsed = time.monotonic() - started
+    # 1 s plus room for a loaded machine; the undeadlined exchange takes 12 s.
+    assert elapsed < 4.0, f"run_once took {elapsed:.1f} s"
+    assert stats == RelayStats(batches=1, failed=1)
+    first, second = outbox(dsn)
+    assert (first["status"], first["attempts"]) == ("pending", 1)
+    assert "timed out" in first["last_error"]
+    assert "within 1 s" in first["last_error"]
+    # The webhook is paused: the second row was not tried.
+    assert (second["status"], second["attempts"]) == ("pending", 0)
+    assert drip_server.requests == 1
+
+
+async def test_a_deadline_leaves_no_thread_or_connection_behind(
+    dsn: str, drip_server: DripServer
+) -> None:
+    """The relay closes the connection at the deadline (the receiver sees it
+    go), instead of leaving a thread reading the answer."""
+    add_route(dsn, "slow", "webhook", "slow")
+    append(dsn, "T")
+    sink = WebhookSink({"slow": drip_server.url("/slow")}, timeout=0.5)
+    threads = threading.active_count()
+    async with relay(dsn, sink) as r:
+        assert await r.run_once() == RelayStats(batches=1, failed=1)
+    await eventually(lambda: drip_server.closed_after[0] is not None, timeout=5)
+    closed = drip_server.closed_after[0]
+    assert closed is not None and closed < 3.0
+    assert threading.active_count() <= threads
+
+
+async def test_stop_abandons_a_publish_after_the_shutdown_timeout(
+    dsn: str, drip_server: DripServer
+) -> None:
+    """With a long publish timeout, a stop ends the batch after the shutdown
+    timeout: the row in flight is left as it was (published again later) and
+    the other rows of the batch are not tried."""
+    for name in ("slow", "other"):
+        add_route(dsn, name, "webhook", name)
+    append(dsn, "T")
+    sink = WebhookSink(
+        {"slow": drip_server.url("/slow"), "other": drip_server.url("/other")}, timeout=60
+    )
+    stop = asyncio.Event()
+    async with relay(dsn, sink, shutdown_timeout=0.5) as r:
+        running = asyncio.create_task(r.run(stop))
+        await eventually(drip_server.arrived.is_set)
+        stopped = time.monotonic()
+        stop.set()
+        stats = await asyncio.wait_for(running, 20)
+        elapsed = time.monotonic() - stopped
+    assert elapsed < 3.0, f"stopping took {elapsed:.1f} s"
+    assert stats == RelayStats(batches=1)  # claimed; nothing recorded
+    assert [(row["status"], row["attempts"]) for row in outbox(dsn)] == [("pending", 0)] * 2
+    assert drip_server.requests == 1
