@@ -18,8 +18,9 @@ from psycopg.rows import dict_row
 from aura_pg._operations import encodable
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
-from aura_pg.errors import ProjectionError, UnknownProjection
+from aura_pg.errors import ProjectionError, StaleCheckpoint, UnknownProjection
 from aura_pg.projector import (
+    ProjectionReplaced,
     ProjectionRunner,
     ProjectorSettings,
     connect,
@@ -136,6 +137,9 @@ async def rebuild(
     first event while the live model keeps serving, then swap it in
     atomically (``aura.finish_rebuild``). Resumes an interrupted rebuild.
     Returns None when stopped before the swap (the shadow stays, to resume).
+    Raises ProjectionError when another process restarts the rebuild (with
+    another definition) or aborts it meanwhile: only the process that began
+    a rebuild swaps it in.
     """
     settings = settings or ProjectorSettings(wake="poll", poll_interval=0.2)
     stop = stop or asyncio.Event()
@@ -143,12 +147,18 @@ async def rebuild(
     async with await connect(dsn, settings, f"rebuild {spec.name}") as conn:
         await register_projections(conn, [spec])
         try:
-            cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
-            row = await cur.fetchone()
+            # One transaction: the generation read is the rebuild begun.
+            async with conn.transaction():
+                cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
+                row = await cur.fetchone()
+                assert row is not None
+                shadow = str(row[0])
+                cur = await conn.execute(_queries()["generation"], {"name": shadow})
+                generation_row = await cur.fetchone()
         except psycopg.Error as exc:
             raise translate_projection_error(exc) or exc from None
-        assert row is not None
-        shadow = str(row[0])
+        assert generation_row is not None
+        generation = int(generation_row[0])
 
     swapped = asyncio.Event()
     applied_in_swap = 0
@@ -157,7 +167,8 @@ async def rebuild(
         nonlocal applied_in_swap
         try:
             cur = await runner_conn.execute(
-                _queries()["finish_rebuild"], {"name": spec.name, "owner": settings.owner}
+                _queries()["finish_rebuild"],
+                {"name": spec.name, "owner": settings.owner, "generation": generation},
             )
             swap_row = await cur.fetchone()
             applied_in_swap = int(swap_row[0]) if swap_row else 0
@@ -165,6 +176,8 @@ async def rebuild(
             raise
         except psycopg.Error as exc:
             typed = translate_projection_error(exc)
+            if isinstance(typed, StaleCheckpoint):
+                raise ProjectionReplaced(str(typed)) from None  # another generation
             if typed is not None:
                 # Refused (a schema in the way, outside dependents): trying
                 # again would not help.
@@ -182,6 +195,7 @@ async def rebuild(
         settings,
         dead_letter_queue=spec.error_handling.dead_letter_queue,
         on_caught_up=finish,
+        generation=generation,
     )
     runner_stop = asyncio.Event()
 
@@ -213,6 +227,12 @@ async def rebuild(
     stopper = asyncio.create_task(relay_stop())
     try:
         await runner.run(runner_stop)
+    except ProjectionReplaced:
+        raise ProjectionError(
+            f"the rebuild of {spec.name!r} was restarted by another process (another "
+            "definition, or a reset) while this one ran: this one is not swapped in; see "
+            "`aura-pg projections status`"
+        ) from None
     except UnknownProjection:
         # The shadow row is gone: another rebuild swapped it in, or someone
         # aborted it, while this one stood by or was reconnecting.

@@ -381,6 +381,13 @@ class _ConnectionLost(Exception):
     """Internal: the runner's connection is unusable; reconnect."""
 
 
+class ProjectionReplaced(ProjectionError):
+    """A runner pinned to one generation of its projection (a rebuild's, by
+    the process that began it) found another: the projection was restarted
+    with another definition, reset or swapped. Nothing of the old one was
+    applied to the new one; the runner stops."""
+
+
 class ProjectionRunner:
     """Runs one projection (or a rebuild's shadow) while it owns it."""
 
@@ -396,7 +403,12 @@ class ProjectionRunner:
         *,
         dead_letter_queue: bool = True,
         on_caught_up: Callable[[psycopg.AsyncConnection[Any]], Awaitable[bool]] | None = None,
+        generation: int | None = None,
     ) -> None:
+        """``generation``: run only that generation of the projection (a
+        rebuild began by this process); ProjectionReplaced when it is gone.
+        Without it the runner follows the projection through restarts,
+        resets and swaps, reloading at each."""
         self.dsn = dsn
         self.name = name
         self.settings = settings
@@ -411,6 +423,11 @@ class ProjectionRunner:
         self.reconnects = 0
         self.transaction_id = "0"
         self.position = 0
+        # Sent with the checkpoint: generations never repeat, so a batch,
+        # failure or dead letter of a replaced projection is refused (AU006)
+        # even at the checkpoint its successor starts from.
+        self.generation: int | None = generation
+        self._pinned_generation = generation
         self._max_retries = 0
         self._retry_base_ms = 100
         self._retry_max_ms = 10_000
@@ -454,6 +471,10 @@ class ProjectionRunner:
                     if self.events_applied > applied_before or time.monotonic() - owned_at > 10:
                         delay = 0.1
                 await self._release(conn)
+            except ProjectionReplaced:
+                if conn is not None:
+                    await self._release(conn)  # claimed the successor: not ours
+                raise
             except (psycopg.OperationalError, _ConnectionLost) as exc:
                 self.owning = False  # not while it waits to reconnect
                 self.reconnects += 1
@@ -534,10 +555,17 @@ class ProjectionRunner:
             self._retry_max_ms,
             circuit_state,
             _circuit_open_until,
+            generation,
         ) = row
         self._settings_loaded_at = time.monotonic()
         if not settings_only:
+            if self._pinned_generation is not None and generation != self._pinned_generation:
+                raise ProjectionReplaced(
+                    f"projection {self.name!r} was restarted, reset or swapped (generation "
+                    f"{generation}, not {self._pinned_generation})"
+                )
             self.transaction_id, self.position = transaction_id, position
+            self.generation = generation
             self._trial_next = circuit_state != "closed"
 
     async def _reload(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -571,6 +599,7 @@ class ProjectionRunner:
             "position": self.position,
             "owner": self.settings.owner,
             "limit": limit,
+            "generation": self.generation,
             "traced": tracing.recording(),
             "bounds": len(metrics.LATENCY_BOUNDS),
             "negated_bounds": metrics.NEGATED_LATENCY_BOUNDS,
@@ -682,6 +711,7 @@ class ProjectionRunner:
                     "owner": self.settings.owner,
                     "error": error,
                     "sqlstate": sqlstate,
+                    "generation": self.generation,
                 },
             )
         except StaleCheckpoint:
@@ -736,6 +766,7 @@ class ProjectionRunner:
                     "sqlstate": sqlstate,
                     "attempts": self._poison.attempts,
                     "first_failed_at": self._poison.first_failed_at,
+                    "generation": self.generation,
                 },
             )
         except (StaleCheckpoint, ProjectionError) as exc:

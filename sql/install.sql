@@ -31,4 +31,6 @@ BEGIN;
 \ir upgrades/0009_import_dead_letter_identity.sql
 \ir tables/import_stream_lives.sql
 \ir views/stream_order_inversions.sql
+\ir upgrades/0009_read_model_role_names.sql
+\ir upgrades/0009_projection_incarnations.sql
 COMMIT;

@@ -22,7 +22,16 @@
 -- With aura.debug = on it explains each call in a NOTICE (migration 0006):
 -- why nothing was applied, or what was applied and where the checkpoint
 -- went. CREATE OR REPLACE, so that 0006 can run this file again.
+--
+-- Migration 0009: p_expected_generation, the generation the caller read
+-- with its checkpoint (NULL: none). Generations never repeat (a restarted
+-- shadow or rebuild, a reset, a swap takes a new one), so a caller that
+-- still holds a replaced projection's checkpoint and state, even the
+-- checkpoint 0/0 a restarted one is back at, gets AU006 and reloads. The
+-- recheck under the row lock compares the generation this call read the
+-- batch under in the same way.
 DROP FUNCTION IF EXISTS aura.project_batch(text, xid8, bigint, text, integer);
+DROP FUNCTION IF EXISTS aura.project_batch(text, xid8, bigint, text, integer, boolean);
 
 CREATE OR REPLACE FUNCTION aura.project_batch(
     p_name                    text,
@@ -30,7 +39,8 @@ CREATE OR REPLACE FUNCTION aura.project_batch(
     p_expected_position       bigint,
     p_owner                   text    DEFAULT NULL,
     p_limit                   integer DEFAULT NULL,
-    p_trace                   boolean DEFAULT false
+    p_trace                   boolean DEFAULT false,
+    p_expected_generation     bigint  DEFAULT NULL
 ) RETURNS TABLE (applied integer, transaction_id xid8, global_position bigint,
                  caught_up boolean, status text,
                  event_types text[], recorded_times timestamptz[],
@@ -61,6 +71,7 @@ BEGIN
         PERFORM aura.lock_projection(p_name);  -- raises AU005
     END IF;
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    PERFORM aura.check_generation(v_row, p_expected_generation);
     IF v_row.status = 'paused'
        OR v_row.circuit_state = 'open' AND v_row.circuit_open_until > clock_timestamp() THEN
         IF v_debug THEN
@@ -135,15 +146,17 @@ BEGIN
     END IF;
 
     -- Lock, and check again: the checkpoint may have moved since the read,
-    -- or a reset or rebuild swap may have replaced the model at an equal
-    -- checkpoint. This transaction began before that commit, so its catalog
-    -- caches may still resolve the model's names to the replaced one, and
-    -- the batch was read with the old definition's event types: refuse, and
-    -- let the caller retry in a fresh transaction.
+    -- or a reset, a swap or a restart (a new row, back at 0/0) may have
+    -- replaced the model at an equal checkpoint. This transaction began
+    -- before that commit, so its catalog caches may still resolve the
+    -- model's names to the replaced one, and the batch was read with the old
+    -- definition's event types: refuse, and let the caller retry in a fresh
+    -- transaction. Generations never repeat, so an equal one is the same
+    -- incarnation.
     v_locked := aura.lock_projection(p_name);
     PERFORM aura.check_checkpoint(v_locked, p_expected_transaction_id, p_expected_position);
     IF v_locked.generation <> v_row.generation THEN
-        RAISE EXCEPTION 'projection % was reset or rebuilt while its batch was read', quote_literal(p_name)
+        RAISE EXCEPTION 'projection % was reset, swapped or restarted while its batch was read', quote_literal(p_name)
             USING ERRCODE = 'AU006';
     END IF;
     v_row := v_locked;

@@ -50,6 +50,25 @@ BEGIN
 END;
 $$;
 
+-- AU006 unless the projection is still the generation the caller read
+-- (aura.projection_generation: a restarted shadow or rebuild, a reset or a
+-- swap takes a new one, never one seen before). NULL: the caller holds none.
+CREATE OR REPLACE FUNCTION aura.check_generation(
+    p_row aura.projection_checkpoints, p_generation bigint
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_generation IS NOT NULL AND p_row.generation IS DISTINCT FROM p_generation THEN
+        RAISE EXCEPTION 'projection % was restarted, reset or swapped since the caller read it (generation %, not %)',
+            quote_literal(p_row.name), p_row.generation, p_generation
+            USING ERRCODE = 'AU006',
+                  DETAIL = json_build_object(
+                      'projection', p_row.name, 'generation', p_row.generation,
+                      'expected', p_generation)::text;
+    END IF;
+END;
+$$;
+
 -- Runs a projection's handler over events (in order) in its schema.
 CREATE OR REPLACE FUNCTION aura.apply_handler(
     p_schema text, p_handler text, p_kind text, p_events aura.events[]
@@ -396,13 +415,18 @@ $$;
 -- Records a failed batch (the batch itself was rolled back): counts it,
 -- and opens the circuit after circuit_failure_threshold failures in a row,
 -- which pauses the projection (status failed) for circuit_recovery_seconds.
+-- With p_expected_generation (migration 0009), AU006 when the projection
+-- was restarted, reset or swapped since the caller read it.
+DROP FUNCTION IF EXISTS aura.record_projection_failure(text, xid8, bigint, text, text, text);
+
 CREATE OR REPLACE FUNCTION aura.record_projection_failure(
     p_name                    text,
     p_expected_transaction_id xid8,
     p_expected_position       bigint,
     p_owner                   text,
     p_error                   text,
-    p_sqlstate                text DEFAULT NULL
+    p_sqlstate                text   DEFAULT NULL,
+    p_expected_generation     bigint DEFAULT NULL
 ) RETURNS TABLE (consecutive_failures integer, circuit_state text, circuit_open_until timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -411,6 +435,7 @@ DECLARE
 BEGIN
     v_row := aura.lock_projection(p_name);
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    PERFORM aura.check_generation(v_row, p_expected_generation);
     RETURN QUERY
     UPDATE aura.projection_checkpoints c
        SET consecutive_failures = c.consecutive_failures + 1,
@@ -436,7 +461,12 @@ $$;
 
 -- Moves the projection's next event to the dead letters and the
 -- checkpoint past it, after the caller has retried it max_retries times.
--- p_event_id must be that next event (a guard against skipping another).
+-- p_event_id must be that next event (a guard against skipping another);
+-- with p_expected_generation (migration 0009), the projection must still be
+-- the one whose handler failed on it (not restarted, reset or swapped).
+DROP FUNCTION IF EXISTS aura.dead_letter_next(text, xid8, bigint, text, uuid, text, text, integer,
+                                              timestamptz);
+
 CREATE OR REPLACE FUNCTION aura.dead_letter_next(
     p_name                    text,
     p_expected_transaction_id xid8,
@@ -446,7 +476,8 @@ CREATE OR REPLACE FUNCTION aura.dead_letter_next(
     p_error                   text,
     p_sqlstate                text,
     p_attempts                integer,
-    p_first_failed_at         timestamptz
+    p_first_failed_at         timestamptz,
+    p_expected_generation     bigint DEFAULT NULL
 ) RETURNS TABLE (dead_letter_id bigint, transaction_id xid8, global_position bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -457,6 +488,7 @@ DECLARE
 BEGIN
     v_row := aura.lock_projection(p_name);
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
+    PERFORM aura.check_generation(v_row, p_expected_generation);
     IF v_row.status = 'paused' THEN
         RAISE EXCEPTION 'projection % is paused: nothing is dead-lettered', quote_literal(p_name)
             USING ERRCODE = 'AU006';
@@ -554,7 +586,7 @@ BEGIN
                                            v_row.handler_kind, v_row.forget_handler);
     UPDATE aura.projection_checkpoints c
        SET transaction_id = '0', global_position = 0, events_applied = 0,
-           generation = c.generation + 1,
+           generation = nextval('aura.projection_generation'),
            last_applied_position = NULL, last_applied_recorded_at = NULL,
            status = CASE WHEN c.rebuild_of IS NULL THEN 'running' ELSE 'rebuilding' END,
            circuit_state = 'closed', circuit_open_until = NULL,
@@ -732,7 +764,15 @@ $$;
 -- the commit and the new one after it, never a half-built one. The live
 -- owner's next batch gets AU006, reloads, and carries on from the new
 -- checkpoint. Returns the number of events applied during the swap.
-CREATE OR REPLACE FUNCTION aura.finish_rebuild(p_name text, p_owner text DEFAULT NULL) RETURNS bigint
+-- p_generation (migration 0009): the generation of the rebuild the caller
+-- began (aura.begin_rebuild); AU006 when another process restarted it since
+-- (another definition, or a reset), so that no process swaps in, and
+-- reports as its own, a rebuild it did not start.
+DROP FUNCTION IF EXISTS aura.finish_rebuild(text, text);
+
+CREATE OR REPLACE FUNCTION aura.finish_rebuild(
+    p_name text, p_owner text DEFAULT NULL, p_generation bigint DEFAULT NULL
+) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_shadow_name text := p_name || '__rebuild';
@@ -745,6 +785,7 @@ BEGIN
     -- Shadow first, then live: the live owner locks only the live row, so
     -- this order cannot deadlock with it.
     v_shadow := aura.lock_projection(v_shadow_name);
+    PERFORM aura.check_generation(v_shadow, p_generation);
     LOOP
         SELECT * INTO v_batch
         FROM aura.project_batch(v_shadow_name, v_shadow.transaction_id, v_shadow.global_position,
@@ -773,6 +814,11 @@ BEGIN
             USING ERRCODE = 'AU007';
     END IF;
     EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_shadow.schema_name, v_target);
+    -- Each schema goes to the role of its new name, so the
+    -- rebuilt handlers run as the live role, not the rebuild's
+    -- (roles/read_model_roles.sql).
+    PERFORM aura.hand_over_read_model(v_target);
+    PERFORM aura.hand_over_read_model(v_live.schema_name || '__previous');
 
     UPDATE aura.projection_checkpoints c
        SET schema_name = v_target, handler = v_shadow.handler, handler_kind = v_shadow.handler_kind,
@@ -782,7 +828,7 @@ BEGIN
                                   THEN NULL ELSE c.next_definition END,
            transaction_id = v_shadow.transaction_id, global_position = v_shadow.global_position,
            events_applied = v_shadow.events_applied,
-           generation = c.generation + 1,
+           generation = nextval('aura.projection_generation'),
            last_applied_position = v_shadow.last_applied_position,
            last_applied_recorded_at = v_shadow.last_applied_recorded_at,
            status = CASE WHEN c.status = 'paused' THEN 'paused' ELSE 'running' END,

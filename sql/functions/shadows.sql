@@ -13,12 +13,25 @@
 -- Errors: AU005 no such projection or shadow; AU007 refused (a rebuild or
 -- shadow row named as the live one, a paused projection to align, a
 -- shadow in another schema).
+--
+-- Migration 0009 runs this file again (the swap's dead letters, fresh
+-- generations), so what it adds to the schema is added only once.
 
-ALTER TABLE aura.projection_checkpoints
-    ADD COLUMN shadow_of text REFERENCES aura.projection_checkpoints (name) ON DELETE CASCADE;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                   WHERE a.attrelid = 'aura.projection_checkpoints'::regclass
+                     AND a.attname = 'shadow_of' AND NOT a.attisdropped) THEN
+        ALTER TABLE aura.projection_checkpoints
+            ADD COLUMN shadow_of text REFERENCES aura.projection_checkpoints (name)
+                                 ON DELETE CASCADE;
+    END IF;
+END
+$$;
 ALTER TABLE aura.projection_checkpoints
     DROP CONSTRAINT projection_name_valid,
-    DROP CONSTRAINT projection_schema_valid;
+    DROP CONSTRAINT projection_schema_valid,
+    DROP CONSTRAINT IF EXISTS projection_shadow_row_valid;
 ALTER TABLE aura.projection_checkpoints
     ADD CONSTRAINT projection_name_valid
         CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$' AND char_length(name) <= 48),
@@ -30,7 +43,7 @@ ALTER TABLE aura.projection_checkpoints
 
 -- The last comparison of each shadow with its live projection
 -- (aura.diff_shadow writes it; metrics export it).
-CREATE TABLE aura.shadow_diffs (
+CREATE TABLE IF NOT EXISTS aura.shadow_diffs (
     projection      text        PRIMARY KEY REFERENCES aura.projection_checkpoints (name)
                                 ON DELETE CASCADE,
     transaction_id  xid8        NOT NULL,
@@ -48,6 +61,9 @@ COMMENT ON TABLE aura.shadow_diffs IS
 -- another definition was dropped first) or 'unchanged'. The shadow keeps
 -- the live projection's schema name with __shadow appended, and its
 -- settings (batch size, retries, circuit breaker).
+-- A restarted shadow is a new row with a generation never used before
+-- (migration 0009): a batch its runner read under the old definition is
+-- refused (AU006), even at the equal checkpoint 0/0.
 CREATE OR REPLACE FUNCTION aura.begin_shadow(
     p_name           text,
     p_definition_sql text,
@@ -408,6 +424,11 @@ BEGIN
     EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_live.schema_name, v_parked);
     EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_shadow.schema_name, v_live.schema_name);
     EXECUTE format('ALTER SCHEMA %I RENAME TO %I', v_parked, v_shadow.schema_name);
+    -- Each schema goes to the role of its new name, so the
+    -- promoted handlers run as the live role and the old ones as the
+    -- shadow's (roles/read_model_roles.sql).
+    PERFORM aura.hand_over_read_model(v_live.schema_name);
+    PERFORM aura.hand_over_read_model(v_shadow.schema_name);
 
     UPDATE aura.projection_checkpoints c
        SET handler = o.handler, handler_kind = o.handler_kind, event_types = o.event_types,
@@ -422,14 +443,22 @@ BEGIN
            next_definition = CASE WHEN c.name = p_name
                                    AND c.next_definition->>'definition_hash' = o.definition_hash
                                   THEN NULL ELSE c.next_definition END,
-           generation = c.generation + 1,
+           generation = nextval('aura.projection_generation'),
            updated_at = now()
       FROM (SELECT (v_shadow).* UNION ALL SELECT (v_live).*) AS o
      WHERE (c.name = p_name AND o.name = v_shadow_name)
         OR (c.name = v_shadow_name AND o.name = p_name);
-    UPDATE aura.dead_letters d
-       SET projection = CASE d.projection WHEN p_name THEN v_shadow_name ELSE p_name END
-     WHERE d.projection IN (p_name, v_shadow_name);
+    -- Dead letters follow the definition whose handler failed on them. In
+    -- three statements, through a name no projection can have: pending
+    -- letters are unique per projection and event, and that index is
+    -- checked row by row, so one UPDATE trading the two names fails when
+    -- both sides hold a letter for the same event.
+    UPDATE aura.dead_letters d SET projection = p_name || '__promoting'
+     WHERE d.projection = p_name;
+    UPDATE aura.dead_letters d SET projection = p_name
+     WHERE d.projection = v_shadow_name;
+    UPDATE aura.dead_letters d SET projection = v_shadow_name
+     WHERE d.projection = p_name || '__promoting';
     DELETE FROM aura.shadow_diffs s WHERE s.projection = p_name;
     PERFORM pg_notify('aura_events', '');
     RETURN 'promoted';

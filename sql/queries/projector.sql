@@ -32,8 +32,11 @@ SELECT pg_advisory_unlock(
     ('x' || left(md5('aura-pg projection:' || %(name)s), 16))::bit(64)::bigint);
 
 -- name: claim
+-- The generation comes with the checkpoint: the runner sends both back, so
+-- that nothing it read of a replaced projection (a restarted shadow or
+-- rebuild, a reset, a swap) is applied to or recorded against its successor.
 SELECT c.transaction_id::text, c.global_position, c.status, c.batch_size, c.max_retries,
-       c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until
+       c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until, c.generation
 FROM aura.claim_projection(%(name)s, %(owner)s) AS c;
 
 -- name: log_origin
@@ -46,7 +49,7 @@ SELECT (SELECT max(e.transaction_id) FROM aura.events e)::text,
 
 -- name: load
 SELECT c.transaction_id::text, c.global_position, c.status, c.batch_size, c.max_retries,
-       c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until
+       c.retry_base_ms, c.retry_max_ms, c.circuit_state, c.circuit_open_until, c.generation
 FROM aura.projection_checkpoints c
 WHERE c.name = %(name)s;
 
@@ -64,7 +67,7 @@ SELECT b.applied, b.transaction_id::text, b.global_position, b.caught_up, b.stat
        b.event_ids, CASE WHEN %(traced)s THEN b.event_types END, b.stream_ids, b.versions,
        b.traceparents
 FROM aura.project_batch(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
-                        %(limit)s, %(traced)s) AS b
+                        %(limit)s, %(traced)s, %(generation)s) AS b
 LEFT JOIN LATERAL (
     SELECT array_agg(n.type) AS type_names, array_agg(n.events) AS type_counts
     FROM (SELECT e AS type, count(*)::integer AS events
@@ -84,7 +87,7 @@ LEFT JOIN LATERAL (
 -- name: record_failure
 SELECT f.consecutive_failures, f.circuit_state, f.circuit_open_until
 FROM aura.record_projection_failure(%(name)s, %(transaction_id)s::xid8, %(position)s,
-                                    %(owner)s, %(error)s, %(sqlstate)s) AS f;
+                                    %(owner)s, %(error)s, %(sqlstate)s, %(generation)s) AS f;
 
 -- name: next_event
 -- The event the projection would apply next (the poison candidate).
@@ -105,7 +108,7 @@ WHERE c.name = %(name)s;
 SELECT d.dead_letter_id, d.transaction_id::text, d.global_position
 FROM aura.dead_letter_next(%(name)s, %(transaction_id)s::xid8, %(position)s, %(owner)s,
                            %(event_id)s, %(error)s, %(sqlstate)s, %(attempts)s,
-                           %(first_failed_at)s) AS d;
+                           %(first_failed_at)s, %(generation)s) AS d;
 
 -- name: release
 SELECT aura.release_projection(%(name)s, %(owner)s);
@@ -113,8 +116,13 @@ SELECT aura.release_projection(%(name)s, %(owner)s);
 -- name: begin_rebuild
 SELECT aura.begin_rebuild(%(name)s);
 
+-- name: generation
+-- In begin_rebuild's transaction (which holds the row): the rebuild it
+-- began or resumed, which only that process may swap in.
+SELECT c.generation FROM aura.projection_checkpoints c WHERE c.name = %(name)s;
+
 -- name: finish_rebuild
-SELECT aura.finish_rebuild(%(name)s, %(owner)s);
+SELECT aura.finish_rebuild(%(name)s, %(owner)s, %(generation)s);
 
 -- name: abort_rebuild
 SELECT aura.abort_rebuild(%(name)s);

@@ -2,7 +2,9 @@
 -- nothing else.
 --
 -- Every read model schema belongs to a role of its own (NOLOGIN, named
--- <projector role>_<schema>, e.g. aura_projector_stream_summary), and its
+-- <projector role>/<schema> since migration 0009, e.g.
+-- aura_projector/stream_summary; SCHEMA__shadow and SCHEMA__rebuild have
+-- roles of their own, handed over when a swap renames the schemas), and its
 -- handlers run as that role: aura.apply_handler calls them through
 -- SCHEMA.aura_run_handler, a SECURITY DEFINER function owned by the role
 -- (one switch of user per batch, not one per event), and the forget
@@ -19,7 +21,8 @@
 -- Read model roles are created on demand by aura.read_model_role, which
 -- runs as the role that ran this migration (it needs CREATEROLE); only the
 -- projector role may call it, and it only ever creates, or hands out, roles
--- that it created itself (marked by their comment).
+-- that it created itself for this projector role and that schema (marked
+-- by their comment). This file is rerun by migration 0009.
 
 ALTER TABLE aura.role_names DROP CONSTRAINT role_kind_valid;
 ALTER TABLE aura.role_names ADD CONSTRAINT role_kind_valid
@@ -62,30 +65,67 @@ $$;
 ALTER FUNCTION aura.publish_to_outbox(text, text, uuid, jsonb, jsonb, bigint)
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
--- The role that owns a read model schema (and runs its handlers), created
--- when missing: <projector role>_<schema without __rebuild>, or, when that
--- would pass 63 bytes, a shortened name made unique by a hash. Refuses a
--- name that exists but was not created here.
+-- The name of the role that owns read model schema p_schema of the
+-- projector role p_projector (migration 0009): <projector role>/<schema>,
+-- e.g. aura_projector/stream_summary, or, when that would pass 63 bytes,
+-- <first 20 bytes of the projector role>/<first 28 of the schema>#<hash>.
+-- A schema name never holds '/' or '#', so the projector and the schema
+-- are read back unambiguously (up to the last '/'; a hashed name has a
+-- '#' after it, a full one never): before 0009 the name was
+-- projector || '_' || schema, and projector shop's read model eu_totals
+-- got the role of projector shop_eu's totals. Each schema has
+-- its own role, SCHEMA__shadow and SCHEMA__rebuild included, so that a
+-- shadow's handlers cannot write the live model.
+CREATE OR REPLACE FUNCTION aura.read_model_role_name(p_projector text, p_schema text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_name   text := p_projector || '/' || p_schema;
+    v_prefix text := p_projector;
+BEGIN
+    IF octet_length(v_name) <= 63 THEN
+        RETURN v_name;
+    END IF;
+    WHILE octet_length(v_prefix) > 20 LOOP  -- bytes: a character may take several
+        v_prefix := left(v_prefix, -1);
+    END LOOP;
+    RETURN v_prefix || '/' || left(p_schema, 28) || '#'
+           || left(md5(p_projector || '/' || p_schema), 12);
+END;
+$$;
+
+COMMENT ON FUNCTION aura.read_model_role_name(text, text) IS
+    'The name of the role owning a read model schema: <projector role>/<schema> (migration 0009)';
+
+-- The comment aura.read_model_role puts on a role it creates, and requires
+-- of a role it hands out: which projector role and which schema the role
+-- was made for (the projector quoted as an identifier, so that the text
+-- reads back one way). A role made for another application's projector,
+-- even under a colliding hashed name, is refused.
+CREATE OR REPLACE FUNCTION aura.read_model_role_marker(p_projector text, p_schema text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('aura-pg read model role of projector %s for schema %s',
+                  quote_ident(p_projector), p_schema)
+$$;
+
+-- The role that owns read model schema p_schema (and runs its handlers),
+-- created when missing, named by aura.read_model_role_name. Refuses a role
+-- of that name that exists but was not created here for this projector
+-- role and this schema.
 CREATE OR REPLACE FUNCTION aura.read_model_role(p_schema text) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    c_marker    CONSTANT text := 'aura-pg read model role';
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
     v_handler   text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'handler');
-    v_base      text;
     v_role      text;
+    v_marker    text;
 BEGIN
     IF p_schema IS NULL OR p_schema !~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__[a-z]+)?$'
        OR char_length(p_schema) > 60 THEN
         RAISE EXCEPTION 'invalid read model schema %', coalesce(quote_literal(p_schema), 'NULL')
             USING ERRCODE = 'AU007';
     END IF;
-    v_base := regexp_replace(p_schema, '__[a-z]+$', '');
-    v_role := v_projector || '_' || v_base;
-    IF octet_length(v_role) > 63 THEN
-        v_role := left(v_projector, 20) || '_' || left(md5(v_projector || '/' || v_base), 10)
-                  || '_' || left(v_base, 30);
-    END IF;
+    v_role := aura.read_model_role_name(v_projector, p_schema);
+    v_marker := aura.read_model_role_marker(v_projector, p_schema);
     IF EXISTS (SELECT 1 FROM aura.role_names n WHERE n.role_name = v_role) THEN
         RAISE EXCEPTION 'read model % would be owned by %, one of the aura group roles', p_schema, v_role
             USING ERRCODE = 'AU007';
@@ -93,7 +133,7 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = v_role) THEN
         BEGIN
             EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
-            EXECUTE format('COMMENT ON ROLE %I IS %L', v_role, c_marker);
+            EXECUTE format('COMMENT ON ROLE %I IS %L', v_role, v_marker);
         EXCEPTION WHEN duplicate_object OR unique_violation THEN
             NULL;  -- created meanwhile by another session; checked below
         END;
@@ -101,8 +141,9 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
                    WHERE r.rolname = v_role AND NOT r.rolcanlogin AND NOT r.rolsuper
                      AND NOT r.rolbypassrls AND NOT r.rolcreaterole AND NOT r.rolcreatedb
-                     AND pg_catalog.shobj_description(r.oid, 'pg_authid') = c_marker) THEN
-        RAISE EXCEPTION 'role % exists but is not an aura-pg read model role', v_role
+                     AND pg_catalog.shobj_description(r.oid, 'pg_authid') = v_marker) THEN
+        RAISE EXCEPTION 'role % exists but is not an aura-pg read model role of projector % for %',
+            v_role, v_projector, p_schema
             USING ERRCODE = 'AU007',
                   HINT = 'Rename that role, or name the read model''s schema otherwise.';
     END IF;
@@ -138,6 +179,43 @@ $$;
 COMMENT ON FUNCTION aura.read_model_role(text) IS
     'The role that owns a read model schema and runs its handlers, created when missing';
 
+-- Gives read model schema p_schema, when it exists, and everything in it
+-- to its own role (aura.read_model_role), and makes what that role creates
+-- later readable by the reader role. Run after every rename of a read model
+-- schema (aura.promote_shadow, aura.finish_rebuild): ownership follows the
+-- schema's contents through a rename, so without it the promoted handlers
+-- would keep the shadow's role and the old live ones the live role.
+-- Runs as the role that ran the migration, like aura.read_model_role:
+-- TimescaleDB gives a hypertable's chunks (in _timescaledb_internal) to
+-- the new owner too, which Postgres lets only a superuser do. Only schemas
+-- marked as read models (which only their owners can mark) are handed over.
+CREATE OR REPLACE FUNCTION aura.hand_over_read_model(p_schema text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_reader text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
+    v_oid    oid;
+    v_role   text;
+BEGIN
+    SELECT n.oid INTO v_oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_schema;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF pg_catalog.obj_description(v_oid, 'pg_namespace') IS DISTINCT FROM 'aura-pg read model' THEN
+        RAISE EXCEPTION 'schema % is not an aura-pg read model', p_schema USING ERRCODE = 'AU007';
+    END IF;
+    v_role := aura.read_model_role(p_schema);
+    PERFORM aura.give_read_model(p_schema, v_role);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT SELECT ON TABLES TO %I',
+                   v_role, v_reader);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC',
+                   v_role);
+    RETURN v_role;
+END;
+$$;
+
+COMMENT ON FUNCTION aura.hand_over_read_model(text) IS
+    'Gives a read model schema to the role of its (new) name, after a swap renamed it';
+
 -- Gives a read model schema, and everything in it, to its role, and makes
 -- its handlers run as that role: it creates SCHEMA.aura_run_handler (a
 -- name the definition SQL must leave free), which aura.apply_handler calls
@@ -151,7 +229,6 @@ CREATE OR REPLACE FUNCTION aura.isolate_read_model(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_role      text := aura.read_model_role(p_schema);
-    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
     v_runner    text := format('%I.aura_run_handler(text, text, text, aura.events[])', p_schema);
 BEGIN
@@ -185,14 +262,10 @@ BEGIN
     END IF;
     EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', v_runner);
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', v_runner, v_projector);
-    PERFORM aura.give_read_model(p_schema, v_role);
+    PERFORM aura.hand_over_read_model(p_schema);
     IF p_forget_handler IS NOT NULL THEN
         EXECUTE format('ALTER FUNCTION %I.%I(text) SECURITY DEFINER', p_schema, p_forget_handler);
     END IF;
-    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT SELECT ON TABLES TO %I',
-                   v_role, v_reader);
-    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC',
-                   v_role);
     RETURN v_role;
 END;
 $$;
@@ -204,18 +277,33 @@ COMMENT ON FUNCTION aura.isolate_read_model(text, text, text, text) IS
 -- role, through SCHEMA.aura_run_handler (aura.isolate_read_model): one
 -- switch of user per batch. As migration 0002's version otherwise; a read
 -- model without its runner is refused rather than run with the caller's
--- rights.
+-- rights, and so is one whose schema or runner is not its own role's
+-- (migration 0009): a swap that missed the hand-over
+-- (aura.hand_over_read_model) would otherwise run a handler as a role
+-- that also owns another schema, e.g. the live one.
 CREATE OR REPLACE FUNCTION aura.apply_handler(
     p_schema text, p_handler text, p_kind text, p_events aura.events[]
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_search_path text := current_setting('search_path');
+    v_role        text;
 BEGIN
     IF to_regprocedure(format('%I.aura_run_handler(text, text, text, aura.events[])', p_schema))
        IS NULL THEN
         RAISE EXCEPTION 'read model % has no aura_run_handler: reset or rebuild the projection', p_schema
             USING ERRCODE = 'AU007';
+    END IF;
+    v_role := aura.read_model_role_name(
+        (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector'), p_schema);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+                   JOIN pg_catalog.pg_proc f ON f.pronamespace = n.oid
+                   JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner AND r.oid = f.proowner
+                   WHERE n.nspname = p_schema AND f.proname = 'aura_run_handler'
+                     AND r.rolname = v_role) THEN
+        RAISE EXCEPTION 'read model % is not owned by its own role %', p_schema, v_role
+            USING ERRCODE = 'AU007',
+                  HINT = format('SELECT aura.hand_over_read_model(%L) gives it to that role.', p_schema);
     END IF;
     BEGIN
         PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
@@ -234,7 +322,8 @@ $$;
 
 -- Ownership and privileges of what this file and views/operator.sql
 -- created (as roles/grants.sql does for migration 0005's objects).
--- aura.read_model_role stays with the migrating role: it needs CREATEROLE.
+-- aura.read_model_role stays with the migrating role: it needs CREATEROLE;
+-- so does aura.hand_over_read_model (hypertable chunks).
 DO $$
 DECLARE
     v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
@@ -242,19 +331,26 @@ DECLARE
     v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
 BEGIN
     EXECUTE format('ALTER FUNCTION aura.isolate_read_model(text, text, text, text) OWNER TO %I', v_owner);
+    EXECUTE format('ALTER FUNCTION aura.read_model_role_name(text, text) OWNER TO %I', v_owner);
+    EXECUTE format('ALTER FUNCTION aura.read_model_role_marker(text, text) OWNER TO %I', v_owner);
     EXECUTE format('ALTER FUNCTION aura.list_dead_letters(text, text) OWNER TO %I', v_owner);
     EXECUTE format('ALTER VIEW aura.stream_categories OWNER TO %I', v_owner);
     REVOKE ALL ON aura.stream_categories FROM PUBLIC;
     REVOKE EXECUTE ON FUNCTION aura.read_model_role(text), aura.isolate_read_model(text, text, text, text),
+                               aura.hand_over_read_model(text), aura.read_model_role_name(text, text),
+                               aura.read_model_role_marker(text, text),
                                aura.list_dead_letters(text, text) FROM PUBLIC;
     EXECUTE format('GRANT EXECUTE ON FUNCTION aura.read_model_role(text), '
                    'aura.isolate_read_model(text, text, text, text), '
+                   'aura.hand_over_read_model(text), aura.read_model_role_name(text, text), '
+                   'aura.read_model_role_marker(text, text), '
                    'aura.list_dead_letters(text, text) TO %I', v_projector);
     EXECUTE format('GRANT SELECT ON aura.stream_categories TO %I, %I', v_projector, v_reader);
 END
 $$;
 
--- Read models that exist already get their roles.
+-- Read models that exist already get their roles (at 0009: the roles of
+-- the new names; upgrades/0009_read_model_role_names.sql does the rest).
 SELECT aura.isolate_read_model(c.schema_name, c.handler, c.handler_kind, c.forget_handler)
 FROM aura.projection_checkpoints c
 WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.nspname = c.schema_name)

@@ -3,6 +3,14 @@
 -- A batch is applied and the checkpoint advanced in one transaction
 -- (aura.project_batch), so a read model is exactly the fold of the events
 -- before its checkpoint.
+
+-- Generations: every row (a new projection, shadow or rebuild) and every
+-- reset or swap takes the next value, so a value is never seen twice, for
+-- any name. A batch read under one definition or incarnation of
+-- a projection cannot match another's, even a restarted shadow or rebuild
+-- back at checkpoint 0/0.
+CREATE SEQUENCE aura.projection_generation;
+
 CREATE TABLE aura.projection_checkpoints (
     name                      text        PRIMARY KEY,
     description               text        NOT NULL DEFAULT '',
@@ -40,10 +48,13 @@ CREATE TABLE aura.projection_checkpoints (
     circuit_open_until        timestamptz,
     owner                     text,
     owner_since               timestamptz,
-    -- Bumped by every reset and rebuild swap: a batch read before one of
-    -- those must not be applied after it, even at an equal checkpoint (its
-    -- session may still resolve names to the replaced model).
-    generation                bigint      NOT NULL DEFAULT 0,
+    -- Taken afresh (aura.projection_generation) by every new row, reset and
+    -- swap: a batch read before one of those must not be applied after it,
+    -- even at an equal checkpoint (it was read with the replaced
+    -- definition's event types, and its session may still resolve names to
+    -- the replaced model).
+    generation                bigint      NOT NULL
+                                          DEFAULT nextval('aura.projection_generation'),
     -- A rebuild's shadow row names the projection it will replace.
     rebuild_of                text        REFERENCES aura.projection_checkpoints (name)
                                           ON DELETE CASCADE,
@@ -69,6 +80,8 @@ CREATE TABLE aura.projection_checkpoints (
     CONSTRAINT projection_rebuild_row_valid
         CHECK ((rebuild_of IS NULL) = (name !~ '__rebuild$'))
 ) WITH (fillfactor = 50);
+
+ALTER SEQUENCE aura.projection_generation OWNED BY aura.projection_checkpoints.generation;
 
 COMMENT ON TABLE aura.projection_checkpoints IS
     'One row per projection: definition, checkpoint, status, errors, circuit breaker and owner';

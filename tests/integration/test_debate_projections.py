@@ -258,7 +258,7 @@ async def test_read_models_are_the_fold_of_the_log(
     assert {d: (m["status"], m["outcome"], m["decision_id"]) for d, m in model.items()} == {
         "alpha": ("consensus", "approve", "k-alpha"),
         # k-beta names beta, but beta's consensus named no decision: none,
-        # as in the domain's fold (issue 25).
+        # as in the domain's fold.
         "beta": ("consensus", "reject", None),
         "gamma": ("failed", None, None),
         "delta": ("timed_out", None, None),

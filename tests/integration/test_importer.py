@@ -442,7 +442,7 @@ def test_dead_letters_belong_to_the_owner_and_the_writer_records_them(dsn: str) 
         assert public == (False,)
 
 
-# -- a stream deleted and created again under its name (issue 25) -----------
+# -- a stream deleted and created again under its name -----------
 
 
 async def recreate_stream(url: str) -> None:
@@ -469,7 +469,7 @@ async def test_a_reject_in_a_recreated_stream_is_dead_lettered_too(dsn: str, nat
     await recreate_stream(nats_url)
     assert await publish(nats_url, "old.x", b"second {not json", {}) == 1
     second = await run_until_end(dsn, nats_url)
-    # Before issue 25 this was a "duplicate": acknowledged and recorded nowhere.
+    # Before 0009 this was a "duplicate": acknowledged and recorded nowhere.
     assert (second.appended, second.duplicates, second.rejected) == (0, 0, 1)
     letters = dead_letters(dsn)
     assert [(letter["sequence"], bytes(letter["payload"])) for letter in letters] == [

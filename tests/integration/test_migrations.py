@@ -182,7 +182,7 @@ async def test_upgrading_from_0005_gives_existing_read_models_their_own_roles(
             assert conn.execute(ownership).fetchall() == [(conninfo_to_dict(empty_dsn)["user"],)]
 
         migrate.upgrade(empty_dsn)
-        role = "aura_projector_tally_set"
+        role = "aura_projector/tally_set"  # <projector role>/<schema> since 0009
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             assert conn.execute(ownership).fetchall() == [(role,)]
             assert conn.execute(handlers).fetchall() == [
@@ -199,6 +199,85 @@ async def test_upgrading_from_0005_gives_existing_read_models_their_own_roles(
             assert conn.execute(project, (tx, pos)).fetchone() == (1,)
             counted = conn.execute("SELECT events FROM tally_set.streams").fetchall()
             assert counted == [(3,)]
+
+
+READ_MODEL_OWNERS = """
+SELECT pg_get_userbyid(n.nspowner) FROM pg_namespace n WHERE n.nspname = %(s)s
+UNION SELECT pg_get_userbyid(c.relowner) FROM pg_class c WHERE c.relnamespace = %(s)s::regnamespace
+UNION SELECT pg_get_userbyid(p.proowner) FROM pg_proc p WHERE p.pronamespace = %(s)s::regnamespace
+"""
+
+
+async def test_upgrading_from_0008_gives_each_read_model_schema_a_role_of_its_own_name(
+    empty_dsn: str,
+) -> None:
+    """A database at 0008 where a read model, its shadow and the schema a
+    rebuild kept all belong to the pre-0009 role <projector>_<schema>
+   : 0009 gives each schema the role <projector>/<schema>, drops
+    the old role, and the projections carry on from their checkpoints."""
+    old_role = "aura_projector_tally_set"
+    schemas = ("tally_set", "tally_set__previous", "tally_set__shadow")
+    spec = fixture_catalog().get("tally_set")
+    migrate.upgrade(empty_dsn, "0008")
+    async with await psycopg.AsyncConnection.connect(empty_dsn, autocommit=True) as conn:
+        await register_projections(conn, [spec])
+    with EventStore.connect(empty_dsn, max_size=1) as store:
+        store.append("s-1", [NewEvent("A", {}), NewEvent("B", {})])
+    try:
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute("SELECT aura.begin_rebuild('tally_set')")
+            conn.execute("SELECT aura.finish_rebuild('tally_set')")  # keeps tally_set__previous
+            conn.execute(
+                "SELECT aura.begin_shadow('tally_set', %s, 'apply_batch', 'set_based', NULL,"
+                " 'forget_stream')",
+                (spec.definition_sql + "-- version 2\n",),
+            )
+            # The migration files are today's: hand the schemas to one role
+            # the way 0006's read_model_role named and marked it.
+            if not conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (old_role,)
+            ).fetchone():
+                conn.execute(f"CREATE ROLE {old_role} NOLOGIN")  # (the release made it)
+            conn.execute(f"COMMENT ON ROLE {old_role} IS 'aura-pg read model role'")
+            conn.execute(f"GRANT aura_handler TO {old_role}")
+            conn.execute(f"GRANT {old_role} TO aura_projector")
+            for schema in schemas:
+                conn.execute("SELECT aura.give_read_model(%s, %s)", (schema, old_role))
+            conn.execute(
+                f"ALTER DEFAULT PRIVILEGES FOR ROLE {old_role}"
+                " GRANT SELECT ON TABLES TO aura_reader"
+            )
+            for schema in schemas:
+                assert conn.execute(READ_MODEL_OWNERS, {"s": schema}).fetchall() == [(old_role,)]
+
+        migrate.upgrade(empty_dsn)
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            for schema in schemas:
+                owners = conn.execute(READ_MODEL_OWNERS, {"s": schema}).fetchall()
+                assert owners == [(f"aura_projector/{schema}",)], schema
+            assert conn.execute(
+                "SELECT count(*) FROM pg_roles WHERE rolname = %s", (old_role,)
+            ).fetchone() == (0,)
+            store_ = EventStore.connect(empty_dsn, max_size=1)
+            with store_:
+                store_.append("s-1", [NewEvent("C", {})])
+            for name, applied in (("tally_set", 1), ("tally_set__shadow", 3)):
+                ((tx, pos),) = conn.execute(
+                    "SELECT transaction_id, global_position FROM aura.projection_checkpoints"
+                    " WHERE name = %s",
+                    (name,),
+                ).fetchall()
+                batch = conn.execute(
+                    "SELECT applied FROM aura.project_batch(%s, %s, %s)", (name, tx, pos)
+                )
+                assert batch.fetchone() == (applied,), name
+            assert conn.execute("SELECT events FROM tally_set.streams").fetchall() == [(3,)]
+            assert conn.execute("SELECT events FROM tally_set__shadow.streams").fetchall() == [(3,)]
+    finally:
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (old_role,)).fetchone():
+                conn.execute(f"DROP OWNED BY {old_role}")
+                conn.execute(f"DROP ROLE {old_role}")
 
 
 def test_upgrading_rehashes_the_keys_of_stream_ids_with_colons(empty_dsn: str) -> None:

@@ -228,7 +228,7 @@ async def test_projector_daemon_runs_a_projection_end_to_end(read_model: Logins,
     owner = query(
         dsn, "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'tally_set'"
     )
-    assert owner == [(f"{read_model.groups['projector']}_tally_set",)]
+    assert owner == [(f"{read_model.groups['projector']}/tally_set",)]
     with psycopg.connect(projector, autocommit=True) as conn:
         conn.execute("SELECT aura.reset_projection('tally_set')")
         conn.execute("SELECT aura.begin_rebuild('tally_set')")
@@ -356,7 +356,7 @@ async def test_a_handler_writes_its_schema_reads_others_and_publishes(
         " FROM pg_namespace n JOIN pg_proc p ON p.pronamespace = n.oid"
         " WHERE n.nspname = 'sneaky' ORDER BY p.proname",
     )
-    own_role = f"{read_model.groups['projector']}_sneaky"
+    own_role = f"{read_model.groups['projector']}/sneaky"
     assert roles == [
         (own_role, "apply_event", own_role, False),
         (own_role, "aura_run_handler", own_role, True),
@@ -367,7 +367,7 @@ def test_a_read_model_role_name_taken_by_another_role_is_refused(dsn: str) -> No
     """aura.read_model_role hands out only roles it created: a login role
     (or a group role) with the name a read model would get is refused."""
     groups = group_roles(dsn)
-    taken = f"{groups['projector']}_taken"
+    taken = f"{groups['projector']}/taken"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(taken)))
         try:
@@ -402,7 +402,7 @@ def test_a_handler_role_holding_more_than_reading_is_refused(dsn: str) -> None:
                     )
                 )
         assert conn.execute("SELECT aura.read_model_role('greedy')").fetchone() == (
-            f"{groups['projector']}_greedy",
+            f"{groups['projector']}/greedy",
         )
 
 
