@@ -89,6 +89,20 @@ def test_event_id_repeated_in_a_batch_is_refused(store: EventStore) -> None:
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (0,)
 
 
+def set_database_limits(dsn: str, **limits: int) -> None:
+    """ALTER DATABASE ... SET aura.<name> = value for the test's database."""
+    database = conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for setting, value in limits.items():
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(str(database)),
+                    sql.Identifier("aura", setting),
+                    sql.Literal(str(value)),
+                )
+            )
+
+
 def test_payload_limit_setting_in_sql(store: EventStore) -> None:
     with store.pool.connection() as conn:
         conn.execute("SET aura.max_payload_bytes = 50")
@@ -118,16 +132,7 @@ def test_a_session_cannot_raise_the_limits_above_the_databases(store: EventStore
             call_append(conn, "few", many[:3])
         conn.rollback()
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (0,)
-    database = conninfo_to_dict(dsn)["dbname"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for setting, value in (("max_payload_bytes", 2_000_000), ("max_batch_events", 20_000)):
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
-                    sql.Identifier(str(database)),
-                    sql.Identifier("aura", setting),
-                    sql.Literal(str(value)),
-                )
-            )
+    set_database_limits(dsn, max_payload_bytes=2_000_000, max_batch_events=20_000)
     with psycopg.connect(dsn) as conn:
         call_append(conn, "big", [{"type": "T", "data": big}])
         call_append(conn, "many", many)
@@ -220,16 +225,7 @@ def test_a_resend_probes_the_idempotency_index_instead_of_scanning_the_log(
 def test_a_session_cannot_lift_limits_the_database_lowered(store: EventStore, dsn: str) -> None:
     """ALTER DATABASE ... SET below the defaults binds every session: SET
     back up to the default (or beyond) in a writer's session lifts nothing."""
-    database = conninfo_to_dict(dsn)["dbname"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for setting, value in (("max_payload_bytes", 1000), ("max_batch_events", 5)):
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
-                    sql.Identifier(str(database)),
-                    sql.Identifier("aura", setting),
-                    sql.Literal(str(value)),
-                )
-            )
+    set_database_limits(dsn, max_payload_bytes=1000, max_batch_events=5)
     with psycopg.connect(dsn) as conn:
         conn.execute("SET aura.max_batch_events = 10000")
         conn.execute("SET aura.max_payload_bytes = 1048576")
