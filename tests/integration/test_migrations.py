@@ -212,9 +212,9 @@ async def test_upgrading_from_0008_gives_each_read_model_schema_a_role_of_its_ow
     empty_dsn: str,
 ) -> None:
     """A database at 0008 where a read model, its shadow and the schema a
-     rebuild kept all belong to the pre-0009 role <projector>_<schema>
-    : 0009 gives each schema the role <projector>/<schema>, drops
-     the old role, and the projections carry on from their checkpoints."""
+    rebuild kept all belong to the pre-0009 role <projector>_<schema>: 0009
+    gives each schema the role <projector>/<schema>, drops the old role, and
+    the projections carry on from their checkpoints."""
     old_role = "aura_projector_tally_set"
     schemas = ("tally_set", "tally_set__previous", "tally_set__shadow")
     spec = fixture_catalog().get("tally_set")
