@@ -537,30 +537,29 @@ def _check_clock_skew(conn: Connection, _: _Options) -> Check:
 
 
 def _check_projections(conn: Connection, _: _Options) -> Check:
-    state = _schema_state(conn)
-    if not state["has_schema"]:
-        return _not_migrated("projections")
-    if not state["has_projection_status"]:
-        return Check(
-            "projections",
-            "warn",
-            "not checked: aura.projection_status is missing",
-            "run aura-pg migrate",
-        )
+    missing = _view_missing(conn, "projections", "has_projection_status", "projection_status")
+    if missing is not None:
+        return missing
     return projections_check(conn.execute(_queries()["projection_status"]).fetchall())
 
 
-def _check_stream_order(conn: Connection, _: _Options) -> Check:
+def _view_missing(conn: Connection, name: str, flag: str, view: str) -> Check | None:
+    """The warning of check ``name`` when the aura schema, or the view it
+    reads (``flag`` of schema_state), is missing; None when both exist."""
     state = _schema_state(conn)
     if not state["has_schema"]:
-        return _not_migrated("stream_order")
-    if not state["has_stream_order_view"]:
-        return Check(
-            "stream_order",
-            "warn",
-            "not checked: aura.stream_order_inversions is missing",
-            "run aura-pg migrate",
-        )
+        return _not_migrated(name)
+    if not state[flag]:
+        return Check(name, "warn", f"not checked: aura.{view} is missing", "run aura-pg migrate")
+    return None
+
+
+def _check_stream_order(conn: Connection, _: _Options) -> Check:
+    missing = _view_missing(
+        conn, "stream_order", "has_stream_order_view", "stream_order_inversions"
+    )
+    if missing is not None:
+        return missing
     try:
         with conn.transaction():
             conn.execute(_queries()["longer_statement_timeout"])

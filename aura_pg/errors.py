@@ -27,8 +27,12 @@ class ConcurrencyError(AuraPgError):
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            f"stream {stream_id!r} is at version {actual}, not at the expected {expected}"
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"stream {self.stream_id!r} is at version {self.actual}, "
+            f"not at the expected {self.expected}"
         )
 
 
@@ -40,11 +44,10 @@ class StreamOrderConflict(ConcurrencyError):
     ``ConcurrencyError``, so code that reloads and retries on a conflict
     handles it too."""
 
-    def __init__(self, stream_id: str, expected: ExpectedVersion, actual: int) -> None:
-        super().__init__(stream_id, expected, actual)
-        self.args = (
-            f"stream {stream_id!r} moved on to version {actual} in a transaction that began "
-            "writing after this one: roll back and run the transaction again",
+    def _message(self) -> str:
+        return (
+            f"stream {self.stream_id!r} moved on to version {self.actual} in a transaction "
+            "that began writing after this one: roll back and run the transaction again"
         )
 
 

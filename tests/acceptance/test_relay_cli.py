@@ -224,6 +224,21 @@ def wait_for_request(relay: subprocess.Popen[str], drip_server: DripServer) -> N
         assert time.monotonic() < deadline, "the relay sent nothing"
 
 
+def terminate_while_dripping(
+    relay: subprocess.Popen[str], drip_server: DripServer
+) -> tuple[float, str]:
+    """SIGTERM once the receiver has the request: seconds until the relay
+    exited, and what it wrote to stderr."""
+    try:
+        wait_for_request(relay, drip_server)
+        relay.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = relay.communicate(timeout=20)
+        return time.monotonic() - signalled, stderr
+    finally:
+        relay.kill()
+
+
 def test_sigterm_during_a_dripping_answer_ends_within_the_publish_timeout(
     dsn: str, drip_server: DripServer
 ) -> None:
@@ -233,14 +248,7 @@ def test_sigterm_during_a_dripping_answer_ends_within_the_publish_timeout(
         "--dsn", dsn, "--webhook", f"hook={drip_server.url('/hook')}",
         "--poll-interval", "0.1", "--publish-timeout", "3",
     )  # fmt: skip
-    try:
-        wait_for_request(relay, drip_server)
-        relay.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        _, stderr = relay.communicate(timeout=20)
-        elapsed = time.monotonic() - signalled
-    finally:
-        relay.kill()
+    elapsed, stderr = terminate_while_dripping(relay, drip_server)
     assert relay.returncode == 0, stderr
     assert elapsed < 8, f"SIGTERM took {elapsed:.1f} s"
     [row] = outbox(dsn)
@@ -257,14 +265,7 @@ def test_sigterm_abandons_a_publish_after_the_shutdown_timeout(
         "--dsn", dsn, "--webhook", f"hook={drip_server.url('/hook')}",
         "--poll-interval", "0.1", "--publish-timeout", "120", "--shutdown-timeout", "1",
     )  # fmt: skip
-    try:
-        wait_for_request(relay, drip_server)
-        relay.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        _, stderr = relay.communicate(timeout=20)
-        elapsed = time.monotonic() - signalled
-    finally:
-        relay.kill()
+    elapsed, stderr = terminate_while_dripping(relay, drip_server)
     assert relay.returncode == 0, stderr
     assert elapsed < 6, f"SIGTERM took {elapsed:.1f} s"
     assert "shutdown timeout" in stderr
