@@ -30,6 +30,8 @@ from tests.helpers.projections import (
 ROOT = Path(__file__).resolve().parents[2]
 AURA_PG = str(Path(sys.executable).with_name("aura-pg"))
 PROJECTIONS = ("tally_set", "tally_each")
+# The advisory lock class of aura.append_events' per-stream lock.
+STREAM_APPEND_LOCK_CLASS = 1635087475
 
 
 class Daemons:
@@ -39,6 +41,7 @@ class Daemons:
         self.dsn = dsn
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen[str]] = {}
+        # Every process started for the test (daemons and writers).
         self.started: list[subprocess.Popen[str]] = []
 
     def start(self, owner: str, *extra: str) -> subprocess.Popen[str]:
@@ -100,8 +103,14 @@ def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
 
 
 def start_writer(
-    dsn: str, seconds: float, rate: float, seed: int, poison_at: int | None = None
+    dsn: str,
+    daemons: Daemons,
+    seconds: float,
+    rate: float,
+    seed: int,
+    poison_at: int | None = None,
 ) -> subprocess.Popen[str]:
+    """A steady writer process; `daemons` reaps it if the test fails first."""
     args = [
         sys.executable,
         "-m",
@@ -113,7 +122,9 @@ def start_writer(
     ]
     if poison_at is not None:
         args.append(str(poison_at))
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, text=True)
+    writer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, text=True)
+    daemons.started.append(writer)
+    return writer
 
 
 def wait_caught_up(dsn: str) -> None:
@@ -121,7 +132,7 @@ def wait_caught_up(dsn: str) -> None:
 
 
 def test_sigterm_finishes_the_batch_releases_and_exits_zero(dsn: str, daemons: Daemons) -> None:
-    writer = start_writer(dsn, 2.0, 200, seed=1)
+    writer = start_writer(dsn, daemons, 2.0, 200, seed=1)
     process = daemons.start("solo")
     wait_for_sync(lambda: daemons.owners() == {"solo"}, 90, "ownership")
     time.sleep(0.5)  # mid-load
@@ -131,7 +142,14 @@ def test_sigterm_finishes_the_batch_releases_and_exits_zero(dsn: str, daemons: D
     stopped_in = time.monotonic() - started
     assert stopped_in < 10, f"took {stopped_in:.1f}s to stop"
     assert daemons.owners() == {None}
-    assert query(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
+    # The writer still runs: its appends hold the per-stream append lock
+    # (two-key class STREAM_APPEND_LOCK_CLASS); only the daemon's locks count.
+    assert query(
+        dsn,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        " AND NOT (objsubid = 2 AND classid = %s::oid)",
+        (STREAM_APPEND_LOCK_CLASS,),
+    ) == [(0,)]
     assert writer.wait(30) == 0
     # A fresh daemon finishes the work exactly.
     daemons.start("after")
@@ -143,7 +161,7 @@ def test_sigterm_finishes_the_batch_releases_and_exits_zero(dsn: str, daemons: D
 def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
     dsn: str, daemons: Daemons
 ) -> None:
-    writers = [start_writer(dsn, 12.0, 150, seed=seed) for seed in (1, 2)]
+    writers = [start_writer(dsn, daemons, 12.0, 150, seed=seed) for seed in (1, 2)]
     # Plus a writer whose transactions stay open a while, so commits land
     # out of position order while the owners die.
     writers.append(
@@ -188,7 +206,7 @@ def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
 
 
 def test_terminated_backends_under_load_recover(dsn: str, daemons: Daemons) -> None:
-    writer = start_writer(dsn, 6.0, 200, seed=3)
+    writer = start_writer(dsn, daemons, 6.0, 200, seed=3)
     daemons.start("solo")
     wait_for_sync(lambda: daemons.owners() == {"solo"}, 90, "ownership")
     for _ in range(4):
@@ -206,7 +224,7 @@ def test_terminated_backends_under_load_recover(dsn: str, daemons: Daemons) -> N
 
 
 def test_poison_event_under_kills_is_dead_lettered_exactly_once(dsn: str, daemons: Daemons) -> None:
-    writer = start_writer(dsn, 4.0, 150, seed=4, poison_at=100)
+    writer = start_writer(dsn, daemons, 4.0, 150, seed=4, poison_at=100)
     try:
         daemons.start("a")
         # The stand-by starts once "a" owns both projections: two daemons
