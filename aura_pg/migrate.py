@@ -1,9 +1,10 @@
-"""Schema migrations: alembic revisions that run the SQL files under ``sql/``."""
+"""Schema migrations: alembic revisions, each running its own frozen SQL
+(``migrations/sql/``); ``sql/`` holds the current schema."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -14,30 +15,32 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 
-from aura_pg._resources import migrations_path, sql_text
+from aura_pg._resources import migrations_path
 from aura_pg.errors import MigrationError
 
 VERSION_TABLE_SCHEMA = "aura"
 
 
-def run_sql_files(relative_paths: Sequence[str]) -> None:
-    """Run SQL files from ``sql/`` inside the current migration.
+def run_migration_sql(file_name: str) -> None:
+    """Run a revision's frozen SQL (``migrations/sql/<file_name>``) inside
+    the current migration.
 
-    Called from revision scripts. The files are sent as they are, without
-    parameter parsing, so an operator reads exactly what runs; with
-    ``--sql`` they are printed instead.
+    Called from revision scripts. A revision never runs the live files
+    under ``sql/``: those show the current schema and change with it, while
+    what a released migration ran must stay what it runs. The text is sent
+    as it is, without parameter parsing, so an operator reads exactly what
+    runs; with ``--sql`` it is printed instead.
     """
-    for relative_path in relative_paths:
-        text = sql_text(relative_path)
-        if context.is_offline_mode():
-            context.get_context().impl.static_output(f"-- sql/{relative_path}\n{text}\n")
-        else:
-            # The psycopg connection itself: with no parameters it parses no
-            # placeholders, so '%' in plpgsql RAISE formats stays as written.
-            driver = context.get_bind().connection.driver_connection
-            if not isinstance(driver, psycopg.Connection):
-                raise MigrationError("aura-pg migrations run on a psycopg connection")
-            driver.execute(text)
+    text = (migrations_path() / "sql" / file_name).read_text(encoding="utf-8")
+    if context.is_offline_mode():
+        context.get_context().impl.static_output(text)
+    else:
+        # The psycopg connection itself: with no parameters it parses no
+        # placeholders, so '%' in plpgsql RAISE formats stays as written.
+        driver = context.get_bind().connection.driver_connection
+        if not isinstance(driver, psycopg.Connection):
+            raise MigrationError("aura-pg migrations run on a psycopg connection")
+        driver.execute(text)
 
 
 def _config() -> Config:

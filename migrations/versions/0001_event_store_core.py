@@ -7,7 +7,7 @@ Create Date: 2026-11-28
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0001"
 down_revision = None
@@ -16,17 +16,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(
-        [
-            "schema.sql",
-            "tables/streams.sql",
-            "tables/events.sql",
-            "triggers/append_only.sql",
-            "functions/append_events.sql",
-            "functions/read.sql",
-            "views/read_horizon_status.sql",
-        ]
-    )
+    run_migration_sql("0001_event_store_core.sql")
 
 
 def downgrade() -> None:

@@ -8,7 +8,7 @@ Create Date: 2026-11-28
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0002"
 down_revision = "0001"
@@ -17,16 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(
-        [
-            "tables/projections.sql",
-            "tables/outbox.sql",
-            "triggers/notify_events.sql",
-            "functions/projections.sql",
-            "functions/outbox.sql",
-            "views/projection_status.sql",
-        ]
-    )
+    run_migration_sql("0002_projections_outbox.sql")
 
 
 def downgrade() -> None:

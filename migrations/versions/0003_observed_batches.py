@@ -9,7 +9,7 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0003"
 down_revision = "0002"
@@ -18,7 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(["extensions/timescaledb.sql", "functions/project_batch.sql"])
+    run_migration_sql("0003_observed_batches.sql")
 
 
 def downgrade() -> None:

@@ -9,7 +9,7 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0004"
 down_revision = "0003"
@@ -18,7 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(["triggers/notify_opt_in.sql"])
+    run_migration_sql("0004_notify_opt_in.sql")
 
 
 def downgrade() -> None:

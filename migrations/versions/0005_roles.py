@@ -13,7 +13,7 @@ Create Date: 2026-11-30
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0005"
 down_revision = "0004"
@@ -22,14 +22,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(
-        [
-            "roles/roles.sql",
-            "functions/read_model_grants.sql",
-            "roles/grants.sql",
-            "roles/append_definer.sql",
-        ]
-    )
+    run_migration_sql("0005_roles.sql")
 
 
 def downgrade() -> None:

@@ -15,7 +15,7 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0006"
 down_revision = "0005"
@@ -24,18 +24,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(
-        [
-            "functions/append_events.sql",
-            "roles/append_definer.sql",
-            "data/rehash_colon_streams.sql",
-            "functions/project_batch.sql",
-            "views/projection_status.sql",
-            "views/operator.sql",
-            "roles/read_model_roles.sql",
-            "functions/read_model_grants.sql",
-        ]
-    )
+    run_migration_sql("0006_operator_surface.sql")
 
 
 def downgrade() -> None:

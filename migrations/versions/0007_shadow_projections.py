@@ -10,7 +10,7 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0007"
 down_revision = "0006"
@@ -19,7 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(["functions/shadows.sql"])
+    run_migration_sql("0007_shadow_projections.sql")
 
 
 def downgrade() -> None:

@@ -10,7 +10,7 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0008"
 down_revision = "0007"
@@ -19,7 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(["tables/import_dead_letters.sql"])
+    run_migration_sql("0008_import_dead_letters.sql")
 
 
 def downgrade() -> None:

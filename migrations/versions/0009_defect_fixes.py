@@ -22,7 +22,7 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
-from aura_pg.migrate import run_sql_files
+from aura_pg.migrate import run_migration_sql
 
 revision = "0009"
 down_revision = "0008"
@@ -31,33 +31,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_files(
-        [
-            "functions/append_events.sql",
-            "roles/append_definer.sql",
-            # The importer: dead letters identified by sequence and content
-            # hash; the source streams' lives for sequence keys.
-            "upgrades/0009_import_dead_letter_identity.sql",
-            "tables/import_stream_lives.sql",
-            "views/stream_order_inversions.sql",
-            # Projections and read model roles. projections.sql still holds
-            # 0002's project_batch, apply_handler and
-            # install_projection_schema: project_batch.sql,
-            # read_model_grants.sql and read_model_roles.sql must run after
-            # it (and after shadows.sql), then the role renames.
-            "functions/projections.sql",
-            "functions/project_batch.sql",
-            # Generations that never repeat (the
-            # functions first, then the sequence, the column default and
-            # the new signatures' owner and privileges); promote's dead
-            # letters through a temporary name. shadows.sql can run again.
-            "functions/shadows.sql",
-            "upgrades/0009_projection_incarnations.sql",
-            "functions/read_model_grants.sql",
-            "roles/read_model_roles.sql",
-            "upgrades/0009_read_model_role_names.sql",
-        ]
-    )
+    run_migration_sql("0009_defect_fixes.sql")
 
 
 def downgrade() -> None:
