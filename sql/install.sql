@@ -1,6 +1,11 @@
--- Installs the aura-pg schema into the current database, as the migrations
--- do. From psql:  \i sql/install.sql
+-- Installs the current aura-pg schema into the current database, the same
+-- schema the migrations build. From psql:  \i sql/install.sql
 -- Prefer `aura-pg migrate`, which records the schema version.
+--
+-- One file per object (or per small family of objects), each holding its
+-- current definition. roles/grants.sql gives the owner and privileges of
+-- everything installed before it; each file after it does so for its own
+-- objects.
 \set ON_ERROR_STOP on
 BEGIN;
 \ir schema.sql
@@ -14,23 +19,19 @@ BEGIN;
 \ir tables/outbox.sql
 \ir triggers/notify_events.sql
 \ir functions/projections.sql
+\ir functions/project_batch.sql
 \ir functions/outbox.sql
 \ir views/projection_status.sql
 \ir extensions/timescaledb.sql
-\ir functions/project_batch.sql
-\ir triggers/notify_opt_in.sql
 \ir roles/roles.sql
 \ir functions/read_model_grants.sql
 \ir roles/grants.sql
-\ir roles/append_definer.sql
 \ir views/operator.sql
 \ir roles/read_model_roles.sql
-\ir data/rehash_colon_streams.sql
+\ir tables/shadow_diffs.sql
 \ir functions/shadows.sql
+\ir views/shadow_status.sql
 \ir tables/import_dead_letters.sql
-\ir upgrades/0009_import_dead_letter_identity.sql
 \ir tables/import_stream_lives.sql
 \ir views/stream_order_inversions.sql
-\ir upgrades/0009_read_model_role_names.sql
-\ir upgrades/0009_projection_incarnations.sql
 COMMIT;

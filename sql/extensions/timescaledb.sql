@@ -1,5 +1,5 @@
--- Migration 0003: create the timescaledb extension (in schema public) where
--- the server preloads it, before any daemon or writer connects.
+-- Creates the timescaledb extension (in schema public) where the server
+-- preloads it, before any daemon or writer connects.
 --
 -- Why here and not only when agent_performance is first registered: a
 -- backend that already runs when the extension appears loads TimescaleDB's

@@ -116,8 +116,7 @@ $$;
 -- ('a:b' + 'c' and 'a' + 'b:c'), so such ids are hashed as
 -- chr(31) || length || ':' || stream_id || ':' || key, where the length
 -- says where the id ends and chr(31), which no stream id may contain,
--- keeps the two forms apart. (Migration 0006; before it, ids with ':' used
--- the first form, and 0006 rehashes their events.)
+-- keeps the two forms apart.
 CREATE OR REPLACE FUNCTION aura.idempotency_hash(p_stream_id text, p_key text) RETURNS bytea
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -173,12 +172,16 @@ BEGIN
 END;
 $$;
 
+-- The writer's only way in: it runs as the owner (SECURITY DEFINER).
+-- Every name in its body (and in the helpers, triggers and defaults it
+-- reaches) is schema-qualified or in pg_catalog; pg_temp comes last, so no
+-- temporary object can stand in.
 CREATE OR REPLACE FUNCTION aura.append_events(
     p_stream_id        text,
     p_events           jsonb,
     p_expected_version text DEFAULT 'any'
 ) RETURNS TABLE (event_id uuid, version bigint, global_position bigint, duplicate boolean)
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE

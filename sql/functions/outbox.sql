@@ -84,11 +84,14 @@ $$;
 -- Writes one message to the outbox in the caller's transaction: for
 -- projection handlers that emit messages with their batch. Returns false
 -- when (sink, topic, message_id) is already there.
+-- A handler's one way into the outbox: it runs as the aura schema's owner,
+-- so the handler role needs no privilege on aura.outbox. Its body and the
+-- table's defaults and checks name only aura.* and pg_catalog objects.
 CREATE OR REPLACE FUNCTION aura.publish_to_outbox(
     p_sink text, p_topic text, p_message_id uuid, p_payload jsonb,
     p_headers jsonb DEFAULT '{}'::jsonb, p_global_position bigint DEFAULT NULL
 ) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO aura.outbox (sink, topic, message_id, payload, headers, global_position)
     VALUES (p_sink, p_topic, p_message_id, p_payload, coalesce(p_headers, '{}'::jsonb),

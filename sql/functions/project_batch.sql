@@ -1,38 +1,29 @@
--- Migration 0003: aura.project_batch also returns what it applied, so the
--- daemon can count, time and trace each event without reading it again:
--- the applied events' types and recording times, and, when p_trace is
--- true, their ids, streams, versions and traceparents (metadata->>
--- 'traceparent', the W3C trace context of the span that appended each).
--- The arrays are gathered in the same pass that reads the batch; those of
--- one call are in the same order (not necessarily the apply order), and
--- NULL when nothing was applied.
---
 -- Applies the next batch of a projection and advances its checkpoint, in
--- the caller's transaction. The caller names the checkpoint it holds; if
--- the projection is elsewhere (another owner, an operator), AU006 and
--- nothing is applied. Returns how many events were applied, the new
--- checkpoint, whether the projection has caught up, its status, and the
--- arrays above. Paused projections and open circuits apply nothing; once
--- an open circuit's recovery time has passed, one event is tried
--- (half-open).
+-- the caller's transaction. The caller names the checkpoint it holds, and
+-- the generation it read with it (p_expected_generation, NULL: none); if
+-- the projection is elsewhere (another owner, an operator) or was
+-- replaced since (generations never repeat: a restarted shadow or rebuild,
+-- a reset, a swap takes a new one), AU006 and nothing is applied. Returns
+-- how many events were applied, the new checkpoint, whether the projection
+-- has caught up, and its status. Paused projections and open circuits
+-- apply nothing; once an open circuit's recovery time has passed, one
+-- event is tried (half-open). A batch that is applied ends a run of
+-- failures: the count goes back to 0, the circuit closes, and last_error
+-- is cleared (a dead-lettered event keeps its error in aura.dead_letters).
+--
+-- It also returns what it applied, so the daemon can count, time and trace
+-- each event without reading it again: the applied events' types and
+-- recording times, and, when p_trace is true, their ids, streams, versions
+-- and traceparents (metadata->>'traceparent', the W3C trace context of the
+-- span that appended each). The arrays are gathered in the same pass that
+-- reads the batch; those of one call are in the same order (not
+-- necessarily the apply order), and NULL when nothing was applied.
 --
 --   SELECT applied, transaction_id, global_position, caught_up, status
 --   FROM aura.project_batch('stream_summary', '0', 0);
 --
--- With aura.debug = on it explains each call in a NOTICE (migration 0006):
--- why nothing was applied, or what was applied and where the checkpoint
--- went. CREATE OR REPLACE, so that 0006 can run this file again.
---
--- Migration 0009: p_expected_generation, the generation the caller read
--- with its checkpoint (NULL: none). Generations never repeat (a restarted
--- shadow or rebuild, a reset, a swap takes a new one), so a caller that
--- still holds a replaced projection's checkpoint and state, even the
--- checkpoint 0/0 a restarted one is back at, gets AU006 and reloads. The
--- recheck under the row lock compares the generation this call read the
--- batch under in the same way.
-DROP FUNCTION IF EXISTS aura.project_batch(text, xid8, bigint, text, integer);
-DROP FUNCTION IF EXISTS aura.project_batch(text, xid8, bigint, text, integer, boolean);
-
+-- With aura.debug = on it explains each call in a NOTICE: why nothing was
+-- applied, or what was applied and where the checkpoint went.
 CREATE OR REPLACE FUNCTION aura.project_batch(
     p_name                    text,
     p_expected_transaction_id xid8,
@@ -175,6 +166,8 @@ BEGIN
            last_applied_position = coalesce(v_last.global_position, c.last_applied_position),
            last_applied_recorded_at = coalesce(v_last.recorded_at, c.last_applied_recorded_at),
            consecutive_failures = 0,
+           last_error = NULL,
+           last_error_at = NULL,
            circuit_state = 'closed',
            circuit_open_until = NULL,
            status = CASE WHEN c.status = 'failed' THEN 'running' ELSE c.status END,

@@ -69,66 +69,49 @@ BEGIN
 END;
 $$;
 
--- Runs a projection's handler over events (in order) in its schema.
+-- Runs a projection's handler over events (in order) in its schema, as
+-- its read model's role, through SCHEMA.aura_run_handler
+-- (aura.isolate_read_model): one switch of user per batch. A read model
+-- without its runner is refused rather than run with the caller's rights,
+-- and so is one whose schema or runner is not its own role's: a swap that
+-- missed the hand-over (aura.hand_over_read_model) would otherwise run a
+-- handler as a role that also owns another schema, e.g. the live one.
 CREATE OR REPLACE FUNCTION aura.apply_handler(
     p_schema text, p_handler text, p_kind text, p_events aura.events[]
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_search_path text := current_setting('search_path');
+    v_role        text;
 BEGIN
-    PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
-    IF p_kind = 'set_based' THEN
-        EXECUTE format('SELECT %I.%I($1)', p_schema, p_handler) USING p_events;
-    ELSE
-        -- unnest yields the array in order, and the handler runs per row as
-        -- the scan produces it.
-        EXECUTE format('SELECT %I.%I(u) FROM unnest($1) AS u', p_schema, p_handler)
-            USING p_events;
-    END IF;
-    PERFORM set_config('search_path', v_search_path, true);
-EXCEPTION
-    -- A handler raising the engine's own codes would be read as "unknown
-    -- projection" or "checkpoint moved": report it as the handler's error.
-    WHEN SQLSTATE 'AU005' OR SQLSTATE 'AU006' OR SQLSTATE 'AU007' THEN
-        RAISE EXCEPTION 'handler %.% raised %: %', p_schema, p_handler, SQLSTATE, SQLERRM
-            USING ERRCODE = 'AU008';
-END;
-$$;
-
--- Creates a read model's schema from its definition SQL and checks that the
--- handlers it names exist with the right signature.
-CREATE OR REPLACE FUNCTION aura.install_projection_schema(
-    p_schema text, p_definition_sql text, p_handler text, p_kind text, p_forget_handler text
-) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_search_path text := current_setting('search_path');
-    v_signature   text;
-BEGIN
-    EXECUTE format('CREATE SCHEMA %I', p_schema);
-    EXECUTE format('COMMENT ON SCHEMA %I IS %L', p_schema, 'aura-pg read model');
-    PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
-    EXECUTE p_definition_sql;
-    PERFORM set_config('search_path', v_search_path, true);
-    IF EXISTS (SELECT 1 FROM pg_extension x WHERE x.extnamespace = p_schema::regnamespace) THEN
-        RAISE EXCEPTION 'the definition of % created an extension inside the read model''s schema', p_schema
-            USING ERRCODE = 'AU007',
-                  HINT = 'Create extensions in a schema of their own: CREATE EXTENSION IF NOT EXISTS x SCHEMA public.';
-    END IF;
-    v_signature := format('%I.%I(%s)', p_schema, p_handler,
-                          CASE p_kind WHEN 'set_based' THEN 'aura.events[]' ELSE 'aura.events' END);
-    IF to_regprocedure(v_signature) IS NULL THEN
-        RAISE EXCEPTION 'the definition of % does not create the handler %', p_schema, v_signature
-            USING ERRCODE = 'AU007',
-                  HINT = 'per_event handlers take (aura.events), set_based ones (aura.events[])';
-    END IF;
-    IF p_forget_handler IS NOT NULL
-       AND to_regprocedure(format('%I.%I(text)', p_schema, p_forget_handler)) IS NULL THEN
-        RAISE EXCEPTION 'the definition of % does not create the forget handler %.%(text)',
-            p_schema, p_schema, p_forget_handler
+    IF to_regprocedure(format('%I.aura_run_handler(text, text, text, aura.events[])', p_schema))
+       IS NULL THEN
+        RAISE EXCEPTION 'read model % has no aura_run_handler: reset or rebuild the projection', p_schema
             USING ERRCODE = 'AU007';
     END IF;
+    v_role := aura.read_model_role_name(
+        (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector'), p_schema);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+                   JOIN pg_catalog.pg_proc f ON f.pronamespace = n.oid
+                   JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner AND r.oid = f.proowner
+                   WHERE n.nspname = p_schema AND f.proname = 'aura_run_handler'
+                     AND r.rolname = v_role) THEN
+        RAISE EXCEPTION 'read model % is not owned by its own role %', p_schema, v_role
+            USING ERRCODE = 'AU007',
+                  HINT = format('SELECT aura.hand_over_read_model(%L) gives it to that role.', p_schema);
+    END IF;
+    BEGIN
+        PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
+        EXECUTE format('SELECT %I.aura_run_handler($1, $2, $3, $4)', p_schema)
+            USING p_schema, p_handler, p_kind, p_events;
+        PERFORM set_config('search_path', v_search_path, true);
+    EXCEPTION
+        -- A handler raising the engine's own codes would be read as "unknown
+        -- projection" or "checkpoint moved": report it as the handler's error.
+        WHEN SQLSTATE 'AU005' OR SQLSTATE 'AU006' OR SQLSTATE 'AU007' THEN
+            RAISE EXCEPTION 'handler %.% raised %: %', p_schema, p_handler, SQLSTATE, SQLERRM
+                USING ERRCODE = 'AU008';
+    END;
 END;
 $$;
 
@@ -286,139 +269,12 @@ BEGIN
 END;
 $$;
 
--- Applies the next batch of a projection and advances its checkpoint, in
--- the caller's transaction. The caller names the checkpoint it holds; if
--- the projection is elsewhere (another owner, an operator), AU006 and
--- nothing is applied. Returns how many events were applied, the new
--- checkpoint, whether the projection has caught up, and its status.
--- Paused projections and open circuits apply nothing; once an open
--- circuit's recovery time has passed, one event is tried (half-open).
---
---   SELECT * FROM aura.project_batch('stream_summary', '0', 0);
-CREATE OR REPLACE FUNCTION aura.project_batch(
-    p_name                    text,
-    p_expected_transaction_id xid8,
-    p_expected_position       bigint,
-    p_owner                   text    DEFAULT NULL,
-    p_limit                   integer DEFAULT NULL
-) RETURNS TABLE (applied integer, transaction_id xid8, global_position bigint,
-                 caught_up boolean, status text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_row     aura.projection_checkpoints;
-    v_locked  aura.projection_checkpoints;
-    v_limit   integer;
-    v_events  aura.events[];
-    v_count   integer;
-    v_last    aura.events;
-    v_horizon_tx  xid8;
-    v_horizon_pos bigint;
-    v_tx      xid8;
-    v_pos     bigint;
-BEGIN
-    SELECT * INTO v_row FROM aura.projection_checkpoints c WHERE c.name = p_name;
-    IF NOT FOUND THEN
-        PERFORM aura.lock_projection(p_name);  -- raises AU005
-    END IF;
-    PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
-    IF v_row.status = 'paused'
-       OR v_row.circuit_state = 'open' AND v_row.circuit_open_until > clock_timestamp() THEN
-        RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status;
-        RETURN;
-    END IF;
-    v_limit := coalesce(p_limit, v_row.batch_size);
-    IF v_limit < 1 THEN
-        RAISE EXCEPTION 'batch limit must be at least 1, not %', v_limit USING ERRCODE = 'AU007';
-    END IF;
-    IF v_row.circuit_state <> 'closed' THEN
-        v_limit := 1;  -- half-open: one event decides
-    END IF;
-
-    -- One statement, hence one snapshot: the batch and the horizon agree.
-    SELECT b.events, b.n, h.transaction_id, h.global_position
-      INTO v_events, v_count, v_horizon_tx, v_horizon_pos
-    FROM (SELECT array_agg(e ORDER BY e.transaction_id, e.global_position) AS events,
-                 count(*)::integer AS n
-          FROM aura.read_all(v_row.transaction_id, v_row.global_position, v_limit,
-                             v_row.event_types) AS e) AS b
-    LEFT JOIN LATERAL aura.read_horizon() AS h ON true;
-
-    IF v_count = v_limit THEN
-        v_last := v_events[v_count];
-        v_tx := v_last.transaction_id;
-        v_pos := v_last.global_position;
-    ELSE
-        -- Nothing else of ours up to the horizon: checkpoint there, so the
-        -- events of other types before it are not read again.
-        IF v_count > 0 THEN
-            v_last := v_events[v_count];
-        END IF;
-        IF v_horizon_tx IS NOT NULL
-           AND (v_horizon_tx, v_horizon_pos) > (v_row.transaction_id, v_row.global_position) THEN
-            v_tx := v_horizon_tx;
-            v_pos := v_horizon_pos;
-        ELSE
-            v_tx := v_row.transaction_id;
-            v_pos := v_row.global_position;
-        END IF;
-    END IF;
-
-    IF v_count = 0 AND (v_tx, v_pos) = (v_row.transaction_id, v_row.global_position)
-       AND v_row.consecutive_failures = 0 AND v_row.circuit_state = 'closed'
-       AND v_row.status <> 'failed' AND v_row.owner IS NOT DISTINCT FROM coalesce(p_owner, v_row.owner) THEN
-        -- Idle: nothing to write, and no lock taken.
-        RETURN QUERY SELECT 0, v_tx, v_pos, true, v_row.status;
-        RETURN;
-    END IF;
-
-    -- Lock, and check again: the checkpoint may have moved since the read,
-    -- or a reset or rebuild swap may have replaced the model at an equal
-    -- checkpoint. This transaction began before that commit, so its catalog
-    -- caches may still resolve the model's names to the replaced one, and
-    -- the batch was read with the old definition's event types: refuse, and
-    -- let the caller retry in a fresh transaction.
-    v_locked := aura.lock_projection(p_name);
-    PERFORM aura.check_checkpoint(v_locked, p_expected_transaction_id, p_expected_position);
-    IF v_locked.generation <> v_row.generation THEN
-        RAISE EXCEPTION 'projection % was reset or rebuilt while its batch was read', quote_literal(p_name)
-            USING ERRCODE = 'AU006';
-    END IF;
-    v_row := v_locked;
-    IF v_row.status = 'paused' THEN
-        RETURN QUERY SELECT 0, v_row.transaction_id, v_row.global_position, false, v_row.status;
-        RETURN;
-    END IF;
-    IF v_count > 0 THEN
-        PERFORM aura.apply_handler(v_row.schema_name, v_row.handler, v_row.handler_kind, v_events);
-    END IF;
-    UPDATE aura.projection_checkpoints c
-       SET transaction_id = v_tx,
-           global_position = v_pos,
-           events_applied = c.events_applied + v_count,
-           last_applied_position = coalesce(v_last.global_position, c.last_applied_position),
-           last_applied_recorded_at = coalesce(v_last.recorded_at, c.last_applied_recorded_at),
-           consecutive_failures = 0,
-           circuit_state = 'closed',
-           circuit_open_until = NULL,
-           status = CASE WHEN c.status = 'failed' THEN 'running' ELSE c.status END,
-           owner = coalesce(p_owner, c.owner),
-           owner_since = CASE WHEN p_owner IS DISTINCT FROM c.owner AND p_owner IS NOT NULL
-                              THEN now() ELSE c.owner_since END,
-           updated_at = now()
-     WHERE c.name = p_name
-    RETURNING c.status INTO v_row.status;
-    RETURN QUERY SELECT v_count, v_tx, v_pos, v_count < v_limit, v_row.status;
-END;
-$$;
-
 -- Records a failed batch (the batch itself was rolled back): counts it,
 -- and opens the circuit after circuit_failure_threshold failures in a row,
 -- which pauses the projection (status failed) for circuit_recovery_seconds.
--- With p_expected_generation (migration 0009), AU006 when the projection
--- was restarted, reset or swapped since the caller read it.
-DROP FUNCTION IF EXISTS aura.record_projection_failure(text, xid8, bigint, text, text, text);
-
+-- With p_expected_generation, AU006 when the projection was restarted,
+-- reset or swapped since the caller read it. A successful batch
+-- (aura.project_batch) resets the count and clears the error.
 CREATE OR REPLACE FUNCTION aura.record_projection_failure(
     p_name                    text,
     p_expected_transaction_id xid8,
@@ -462,11 +318,9 @@ $$;
 -- Moves the projection's next event to the dead letters and the
 -- checkpoint past it, after the caller has retried it max_retries times.
 -- p_event_id must be that next event (a guard against skipping another);
--- with p_expected_generation (migration 0009), the projection must still be
--- the one whose handler failed on it (not restarted, reset or swapped).
-DROP FUNCTION IF EXISTS aura.dead_letter_next(text, xid8, bigint, text, uuid, text, text, integer,
-                                              timestamptz);
-
+-- with p_expected_generation, the projection must still be the one whose
+-- handler failed on it (not restarted, reset or swapped). The error stays
+-- with the dead letter; last_error shows it until the next good batch.
 CREATE OR REPLACE FUNCTION aura.dead_letter_next(
     p_name                    text,
     p_expected_transaction_id xid8,
@@ -764,12 +618,10 @@ $$;
 -- the commit and the new one after it, never a half-built one. The live
 -- owner's next batch gets AU006, reloads, and carries on from the new
 -- checkpoint. Returns the number of events applied during the swap.
--- p_generation (migration 0009): the generation of the rebuild the caller
--- began (aura.begin_rebuild); AU006 when another process restarted it since
+-- p_generation: the generation of the rebuild the caller began
+-- (aura.begin_rebuild); AU006 when another process restarted it since
 -- (another definition, or a reset), so that no process swaps in, and
 -- reports as its own, a rebuild it did not start.
-DROP FUNCTION IF EXISTS aura.finish_rebuild(text, text);
-
 CREATE OR REPLACE FUNCTION aura.finish_rebuild(
     p_name text, p_owner text DEFAULT NULL, p_generation bigint DEFAULT NULL
 ) RETURNS bigint

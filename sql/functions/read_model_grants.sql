@@ -1,13 +1,15 @@
--- Migration 0005: read models get their privileges when they are created.
+-- Read model schemas: created from their definition SQL, granted, and
+-- given to their own role when they are created.
 --
 -- aura.grant_read_model(schema) lets the reader role read a read model and
 -- the projector role write it; nobody else (PUBLIC) gets anything, not even
 -- EXECUTE on its functions. aura.install_projection_schema (register, reset,
--- rebuild) calls it once the definition SQL has run. Tables that a handler
--- creates later (partitions, ...) are readable by the reader through
--- migration 0005's default privileges for the projector role; per-schema
--- default privileges would count as dependents outside the schema
--- (aura.outside_dependents) and block its reset.
+-- rebuild, shadow) calls it once the definition SQL has run. Tables that a
+-- handler creates later (partitions, ...) are readable by the reader
+-- through the default privileges of the read model's role
+-- (aura.hand_over_read_model); per-schema default privileges would count
+-- as dependents outside the schema (aura.outside_dependents) and block its
+-- reset.
 CREATE OR REPLACE FUNCTION aura.grant_read_model(p_schema text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -28,9 +30,8 @@ $$;
 
 -- Gives a read model's schema and everything in it (relations, partitions
 -- included, routines, types) to p_role. Sequences of serial and identity
--- columns follow their table. Used by migration 0005 (to the projector
--- role) and by aura.isolate_read_model (to the read model's own role); the
--- caller must be able to act as p_role.
+-- columns follow their table. Used by aura.hand_over_read_model (to the
+-- read model's own role); the caller must be able to act as p_role.
 CREATE OR REPLACE FUNCTION aura.give_read_model(p_schema text, p_role text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -69,9 +70,10 @@ END;
 $$;
 
 -- Creates a read model's schema from its definition SQL, checks that the
--- handlers it names exist with the right signature, and grants it
--- (aura.grant_read_model), then gives it to its own role
--- (aura.isolate_read_model). As in migration 0002, apart from those.
+-- handlers it names exist with the right signature, grants it
+-- (aura.grant_read_model), then gives it to its own role and makes its
+-- handlers run as that role (aura.isolate_read_model,
+-- roles/read_model_roles.sql).
 CREATE OR REPLACE FUNCTION aura.install_projection_schema(
     p_schema text, p_definition_sql text, p_handler text, p_kind text, p_forget_handler text
 ) RETURNS void
@@ -104,11 +106,6 @@ BEGIN
             USING ERRCODE = 'AU007';
     END IF;
     PERFORM aura.grant_read_model(p_schema);
-    -- Migration 0006 (roles/read_model_roles.sql): the schema goes to its
-    -- own role, and the handlers run as that role. (A database at 0005
-    -- has no such function yet; 0006 isolates its read models.)
-    IF to_regprocedure('aura.isolate_read_model(text, text, text, text)') IS NOT NULL THEN
-        PERFORM aura.isolate_read_model(p_schema, p_handler, p_kind, p_forget_handler);
-    END IF;
+    PERFORM aura.isolate_read_model(p_schema, p_handler, p_kind, p_forget_handler);
 END;
 $$;

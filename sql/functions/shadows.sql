@@ -1,7 +1,7 @@
--- Migration 0007: shadow projections. A new version of a projection runs
--- beside the live one, from the first event, as the projection NAME__shadow
--- in schema SCHEMA__shadow: daemons drive it with aura.project_batch like
--- any projection, readers never see it under the live name.
+-- Shadow projections: a new version of a projection runs beside the live
+-- one, from the first event, as the projection NAME__shadow in schema
+-- SCHEMA__shadow: daemons drive it with aura.project_batch like any
+-- projection, readers never see it under the live name.
 --
 --   SELECT aura.begin_shadow('debate_state', $sql$ ... $sql$, 'apply_event', 'per_event');
 --   SELECT * FROM aura.shadow_status;
@@ -14,56 +14,18 @@
 -- shadow row named as the live one, a paused projection to align, a
 -- shadow in another schema).
 --
--- Migration 0009 runs this file again (the swap's dead letters, fresh
--- generations), so what it adds to the schema is added only once.
-
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                   WHERE a.attrelid = 'aura.projection_checkpoints'::regclass
-                     AND a.attname = 'shadow_of' AND NOT a.attisdropped) THEN
-        ALTER TABLE aura.projection_checkpoints
-            ADD COLUMN shadow_of text REFERENCES aura.projection_checkpoints (name)
-                                 ON DELETE CASCADE;
-    END IF;
-END
-$$;
-ALTER TABLE aura.projection_checkpoints
-    DROP CONSTRAINT projection_name_valid,
-    DROP CONSTRAINT projection_schema_valid,
-    DROP CONSTRAINT IF EXISTS projection_shadow_row_valid;
-ALTER TABLE aura.projection_checkpoints
-    ADD CONSTRAINT projection_name_valid
-        CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$' AND char_length(name) <= 48),
-    ADD CONSTRAINT projection_schema_valid
-        CHECK (schema_name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$'
-               AND char_length(schema_name) <= 50),
-    ADD CONSTRAINT projection_shadow_row_valid
-        CHECK ((shadow_of IS NULL) = (name !~ '__shadow$'));
-
--- The last comparison of each shadow with its live projection
--- (aura.diff_shadow writes it; metrics export it).
-CREATE TABLE IF NOT EXISTS aura.shadow_diffs (
-    projection      text        PRIMARY KEY REFERENCES aura.projection_checkpoints (name)
-                                ON DELETE CASCADE,
-    transaction_id  xid8        NOT NULL,
-    global_position bigint      NOT NULL,
-    tables          integer     NOT NULL,
-    differing_rows  bigint      NOT NULL,
-    diffed_at       timestamptz NOT NULL DEFAULT now()
-);
-
-COMMENT ON TABLE aura.shadow_diffs IS
-    'The last aura.diff_shadow of each projection with a shadow: where, and how many rows differed';
+-- The shadow's row is aura.projection_checkpoints' NAME__shadow (shadow_of
+-- names the live one); aura.shadow_diffs keeps the last comparison and
+-- aura.shadow_status shows both side by side.
 
 -- Starts a shadow of p_name from a new definition (or resumes the one
 -- running with that definition): 'created', 'restarted' (a shadow with
 -- another definition was dropped first) or 'unchanged'. The shadow keeps
 -- the live projection's schema name with __shadow appended, and its
 -- settings (batch size, retries, circuit breaker).
--- A restarted shadow is a new row with a generation never used before
--- (migration 0009): a batch its runner read under the old definition is
--- refused (AU006), even at the equal checkpoint 0/0.
+-- A restarted shadow is a new row with a generation never used before: a
+-- batch its runner read under the old definition is refused (AU006), even
+-- at the equal checkpoint 0/0.
 CREATE OR REPLACE FUNCTION aura.begin_shadow(
     p_name           text,
     p_definition_sql text,
@@ -465,48 +427,15 @@ BEGIN
 END;
 $$;
 
--- Each shadow beside its live projection: how far behind each is, and the
--- last comparison.
-CREATE OR REPLACE VIEW aura.shadow_status AS
-SELECT live.name                  AS projection,
-       shadow.name                AS shadow,
-       live.checkpoint            AS live_checkpoint,
-       shadow.checkpoint          AS shadow_checkpoint,
-       live.events_behind         AS live_events_behind,
-       shadow.events_behind       AS shadow_events_behind,
-       shadow.seconds_behind      AS shadow_seconds_behind,
-       shadow.status              AS shadow_status,
-       shadow.circuit             AS shadow_circuit,
-       shadow.dead_letters        AS shadow_dead_letters,
-       d.transaction_id::text || '/' || d.global_position AS diffed_at_checkpoint,
-       d.differing_rows,
-       d.tables                   AS diffed_tables,
-       d.diffed_at
-FROM aura.projection_checkpoints c
-JOIN aura.projection_status shadow ON shadow.name = c.name
-JOIN aura.projection_status live ON live.name = c.shadow_of
-LEFT JOIN aura.shadow_diffs d ON d.projection = c.shadow_of
-WHERE c.shadow_of IS NOT NULL
-ORDER BY live.name;
-
-COMMENT ON VIEW aura.shadow_status IS
-    'Shadow projections beside their live ones: lag, health and the last aura.diff_shadow';
-
--- Ownership and privileges of what this file created (as roles/grants.sql
--- does): the owner owns, the projector runs the functions and writes the
--- diffs, the reader reads the view.
+-- Ownership and privileges of these functions (as roles/grants.sql gives
+-- them for the objects installed before it): the owner owns them, the
+-- projector runs them.
 DO $$
 DECLARE
     v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
-    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
     r record;
 BEGIN
-    EXECUTE format('ALTER TABLE aura.shadow_diffs OWNER TO %I', v_owner);
-    EXECUTE format('ALTER VIEW aura.shadow_status OWNER TO %I', v_owner);
-    REVOKE ALL ON aura.shadow_diffs, aura.shadow_status FROM PUBLIC;
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON aura.shadow_diffs TO %I', v_projector);
-    EXECUTE format('GRANT SELECT ON aura.shadow_status TO %I, %I', v_projector, v_reader);
     FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
              WHERE p.pronamespace = 'aura'::regnamespace
                AND p.proname IN ('begin_shadow', 'drop_shadow', 'apply_until', 'align_shadow',

@@ -8,7 +8,8 @@
 -- the same sequence, subject, headers and payload) is already here:
 -- nothing is written and no row is returned. Another message at the same
 -- sequence (a stream deleted and created again) is a new row. The hash is
--- also in upgrades/0009_import_dead_letter_identity.sql: keep both the same.
+-- also in migration 0009 (migrations/sql/0009_defect_fixes.sql), which
+-- hashed the dead letters recorded before it: keep both the same.
 INSERT INTO aura.import_dead_letters
     (source, stream, subject, sequence, message_id, headers, payload, reason, content_hash)
 VALUES (%(source)s, %(stream)s, %(subject)s, %(sequence)s, %(message_id)s,

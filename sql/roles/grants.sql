@@ -1,7 +1,9 @@
--- Migration 0005: who owns what, and who may do what (roles/roles.sql
--- created the roles). Everything in the aura schema goes to the owner role,
--- PUBLIC loses every default privilege there, and each role gets exactly
--- what its duty needs:
+-- Who owns what, and who may do what (roles/roles.sql created the roles),
+-- for everything installed before this file; the files installed after it
+-- (sql/install.sql) give their own objects' owner and privileges in the
+-- same way. Everything in the aura schema goes to the owner role, PUBLIC
+-- loses every default privilege there, and each role gets exactly what its
+-- duty needs:
 --
 --   writer     SELECT aura.events, aura.streams; EXECUTE append_events,
 --              read_all, read_horizon, read_stream, stream_version
@@ -14,6 +16,8 @@
 --   reader     SELECT projection_status, pending_dead_letters,
 --              outbox_status, read_horizon_status (and the read models,
 --              aura.grant_read_model)
+--   handler    USAGE on the aura schema, EXECUTE publish_to_outbox, and
+--              membership of the reader role
 --
 -- Nobody but the owner holds INSERT, UPDATE, DELETE, TRUNCATE or any DDL
 -- right on aura.events or aura.streams: the writer appends through
@@ -25,6 +29,7 @@ DECLARE
     v_writer    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'writer');
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
     v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
+    v_handler   text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'handler');
     r record;
 BEGIN
     -- Ownership. alembic's own version table stays with the migrating role.
@@ -92,21 +97,21 @@ BEGIN
     EXECUTE format('GRANT SELECT ON aura.projection_status, aura.pending_dead_letters, '
                    'aura.outbox_status, aura.read_horizon_status TO %I', v_reader);
 
+    -- Projector roles create rows and take generations (nextval needs USAGE).
+    EXECUTE format('GRANT USAGE ON SEQUENCE aura.projection_generation TO %I', v_projector);
+
+    -- handler: what every read model role may do outside its own schema.
+    IF NOT pg_catalog.pg_has_role(v_handler, v_reader, 'MEMBER') THEN
+        EXECUTE format('GRANT %I TO %I', v_reader, v_handler);
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA aura TO %I', v_handler);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.publish_to_outbox(text, text, uuid, jsonb, jsonb, bigint) TO %I',
+                   v_handler);
+
     -- `aura-pg migrate --check` for every role.
     IF to_regclass('aura.alembic_version') IS NOT NULL THEN
         EXECUTE format('GRANT SELECT ON aura.alembic_version TO %I, %I, %I',
                        v_writer, v_projector, v_reader);
     END IF;
-
-    -- Read models that exist already: the projector role takes them over
-    -- (it drops and renames them on reset and rebuild), the reader reads them.
-    FOR r IN SELECT n.nspname FROM pg_catalog.pg_namespace n
-             WHERE obj_description(n.oid, 'pg_namespace') = 'aura-pg read model'
-             ORDER BY n.nspname LOOP
-        PERFORM aura.grant_read_model(r.nspname);
-        PERFORM aura.give_read_model(r.nspname, v_projector);
-    END LOOP;
 END
 $$;
-
--- aura.append_events runs as the owner: roles/append_definer.sql.

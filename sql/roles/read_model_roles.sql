@@ -1,81 +1,40 @@
--- Migration 0006: a projection's handler can write its own read model and
--- nothing else.
+-- Read model roles: a projection's handler can write its own read model
+-- and nothing else.
 --
 -- Every read model schema belongs to a role of its own (NOLOGIN, named
--- <projector role>/<schema> since migration 0009, e.g.
--- aura_projector/stream_summary; SCHEMA__shadow and SCHEMA__rebuild have
--- roles of their own, handed over when a swap renames the schemas), and its
--- handlers run as that role: aura.apply_handler calls them through
--- SCHEMA.aura_run_handler, a SECURITY DEFINER function owned by the role
--- (one switch of user per batch, not one per event), and the forget
--- handler is SECURITY DEFINER itself. Inside a SECURITY DEFINER function
--- Postgres refuses SET ROLE and SET SESSION AUTHORIZATION, so a handler
--- cannot take its caller's rights back.
+-- <projector role>/<schema>, e.g. aura_projector/stream_summary;
+-- SCHEMA__shadow and SCHEMA__rebuild have roles of their own, handed over
+-- when a swap renames the schemas), and its handlers run as that role:
+-- aura.apply_handler calls them through SCHEMA.aura_run_handler, a
+-- SECURITY DEFINER function owned by the role (one switch of user per
+-- batch, not one per event), and the forget handler is SECURITY DEFINER
+-- itself. Inside a SECURITY DEFINER function Postgres refuses SET ROLE and
+-- SET SESSION AUTHORIZATION, so a handler cannot take its caller's rights
+-- back.
 -- What a handler may do outside its schema is what the handler group role
--- (aura.handler_role, default aura_handler) may: read the read models and
--- the operator views (it is a member of the reader role) and publish
--- messages with aura.publish_to_outbox, which runs as the aura schema's
--- owner. The projector role is a member of every read model role, so it
--- still resets, rebuilds and drops them.
+-- (aura.handler_role, default aura_handler, roles/roles.sql) may: read the
+-- read models and the operator views (it is a member of the reader role)
+-- and publish messages with aura.publish_to_outbox, which runs as the aura
+-- schema's owner. The projector role is a member of every read model role,
+-- so it still resets, rebuilds and drops them.
 --
 -- Read model roles are created on demand by aura.read_model_role, which
--- runs as the role that ran this migration (it needs CREATEROLE); only the
--- projector role may call it, and it only ever creates, or hands out, roles
--- that it created itself for this projector role and that schema (marked
--- by their comment). This file is rerun by migration 0009.
-
-ALTER TABLE aura.role_names DROP CONSTRAINT role_kind_valid;
-ALTER TABLE aura.role_names ADD CONSTRAINT role_kind_valid
-    CHECK (kind IN ('owner', 'writer', 'projector', 'reader', 'handler'));
-
-INSERT INTO aura.role_names (kind, role_name)
-VALUES ('handler', coalesce(nullif(current_setting('aura.handler_role', true), ''), 'aura_handler'))
-ON CONFLICT (kind) DO NOTHING;
-
-DO $$
-DECLARE
-    v_handler text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'handler');
-    v_reader  text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles x
-               WHERE x.rolname = v_handler AND (x.rolsuper OR x.rolbypassrls)) THEN
-        RAISE EXCEPTION 'the handler role % is a superuser (or bypasses row security): choose another name',
-            v_handler
-            USING ERRCODE = 'AU007', HINT = 'Set aura.handler_role to the name of a group role.';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.rolname = v_handler) THEN
-        BEGIN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', v_handler);
-        EXCEPTION WHEN duplicate_object OR unique_violation THEN
-            NULL;  -- created meanwhile by the migration of another database
-        END;
-    END IF;
-    IF NOT pg_catalog.pg_has_role(v_handler, v_reader, 'MEMBER') THEN
-        EXECUTE format('GRANT %I TO %I', v_reader, v_handler);
-    END IF;
-    EXECUTE format('GRANT USAGE ON SCHEMA aura TO %I', v_handler);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.publish_to_outbox(text, text, uuid, jsonb, jsonb, bigint) TO %I',
-                   v_handler);
-END
-$$;
-
--- A handler's one way into the outbox: runs as the aura schema's owner, so
--- the handler role needs no privilege on aura.outbox. Its body and the
--- table's defaults and checks name only aura.* and pg_catalog objects.
-ALTER FUNCTION aura.publish_to_outbox(text, text, uuid, jsonb, jsonb, bigint)
-    SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- runs as the role that installed the schema (it needs CREATEROLE); only
+-- the projector role may call it, and it only ever creates, or hands out,
+-- roles that it created itself for this projector role and that schema
+-- (marked by their comment).
 
 -- The name of the role that owns read model schema p_schema of the
--- projector role p_projector (migration 0009): <projector role>/<schema>,
--- e.g. aura_projector/stream_summary, or, when that would pass 63 bytes,
+-- projector role p_projector: <projector role>/<schema>, e.g.
+-- aura_projector/stream_summary, or, when that would pass 63 bytes,
 -- <first 20 bytes of the projector role>/<first 28 of the schema>#<hash>.
 -- A schema name never holds '/' or '#', so the projector and the schema
 -- are read back unambiguously (up to the last '/'; a hashed name has a
--- '#' after it, a full one never): before 0009 the name was
--- projector || '_' || schema, and projector shop's read model eu_totals
--- got the role of projector shop_eu's totals. Each schema has
--- its own role, SCHEMA__shadow and SCHEMA__rebuild included, so that a
--- shadow's handlers cannot write the live model.
+-- '#' after it, a full one never): with a plain separator such as '_',
+-- projector shop's read model eu_totals would get the role of projector
+-- shop_eu's totals. Each schema has its own role, SCHEMA__shadow and
+-- SCHEMA__rebuild included, so that a shadow's handlers cannot write the
+-- live model.
 CREATE OR REPLACE FUNCTION aura.read_model_role_name(p_projector text, p_schema text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -94,7 +53,7 @@ END;
 $$;
 
 COMMENT ON FUNCTION aura.read_model_role_name(text, text) IS
-    'The name of the role owning a read model schema: <projector role>/<schema> (migration 0009)';
+    'The name of the role owning a read model schema: <projector role>/<schema>';
 
 -- The comment aura.read_model_role puts on a role it creates, and requires
 -- of a role it hands out: which projector role and which schema the role
@@ -185,7 +144,7 @@ COMMENT ON FUNCTION aura.read_model_role(text) IS
 -- schema (aura.promote_shadow, aura.finish_rebuild): ownership follows the
 -- schema's contents through a rename, so without it the promoted handlers
 -- would keep the shadow's role and the old live ones the live role.
--- Runs as the role that ran the migration, like aura.read_model_role:
+-- Runs as the role that installed the schema, like aura.read_model_role:
 -- TimescaleDB gives a hypertable's chunks (in _timescaledb_internal) to
 -- the new owner too, which Postgres lets only a superuser do. Only schemas
 -- marked as read models (which only their owners can mark) are handed over.
@@ -273,85 +232,24 @@ $$;
 COMMENT ON FUNCTION aura.isolate_read_model(text, text, text, text) IS
     'Hands a read model schema to its own role and makes its handlers run as that role';
 
--- Runs a projection's handler over events (in order) as its read model's
--- role, through SCHEMA.aura_run_handler (aura.isolate_read_model): one
--- switch of user per batch. As migration 0002's version otherwise; a read
--- model without its runner is refused rather than run with the caller's
--- rights, and so is one whose schema or runner is not its own role's
--- (migration 0009): a swap that missed the hand-over
--- (aura.hand_over_read_model) would otherwise run a handler as a role
--- that also owns another schema, e.g. the live one.
-CREATE OR REPLACE FUNCTION aura.apply_handler(
-    p_schema text, p_handler text, p_kind text, p_events aura.events[]
-) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_search_path text := current_setting('search_path');
-    v_role        text;
-BEGIN
-    IF to_regprocedure(format('%I.aura_run_handler(text, text, text, aura.events[])', p_schema))
-       IS NULL THEN
-        RAISE EXCEPTION 'read model % has no aura_run_handler: reset or rebuild the projection', p_schema
-            USING ERRCODE = 'AU007';
-    END IF;
-    v_role := aura.read_model_role_name(
-        (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector'), p_schema);
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
-                   JOIN pg_catalog.pg_proc f ON f.pronamespace = n.oid
-                   JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner AND r.oid = f.proowner
-                   WHERE n.nspname = p_schema AND f.proname = 'aura_run_handler'
-                     AND r.rolname = v_role) THEN
-        RAISE EXCEPTION 'read model % is not owned by its own role %', p_schema, v_role
-            USING ERRCODE = 'AU007',
-                  HINT = format('SELECT aura.hand_over_read_model(%L) gives it to that role.', p_schema);
-    END IF;
-    BEGIN
-        PERFORM set_config('search_path', format('%I, public, pg_temp', p_schema), true);
-        EXECUTE format('SELECT %I.aura_run_handler($1, $2, $3, $4)', p_schema)
-            USING p_schema, p_handler, p_kind, p_events;
-        PERFORM set_config('search_path', v_search_path, true);
-    EXCEPTION
-        -- A handler raising the engine's own codes would be read as "unknown
-        -- projection" or "checkpoint moved": report it as the handler's error.
-        WHEN SQLSTATE 'AU005' OR SQLSTATE 'AU006' OR SQLSTATE 'AU007' THEN
-            RAISE EXCEPTION 'handler %.% raised %: %', p_schema, p_handler, SQLSTATE, SQLERRM
-                USING ERRCODE = 'AU008';
-    END;
-END;
-$$;
-
--- Ownership and privileges of what this file and views/operator.sql
--- created (as roles/grants.sql does for migration 0005's objects).
--- aura.read_model_role stays with the migrating role: it needs CREATEROLE;
--- so does aura.hand_over_read_model (hypertable chunks).
+-- Ownership and privileges of these functions (as roles/grants.sql gives
+-- them for the objects installed before it). aura.read_model_role and
+-- aura.hand_over_read_model stay with the role that installed the schema:
+-- they need CREATEROLE (and hypertable chunks a superuser).
 DO $$
 DECLARE
     v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
-    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
 BEGIN
     EXECUTE format('ALTER FUNCTION aura.isolate_read_model(text, text, text, text) OWNER TO %I', v_owner);
     EXECUTE format('ALTER FUNCTION aura.read_model_role_name(text, text) OWNER TO %I', v_owner);
     EXECUTE format('ALTER FUNCTION aura.read_model_role_marker(text, text) OWNER TO %I', v_owner);
-    EXECUTE format('ALTER FUNCTION aura.list_dead_letters(text, text) OWNER TO %I', v_owner);
-    EXECUTE format('ALTER VIEW aura.stream_categories OWNER TO %I', v_owner);
-    REVOKE ALL ON aura.stream_categories FROM PUBLIC;
     REVOKE EXECUTE ON FUNCTION aura.read_model_role(text), aura.isolate_read_model(text, text, text, text),
                                aura.hand_over_read_model(text), aura.read_model_role_name(text, text),
-                               aura.read_model_role_marker(text, text),
-                               aura.list_dead_letters(text, text) FROM PUBLIC;
+                               aura.read_model_role_marker(text, text) FROM PUBLIC;
     EXECUTE format('GRANT EXECUTE ON FUNCTION aura.read_model_role(text), '
                    'aura.isolate_read_model(text, text, text, text), '
                    'aura.hand_over_read_model(text), aura.read_model_role_name(text, text), '
-                   'aura.read_model_role_marker(text, text), '
-                   'aura.list_dead_letters(text, text) TO %I', v_projector);
-    EXECUTE format('GRANT SELECT ON aura.stream_categories TO %I, %I', v_projector, v_reader);
+                   'aura.read_model_role_marker(text, text) TO %I', v_projector);
 END
 $$;
-
--- Read models that exist already get their roles (at 0009: the roles of
--- the new names; upgrades/0009_read_model_role_names.sql does the rest).
-SELECT aura.isolate_read_model(c.schema_name, c.handler, c.handler_kind, c.forget_handler)
-FROM aura.projection_checkpoints c
-WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.nspname = c.schema_name)
-ORDER BY c.name;

@@ -1,4 +1,4 @@
--- Migration 0008: messages `aura-pg import` could not import (aura_pg/importer.py).
+-- Messages `aura-pg import` could not import.
 --
 -- A message whose body is not what the mapping expects (bad JSON, a missing
 -- field, the mapping raised), or whose event the store refused (an invalid
@@ -8,12 +8,11 @@
 --
 -- A message is identified by its sequence and its content: content_hash is
 -- sha256 of subject, headers and payload (the formula is in
--- queries/importer.sql, record_dead_letter, and upgrades/0009_import_dead_letter_identity.sql).
--- A reject delivered again (a crash before its acknowledgement, a re-run
--- from a new consumer) is stored once; another message at the same
--- sequence (the stream deleted and created again, or another cluster's
--- stream of that name) is stored as well (migration 0009; before it the
--- sequence alone identified a message, and such a message was lost).
+-- queries/importer.sql, record_dead_letter). A reject delivered again (a
+-- crash before its acknowledgement, a re-run from a new consumer) is stored
+-- once; another message at the same sequence (the stream deleted and
+-- created again, or another cluster's stream of that name) is stored as
+-- well.
 CREATE TABLE aura.import_dead_letters (
     id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source       text        NOT NULL,
@@ -35,8 +34,8 @@ CREATE TABLE aura.import_dead_letters (
 COMMENT ON TABLE aura.import_dead_letters IS
     'Messages aura-pg import could not import, with the reason; each source message once';
 
--- Ownership and privileges, as roles/grants.sql does for the tables of
--- migration 0005: the owner role owns the table, the writer role (the
+-- Ownership and privileges, as roles/grants.sql gives them for the tables
+-- installed before it: the owner role owns the table, the writer role (the
 -- importer connects as a writer) records and reads rejects, the projector
 -- and reader roles read them. The identity sequence follows its table, and
 -- an identity column needs no privilege on it.

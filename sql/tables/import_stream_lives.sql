@@ -1,11 +1,11 @@
--- Migration 0009: the lives of the source streams `aura-pg import` has read
--- (aura_pg/importer.py). A JetStream stream deleted and created again under
--- the same name (or another cluster's stream of that name) starts its
--- sequences at 1 again; its creation time tells the lives apart.
+-- The lives of the source streams `aura-pg import` has read. A JetStream
+-- stream deleted and created again under the same name (or another
+-- cluster's stream of that name) starts its sequences at 1 again; its
+-- creation time tells the lives apart.
 --
 -- A message without a key of its own (no key from the mapping, no
 -- Nats-Msg-Id) is appended under a key made of its sequence. The first life
--- of a stream this database sees keeps the keys used before migration 0009,
+-- of a stream this database sees keeps the plain keys
 -- nats:<stream>:<sequence> (plain_keys: so keys already imported stay valid
 -- for that stream); every later life gets nats:<stream>@<created>:<sequence>,
 -- so its sequence 1 is not taken for the old life's event.

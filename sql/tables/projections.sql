@@ -55,15 +55,18 @@ CREATE TABLE aura.projection_checkpoints (
     -- the replaced model).
     generation                bigint      NOT NULL
                                           DEFAULT nextval('aura.projection_generation'),
-    -- A rebuild's shadow row names the projection it will replace.
+    -- A rebuild's row names the projection it will replace; a shadow's
+    -- (NAME__shadow, aura.begin_shadow) the live projection it runs beside.
     rebuild_of                text        REFERENCES aura.projection_checkpoints (name)
+                                          ON DELETE CASCADE,
+    shadow_of                 text        REFERENCES aura.projection_checkpoints (name)
                                           ON DELETE CASCADE,
     created_at                timestamptz NOT NULL DEFAULT now(),
     updated_at                timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT projection_name_valid
-        CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild)?$' AND char_length(name) <= 48),
+        CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$' AND char_length(name) <= 48),
     CONSTRAINT projection_schema_valid
-        CHECK (schema_name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild)?$'
+        CHECK (schema_name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$'
                AND char_length(schema_name) <= 50),
     CONSTRAINT projection_handler_valid CHECK (handler ~ '^[a-z_][a-z0-9_]{0,62}$'),
     CONSTRAINT projection_forget_handler_valid
@@ -78,7 +81,9 @@ CREATE TABLE aura.projection_checkpoints (
                AND retry_base_ms BETWEEN 0 AND 3600000 AND retry_max_ms >= retry_base_ms
                AND circuit_failure_threshold >= 1 AND circuit_recovery_seconds >= 0),
     CONSTRAINT projection_rebuild_row_valid
-        CHECK ((rebuild_of IS NULL) = (name !~ '__rebuild$'))
+        CHECK ((rebuild_of IS NULL) = (name !~ '__rebuild$')),
+    CONSTRAINT projection_shadow_row_valid
+        CHECK ((shadow_of IS NULL) = (name !~ '__shadow$'))
 ) WITH (fillfactor = 50);
 
 ALTER SEQUENCE aura.projection_generation OWNED BY aura.projection_checkpoints.generation;

@@ -1,4 +1,4 @@
--- Migration 0006: more of the psql operator surface (docs/operators.md).
+-- More of the psql operator surface (docs/operators.md).
 --
 --   SELECT * FROM aura.stream_categories;              -- streams per category
 --   SELECT * FROM aura.list_dead_letters('debate_state');
@@ -53,4 +53,20 @@ BEGIN
            AND (p_status IS NULL OR d.status = p_status)
          ORDER BY d.id;
 END;
+$$;
+
+-- The owner's; the projector reads and runs them, the reader reads the view.
+DO $$
+DECLARE
+    v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
+    v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
+    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
+BEGIN
+    EXECUTE format('ALTER FUNCTION aura.list_dead_letters(text, text) OWNER TO %I', v_owner);
+    EXECUTE format('ALTER VIEW aura.stream_categories OWNER TO %I', v_owner);
+    REVOKE ALL ON aura.stream_categories FROM PUBLIC;
+    REVOKE EXECUTE ON FUNCTION aura.list_dead_letters(text, text) FROM PUBLIC;
+    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.list_dead_letters(text, text) TO %I', v_projector);
+    EXECUTE format('GRANT SELECT ON aura.stream_categories TO %I, %I', v_projector, v_reader);
+END
 $$;

@@ -1,9 +1,10 @@
 -- Streams whose events a global reader meets out of version order: an event
 -- whose (transaction_id, global_position) is below that of the version
--- before it. Since migration 0009 aura.append_events cannot record such a
--- pair; a log written before it may hold some (concurrent appends with
--- expected version 'any', or appends inside a transaction that had written
--- before). Every projection that folds such a stream applied those events
+-- before it. aura.append_events cannot record such a pair (its per-stream
+-- append lock and stream-head check); a log written by a release before
+-- migration 0009 may hold some (concurrent appends with expected version
+-- 'any', or appends inside a transaction that had written before). Every
+-- projection that folds such a stream applied those events
 -- in read order, not version order: rebuild it, or replay the stream
 -- (aura.replay_stream), if the order matters to its fold.
 --
@@ -27,7 +28,7 @@ COMMENT ON VIEW aura.stream_order_inversions IS
     'Streams a global reader meets out of version order (recorded before migration 0009)';
 
 -- Like the other operator views: the owner's, readable by projector and
--- reader. (On a fresh install the roles exist by now too.)
+-- reader.
 DO $$
 DECLARE
     v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');

@@ -1,5 +1,6 @@
-"""Migrations: alembic runs the SQL files; the chain, the psql manifest and
-the DBA's printed SQL all build the same schema."""
+"""Migrations: alembic runs each revision's frozen SQL; the chain, the psql
+manifest of the current schema (sql/install.sql) and the DBA's printed SQL
+all build the same schema."""
 
 from __future__ import annotations
 
@@ -232,8 +233,9 @@ async def test_upgrading_from_0008_gives_each_read_model_schema_a_role_of_its_ow
                 " 'forget_stream')",
                 (spec.definition_sql + "-- version 2\n",),
             )
-            # The migration files are today's: hand the schemas to one role
-            # the way 0006's read_model_role named and marked it.
+            # Revisions before 0009 were frozen from the files of 0009's
+            # time: hand the schemas to one role the way the 0006 release's
+            # read_model_role named and marked it.
             if not conn.execute(
                 "SELECT 1 FROM pg_roles WHERE rolname = %s", (old_role,)
             ).fetchone():
@@ -288,8 +290,9 @@ def test_upgrading_rehashes_the_keys_of_stream_ids_with_colons(empty_dsn: str) -
     with EventStore.connect(empty_dsn, max_size=1) as store:
         first = store.append("a:b", [NewEvent("T", {"x": 1}, idempotency_key="c")])
         plain = store.append("plain", [NewEvent("T", {}, idempotency_key="k")])
-        # The migration files are today's, so write the hash as a release
-        # before 0006 did: sha256(stream_id || ':' || key).
+        # Revisions before 0009 were frozen from the files of 0009's time,
+        # so write the hash as a release before 0006 did:
+        # sha256(stream_id || ':' || key).
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             conn.execute("ALTER TABLE aura.events DISABLE TRIGGER events_refuse_update_delete")
             conn.execute(
@@ -305,3 +308,28 @@ def test_upgrading_rehashes_the_keys_of_stream_ids_with_colons(empty_dsn: str) -
         other = store.append("a", [NewEvent("T", {"x": 1}, idempotency_key="b:c")])
         assert not other.duplicate
         assert [e.idempotency_key for e in store.read_stream("a")] == ["b:c"]
+
+
+async def test_upgrading_from_0009_clears_the_error_of_a_projection_once_it_recovers(
+    empty_dsn: str,
+) -> None:
+    """A database at 0009 with a read model whose last batch failed: after
+    the upgrade the failure still shows, and the next applied batch clears
+    it (at 0009 it stayed for good)."""
+    migrate.upgrade(empty_dsn, "0009")
+    async with await psycopg.AsyncConnection.connect(empty_dsn, autocommit=True) as conn:
+        await register_projections(conn, fixture_catalog().select(["tally_set"]))
+    with EventStore.connect(empty_dsn, max_size=1) as store:
+        store.append("s-1", [NewEvent("A", {}), NewEvent("B", {})])
+    status = "SELECT consecutive_failures, last_error FROM aura.projection_status"
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT aura.record_projection_failure('tally_set', '0', 0, NULL, 'boom', 'XX000')"
+        )
+        migrate.upgrade(empty_dsn)
+        assert conn.execute(status).fetchall() == [(1, "XX000: boom")]
+        project = "SELECT applied FROM aura.project_batch('tally_set', '0', 0)"
+        assert conn.execute(project).fetchone() == (2,)
+        assert conn.execute(status).fetchall() == [(0, None)]
+        counted = conn.execute("SELECT events FROM tally_set.streams").fetchall()
+        assert counted == [(2,)]

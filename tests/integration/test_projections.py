@@ -119,7 +119,10 @@ async def test_poison_event_is_isolated_retried_and_dead_lettered(
         status = status_of(dsn, name)
         assert status["dead_letters"] == 1
         assert status["status"] == "running"
-        assert "poison event" in status["last_error"]
+        # Recovered: the error is the dead letter's, no longer the status's.
+        assert status["last_error"] is None
+        (letter,) = projection_admin.dead_letters(dsn, name)
+        assert "poison event" in letter["error"]
     letters = projection_admin.dead_letters(dsn, "tally_set")
     assert [(d["event_id"], d["attempts"]) for d in letters] == [(poison.event_id, 3)]
     # tally_filtered also sees A events and has its own dead letter.
