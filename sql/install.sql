@@ -22,6 +22,8 @@ BEGIN;
 \ir functions/project_batch.sql
 \ir functions/outbox.sql
 \ir views/projection_status.sql
+\ir views/pending_dead_letters.sql
+\ir views/outbox_status.sql
 \ir extensions/timescaledb.sql
 \ir roles/roles.sql
 \ir functions/read_model_grants.sql

@@ -8,7 +8,10 @@
 -- "try_lock"; pg_locks shows a bigint key's high half in classid, its low
 -- half in objid, with objsubid 1); NULL when no owner is recorded. An
 -- owner named but not alive is a daemon that died: another one takes over
--- when it polls.
+-- when it polls. consecutive_failures, last_error and last_error_at
+-- describe the current run of failures: the batch that ends it clears them
+-- (aura.project_batch); a dead-lettered event keeps its error in
+-- aura.dead_letters.
 CREATE OR REPLACE VIEW aura.projection_status AS
 SELECT c.name,
        c.status,
@@ -52,23 +55,3 @@ ORDER BY c.name;
 
 COMMENT ON VIEW aura.projection_status IS
     'Projections: status, circuit, owner, checkpoint, backlog, errors and dead letters';
-
--- Dead letters waiting for an operator, oldest first.
-CREATE OR REPLACE VIEW aura.pending_dead_letters AS
-SELECT d.id, d.projection, d.global_position, d.event_id, d.stream_id, d.event_type,
-       d.attempts, d.error, d.first_failed_at, d.last_failed_at
-FROM aura.dead_letters d
-WHERE d.status = 'pending'
-ORDER BY d.id;
-
--- Outbox backlog per sink and topic.
-CREATE OR REPLACE VIEW aura.outbox_status AS
-SELECT o.sink, o.topic,
-       count(*) FILTER (WHERE o.status = 'pending')   AS pending,
-       count(*) FILTER (WHERE o.status = 'dead')      AS dead,
-       count(*) FILTER (WHERE o.status = 'delivered') AS delivered,
-       min(o.created_at) FILTER (WHERE o.status = 'pending') AS oldest_pending_at,
-       max(o.attempts) FILTER (WHERE o.status = 'pending')  AS max_attempts
-FROM aura.outbox o
-GROUP BY o.sink, o.topic
-ORDER BY o.sink, o.topic;
