@@ -34,7 +34,8 @@ def test_wheel_contains_sql_and_migrations(tmp_path: Path, monkeypatch: pytest.M
         "aura_pg/_projections/catalog.yaml",
         "aura_pg/_projections/stream_summary.sql",
         "aura_pg/py.typed",
-        "aura_pg/store.py",
+        "aura_pg/store/event_store.py",
+        "aura_pg/store/operations.py",
     ):
         assert expected in names, expected
     assert not any(name.startswith(("tests/", "load/")) for name in names)
