@@ -136,7 +136,7 @@ def wait_before_resending(
     if delay is None:
         return None
     # Imported here: prometheus_client is not worth loading for every
-    # importer of the store (the store registers it when it is created).
+    # importer of the store (a store imports it when it is created).
     from aura_pg.observability import metrics
 
     metrics.APPEND_RETRIES.labels(transient_reason(exc) or "other").inc()
