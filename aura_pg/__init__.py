@@ -1,6 +1,8 @@
 """aura-pg: a Postgres-native event store with SQL-first projections."""
 
-from aura_pg.catalog import Catalog, ProjectionSpec, load_catalog
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
 from aura_pg.errors import (
     AuraPgError,
     CatalogError,
@@ -31,9 +33,25 @@ from aura_pg.models import (
     StreamState,
     uuid7,
 )
-from aura_pg.projector import ProjectorDaemon, ProjectorSettings
-from aura_pg.retry import AppendRetry
-from aura_pg.store import AsyncEventStore, EventStore
+
+if TYPE_CHECKING:
+    from aura_pg.catalog import Catalog, ProjectionSpec, load_catalog
+    from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+    from aura_pg.store import AppendRetry, AsyncEventStore, EventStore
+
+# Public names whose modules are costly to import (psycopg for the store,
+# PyYAML for the catalog, the whole daemon for the projector): each is
+# imported on first use, so a program pays only for what it uses.
+_LAZY_MODULES: Final = {
+    "AppendRetry": "aura_pg.store",
+    "AsyncEventStore": "aura_pg.store",
+    "EventStore": "aura_pg.store",
+    "Catalog": "aura_pg.catalog",
+    "ProjectionSpec": "aura_pg.catalog",
+    "load_catalog": "aura_pg.catalog",
+    "ProjectorDaemon": "aura_pg.projector",
+    "ProjectorSettings": "aura_pg.projector",
+}
 
 __all__ = [
     "ANY",
@@ -71,3 +89,16 @@ __all__ = [
     "load_catalog",
     "uuid7",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_MODULES})

@@ -25,7 +25,6 @@ from psycopg.rows import dict_row
 
 from aura_pg import migrate, projection_admin, shadow_command
 from aura_pg._argtypes import positive_int
-from aura_pg._operations import encodable
 from aura_pg._resources import named_queries
 from aura_pg.catalog import load_catalog
 from aura_pg.config import Connection, Settings, add_connection_options, mask_dsn, mask_text
@@ -50,6 +49,7 @@ from aura_pg.projector import (
 )
 from aura_pg.relay import add_relay_command
 from aura_pg.store import EventStore
+from aura_pg.store.validation import encodable
 
 DEFAULT_DATA_DIR = Path(".aura-pg/cluster/data")
 DEFAULT_PORT = 54329

@@ -56,8 +56,8 @@ from aura_pg.observability.command import (
     observed_daemon,
 )
 from aura_pg.observability.endpoint import Heartbeat
-from aura_pg.retry import AppendRetry, is_transient
 from aura_pg.store import AsyncEventStore
+from aura_pg.store.retry import AppendRetry, is_transient
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient

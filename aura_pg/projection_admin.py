@@ -15,7 +15,6 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from aura_pg._operations import encodable
 from aura_pg._resources import named_queries
 from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import ProjectionError, StaleCheckpoint, UnknownProjection
@@ -27,6 +26,7 @@ from aura_pg.projector import (
     register_projections,
     translate_projection_error,
 )
+from aura_pg.store.validation import encodable
 
 log = logging.getLogger("aura_pg.rebuild")
 

@@ -48,7 +48,7 @@ from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import CatalogError, ProjectionError, StaleCheckpoint, UnknownProjection
 from aura_pg.observability import metrics, tracing
 from aura_pg.observability.logging import bind
-from aura_pg.retry import transient_reason
+from aura_pg.store.retry import transient_reason
 
 log = logging.getLogger("aura_pg.projector")
 

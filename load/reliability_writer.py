@@ -28,8 +28,8 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from aura_pg.models import NewEvent
-from aura_pg.retry import AppendRetry
 from aura_pg.store import EventStore
+from aura_pg.store.retry import AppendRetry
 
 TYPES = ("A", "B", "C")
 STREAMS_PER_WRITER = 20

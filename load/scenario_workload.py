@@ -52,8 +52,8 @@ from aura_pg.domain.repository import CommandResult, ConsensusResult, DebateRepo
 from aura_pg.domain.simulator import DebateRunner, SimulationTally, plan_debate
 from aura_pg.errors import ConcurrencyError, IdempotencyConflict
 from aura_pg.models import ANY, AppendResult, ExpectedVersion, NewEvent
-from aura_pg.retry import AppendRetry
 from aura_pg.store import EventStore
+from aura_pg.store.retry import AppendRetry
 
 # Outcomes of one EventStore.append call.
 APPENDED = "appended"

@@ -3,7 +3,8 @@
 # PostgreSQL 15 with server headers, TimescaleDB (Debian package where one
 # exists, otherwise built from Debian's own source package), the tools the
 # tests drive (nats-server; prometheus and promtool; docker-compose, which
-# only validates docker-compose.yml), and the Python virtual environment.
+# only validates docker-compose.yml), and the Python virtual environment
+# (the package with its extras and the "dev" dependency group).
 # Idempotent: every step is skipped when already done.
 set -euo pipefail
 
@@ -91,8 +92,12 @@ fi
 stamp="$VENV/.aura-pg-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   log "installing Python dependencies"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  # Dependency groups (PEP 735, pyproject.toml) need pip 25.1 or later.
+  "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1"
+  # The package with every extra the tests and load/ use, and the
+  # development tools: tests, linters and benchmarks (group "dev").
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[binary,nats,chaos]" \
+    --group "$ROOT/pyproject.toml:dev"
   touch "$stamp"
 fi
 log "done"

@@ -44,8 +44,8 @@ from aura_pg._resources import named_queries
 from aura_pg.chaos.injector import FailureInjector, process_gone
 from aura_pg.localdb import LocalCluster
 from aura_pg.models import NewEvent
-from aura_pg.retry import AppendRetry
 from aura_pg.store import EventStore
+from aura_pg.store.retry import AppendRetry
 
 log = logging.getLogger("aura_pg.chaos")
 

@@ -9,7 +9,7 @@ sleeps a small jittered, growing delay so racing writers spread out.
 
 An append that fails transiently (a lost connection, a restarting server:
 its outcome is unknown) is sent again unchanged by the store
-(``append(..., retry=RetryPolicy.append_retry)``, see ``aura_pg.retry``):
+(``append(..., retry=RetryPolicy.append_retry)``, see ``aura_pg.store.retry``):
 the very same events, so the same ids and idempotency keys, and a batch that
 did commit comes back as a duplicate instead of a second vote. Permanent
 errors are raised at once. Resending the identical batch and rerunning the
@@ -33,8 +33,8 @@ from aura_pg.domain.errors import RuleViolation
 from aura_pg.domain.events import Vote, debate_stream, decision_stream, new_agent_id
 from aura_pg.errors import ConcurrencyError, IdempotencyConflict
 from aura_pg.models import AppendResult, NewEvent, RecordedEvent
-from aura_pg.retry import AppendRetry
 from aura_pg.store import EventStore
+from aura_pg.store.retry import AppendRetry
 
 
 class _Aggregate(Protocol):

@@ -1,4 +1,10 @@
-"""The producer's side: a span, metrics and the trace context for one append."""
+"""The producer's side: a span, metrics and the trace context for one append.
+
+The metrics module (prometheus_client) is imported when a store is created
+(:func:`register_append_metrics`), not when the store is imported: a
+program that only imports aura_pg does not pay for it, and one that creates
+a store shows the append metrics on its ``/metrics`` from then on.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import dataclass
 
 from aura_pg.errors import ConcurrencyError
 from aura_pg.models import AppendResult, NewEvent
-from aura_pg.observability import metrics, tracing
+from aura_pg.observability import tracing
 
 
 @dataclass(slots=True)
@@ -22,10 +28,18 @@ class AppendObservation:
     result: AppendResult | None = None
 
 
+def register_append_metrics() -> None:
+    """Create the append metrics in prometheus_client's default registry
+    (once per process; later calls cost a dictionary lookup)."""
+    from aura_pg.observability import metrics  # noqa: F401  (registers on import)
+
+
 @contextmanager
 def observed_append(stream_id: str, batch: Sequence[NewEvent]) -> Iterator[AppendObservation]:
     """Time and trace one append; count what it recorded, its duplicates and
     its version conflicts. Errors are recorded on the span and re-raised."""
+    from aura_pg.observability import metrics
+
     started = time.perf_counter()
     with tracing.append_span(stream_id, len(batch)) as span:
         observation = AppendObservation(tracing.current_traceparent())

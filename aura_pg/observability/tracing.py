@@ -17,7 +17,6 @@ from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -75,6 +74,17 @@ def producer_context(traceparent: str | None) -> otel_context.Context | None:
     if not trace.get_current_span(ctx).get_span_context().is_valid:
         return None
     return ctx
+
+
+@contextmanager
+def suppress_instrumentation() -> Iterator[None]:
+    """No spans from instrumented libraries (psycopg) inside: for the
+    daemons' housekeeping queries. The instrumentation package is imported
+    on first use, not by every importer of the store."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation as suppressed
+
+    with suppressed():
+        yield
 
 
 def record_error(span: Span, exc: BaseException) -> None:

@@ -2,7 +2,8 @@
 under writers that append with AppendRetry, on a cluster of this test's
 own. Some appends die with the server, some of those after their commit;
 every writer carries on, and every event each writer was told was
-recorded is in the log exactly once, at the position it was told."""
+recorded is in the log exactly once, at the position it was told. The
+writers take turns at the two drivers: EventStore and AsyncEventStore."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from aura_pg import AppendRetry, EventStore, NewEvent, migrate
+from aura_pg import AppendRetry, NewEvent, migrate
 from aura_pg.localdb import LocalCluster, temporary_cluster
+from tests.helpers.store_drivers import DRIVERS, store_driver
 
 WRITERS = 3
 # Generous: a restart here takes a few seconds, crash recovery included.
@@ -33,7 +35,9 @@ class Writer(threading.Thread):
     what the store reported for each event."""
 
     def __init__(self, dsn: str, number: int, stop: threading.Event) -> None:
-        super().__init__(name=f"writer {number}")
+        driver = DRIVERS[number % len(DRIVERS)]
+        super().__init__(name=f"writer {number} ({driver})")
+        self.driver = driver
         self.dsn = dsn
         self.number = number
         self.stop = stop
@@ -43,7 +47,10 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            with EventStore.connect(self.dsn, max_size=1, timeout=2) as store:
+            with (
+                store_driver(self.driver) as driver,
+                driver.connect(self.dsn, max_size=1, timeout=2) as store,
+            ):
                 n = 0
                 while not self.stop.is_set():
                     event = NewEvent("A", {"writer": self.number, "n": n})

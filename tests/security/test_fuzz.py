@@ -42,10 +42,11 @@ from aura_pg import (
     EventValidationError,
     NewEvent,
 )
-from aura_pg import _operations as ops
 from aura_pg.cli import build_parser, main
 from aura_pg.errors import AuraPgError
 from aura_pg.projector import register_projections
+from aura_pg.store import operations as ops
+from aura_pg.store import validation
 from tests.helpers.projections import fixture_catalog
 from tests.security._support import (
     HOSTILE,
@@ -324,7 +325,7 @@ def test_payload_limit_is_exact_and_typed(
         if where == "data"
         else NewEvent("T", {}, metadata=payload)
     )
-    too_big = len(ops._dumps(payload).encode()) > limit
+    too_big = len(validation._dumps(payload).encode()) > limit
     stream = unique("limit")
     result = check_append(limited, conn, stream, [event], NO_STREAM)
     assert (result is None) == too_big
@@ -333,10 +334,10 @@ def test_payload_limit_is_exact_and_typed(
 def test_payloads_at_the_server_limit(store: EventStore, conn: psycopg.Connection[Any]) -> None:
     """Around aura.max_payload_bytes (1 MiB): accepted or refused typed,
     never half-written; well over it, refused by the client already."""
-    limit = ops.DEFAULT_MAX_PAYLOAD_BYTES
+    limit = validation.DEFAULT_MAX_PAYLOAD_BYTES
     for size in (limit - 64, limit - 12, limit - 11, limit - 8, limit, limit + 1, 2 * limit):
         payload = {"k": "x" * (size - len('{"k":""}'))}
-        assert len(ops._dumps(payload).encode()) == size
+        assert len(validation._dumps(payload).encode()) == size
         for big in (NewEvent("T", payload), NewEvent("T", {}, metadata=payload)):
             result = check_append(store, conn, unique("big"), [NewEvent("S", {}), big], ANY)
             if size > limit:

@@ -32,7 +32,6 @@ from aura_pg import (
     NewEvent,
     projection_admin,
 )
-from aura_pg import _operations as ops
 from aura_pg.catalog import load_catalog
 from aura_pg.cli import build_parser, main
 from aura_pg.errors import (
@@ -42,6 +41,7 @@ from aura_pg.errors import (
     UnknownProjection,
 )
 from aura_pg.projector import register_projections, translate_projection_error
+from aura_pg.store import operations as ops
 from tests.helpers.projections import FIXTURE_CATALOG, fixture_catalog
 from tests.security._support import (
     HOSTILE,

@@ -1,4 +1,5 @@
-"""Which failures an append retries, and how long it waits."""
+"""Which failures an append retries, how long it waits, and how the
+operation asks its driver to wait and send the batch again."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import psycopg
 import pytest
 from psycopg_pool import PoolClosed, PoolTimeout
 
-from aura_pg import AppendRetry, ConcurrencyError, EventValidationError
-from aura_pg.retry import is_transient, transient_reason
+from aura_pg import ANY, AppendRetry, ConcurrencyError, EventValidationError, NewEvent
+from aura_pg.store import operations as ops
+from aura_pg.store.retry import is_transient, transient_reason
+from tests.helpers.metrics import retries_counted
 
 
 @pytest.mark.parametrize(
@@ -102,3 +105,63 @@ def test_bad_policies_are_refused(changes: dict[str, Any], message: str) -> None
 )
 def test_each_retry_is_counted_by_its_reason(exc: Exception, reason: str | None) -> None:
     assert transient_reason(exc) == reason
+
+
+# --- the resend decision, driven without a database --------------------------
+
+
+def lost() -> psycopg.OperationalError:
+    return psycopg.OperationalError("server closed the connection unexpectedly")
+
+
+def append_op(retry: AppendRetry | None) -> ops.Operation:
+    return ops.append("s", NewEvent("T", {"n": 1}), ANY, 1024, None, retry)
+
+
+def test_a_transient_failure_pauses_then_sends_the_same_statement() -> None:
+    operation = append_op(AppendRetry(base_delay=0.01, max_delay=0.01))
+    first = next(operation)
+    assert isinstance(first, ops.Statement)
+    counted = retries_counted("connection")
+    pause = operation.throw(lost())
+    assert isinstance(pause, ops.Pause)
+    assert 0.005 <= pause.seconds <= 0.01
+    assert retries_counted("connection") == counted + 1
+    again = operation.send(None)
+    assert again == first  # the very same batch: same event ids, same keys
+    with pytest.raises(StopIteration) as done:
+        operation.send([(1, 10, False, None)])
+    result = done.value.value
+    assert (result.stream_id, result.version, result.duplicate) == ("s", 1, False)
+
+
+def test_without_a_policy_the_failure_is_raised() -> None:
+    operation = append_op(None)
+    next(operation)
+    failure = lost()
+    with pytest.raises(psycopg.OperationalError) as raised:
+        operation.throw(failure)
+    assert raised.value is failure
+
+
+def test_the_last_attempt_raises() -> None:
+    operation = append_op(AppendRetry(attempts=2, base_delay=0.01, max_delay=0.01))
+    next(operation)
+    assert isinstance(operation.throw(lost()), ops.Pause)
+    assert isinstance(operation.send(None), ops.Statement)
+    with pytest.raises(psycopg.OperationalError):
+        operation.throw(lost())
+
+
+def test_a_lasting_failure_is_raised_at_once() -> None:
+    operation = append_op(AppendRetry())
+    next(operation)
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        operation.throw(psycopg.errors.UndefinedFunction("no aura.append_events"))
+
+
+def test_reads_are_not_resent() -> None:
+    operation = ops.read_all(None, 10, None)
+    next(operation)
+    with pytest.raises(psycopg.OperationalError):
+        operation.throw(lost())

@@ -12,17 +12,20 @@ from pydantic import BaseModel
 
 from aura_pg import (
     ANY,
+    FORWARDS,
     NO_STREAM,
     AuraPgError,
     EventValidationError,
     NewEvent,
 )
-from aura_pg import _operations as ops
+from aura_pg.store import operations as ops
 
 
 def start(op: ops.Operation) -> ops.Statement:
     """Run an operation up to its first statement (validation included)."""
-    return next(op)
+    statement = next(op)
+    assert isinstance(statement, ops.Statement)
+    return statement
 
 
 def append(
@@ -156,8 +159,8 @@ def test_single_event_is_accepted_without_a_list() -> None:
         (lambda: ops.read_all(None, 0, None), "limit"),
         (lambda: ops.read_all(None, 10, []), "at least one"),
         (lambda: ops.read_all(None, 10, ["T\n"]), "control"),
-        (lambda: ops.read_stream("s", -1, ops.Direction.FORWARDS, None), "from_version"),
-        (lambda: ops.read_stream("s", None, ops.Direction.FORWARDS, -5), "limit"),
+        (lambda: ops.read_stream("s", -1, FORWARDS, None), "from_version"),
+        (lambda: ops.read_stream("s", None, FORWARDS, -5), "limit"),
         (lambda: ops.stream_version(""), "1 to 200"),
     ],
 )

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass
 
 import psycopg
 from psycopg_pool import PoolClosed, PoolTimeout
-
-from aura_pg.observability import metrics
 
 log = logging.getLogger("aura_pg.retry")
 
@@ -73,6 +70,14 @@ def is_transient(exc: BaseException) -> bool:
     return transient_reason(exc) is not None
 
 
+def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (from 1):
+    ``base_delay`` doubled per attempt up to ``max_delay``, half of it fixed
+    and half random, so writers that failed together do not return together."""
+    ceiling = min(max_delay, base_delay * float(2 ** min(attempt - 1, 30)))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
 @dataclass(frozen=True)
 class AppendRetry:
     """How ``append(..., retry=AppendRetry())`` rides out transient failures.
@@ -103,8 +108,7 @@ class AppendRetry:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
-        ceiling = min(self.max_delay, self.base_delay * float(2 ** min(attempt - 1, 30)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return backoff_delay(attempt, self.base_delay, self.max_delay)
 
     def next_delay(self, exc: BaseException, attempt: int, elapsed: float) -> float | None:
         """The wait before another attempt after ``exc`` ended attempt
@@ -120,17 +124,21 @@ class AppendRetry:
 
 
 def wait_before_resending(
-    retry: AppendRetry | None, stream_id: str, exc: BaseException, attempt: int, began: float
+    retry: AppendRetry | None, stream_id: str, exc: BaseException, attempt: int, elapsed: float
 ) -> float | None:
     """The seconds to wait before sending the batch again after ``exc``
-    ended attempt number ``attempt`` (the first began at monotonic time
-    ``began``), the retry counted (``aura_append_retries_total{reason}``)
-    and logged; None when the failure is to be raised."""
+    ended attempt number ``attempt``, ``elapsed`` seconds after the first
+    began, the retry counted (``aura_append_retries_total{reason}``) and
+    logged; None when the failure is to be raised."""
     if retry is None:
         return None
-    delay = retry.next_delay(exc, attempt, time.monotonic() - began)
+    delay = retry.next_delay(exc, attempt, elapsed)
     if delay is None:
         return None
+    # Imported here: prometheus_client is not worth loading for every
+    # importer of the store (a store imports it when it is created).
+    from aura_pg.observability import metrics
+
     metrics.APPEND_RETRIES.labels(transient_reason(exc) or "other").inc()
     text = str(exc).strip()
     log.warning(

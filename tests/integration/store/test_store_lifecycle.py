@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import pytest
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool
 
-from aura_pg import AsyncEventStore, EventStore, NewEvent
+from aura_pg import AsyncEventStore, NewEvent
+from tests.helpers.store_drivers import StoreDriver
 
 
-def test_borrowed_pool_stays_open(dsn: str) -> None:
-    with ConnectionPool(dsn, min_size=1, max_size=2) as pool:
-        with EventStore(pool) as store:
+def test_borrowed_pool_stays_open(driver: StoreDriver, dsn: str) -> None:
+    with driver.pool(dsn, min_size=1, max_size=2) as pool:
+        with driver.borrow(pool) as store:
             store.append("s", NewEvent("T", {}))
         assert not pool.closed
         with pool.connection() as conn:
             assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (1,)
 
 
-def test_owned_pool_is_closed(dsn: str) -> None:
-    store = EventStore.connect(dsn)
+def test_owned_pool_is_closed(driver: StoreDriver, dsn: str) -> None:
+    store = driver.connect(dsn)
     store.append("s", NewEvent("T", {}))
     store.close()
     assert store.pool.closed
@@ -34,9 +35,9 @@ async def test_async_borrowed_and_owned_pools(dsn: str) -> None:
     assert owned.pool.closed
 
 
-def test_payload_limit_must_be_positive(dsn: str) -> None:
+def test_payload_limit_must_be_positive(driver: StoreDriver, dsn: str) -> None:
     with (
-        ConnectionPool(dsn, min_size=1, max_size=1) as pool,
+        driver.pool(dsn, min_size=1, max_size=1) as pool,
         pytest.raises(ValueError, match="max_payload_bytes"),
     ):
-        EventStore(pool, max_payload_bytes=0)
+        driver.borrow(pool, max_payload_bytes=0)

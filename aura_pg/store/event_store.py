@@ -1,4 +1,12 @@
-"""EventStore and AsyncEventStore: thin drivers over the shared operations."""
+"""EventStore and AsyncEventStore: two drivers that only do I/O.
+
+Each method builds an operation (aura_pg.store.operations) and runs it:
+the driver executes the statements the operation yields, on the caller's
+connection or on one taken from the pool for each statement, throws a
+failed statement's error back in, and sleeps through the pauses it asks
+for. Validation, results, typed errors and resending on transient failures
+are decided there, once for both drivers.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,6 @@ from typing import Any, Self
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from aura_pg import _operations as ops
 from aura_pg.models import (
     ANY,
     FORWARDS,
@@ -23,12 +30,10 @@ from aura_pg.models import (
     Page,
     RecordedEvent,
 )
-from aura_pg.observability.appends import observed_append
-from aura_pg.retry import AppendRetry, wait_before_resending
-
-
-def _translated(exc: psycopg.Error, statement: ops.Statement) -> Exception:
-    return ops.translate_error(exc, statement) or exc
+from aura_pg.observability.appends import observed_append, register_append_metrics
+from aura_pg.store import operations as ops
+from aura_pg.store.retry import AppendRetry
+from aura_pg.store.validation import DEFAULT_MAX_PAYLOAD_BYTES, as_batch, check_payload_limit
 
 
 def _autocommit_pool(pool_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -41,27 +46,7 @@ def _autocommit_pool(pool_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**pool_kwargs, "kwargs": connection_kwargs}
 
 
-def _check_retry(retry: AppendRetry | None, conn: object) -> None:
-    if retry is not None and not isinstance(retry, AppendRetry):
-        raise TypeError(f"retry must be an AppendRetry, not {type(retry).__name__}")
-    if retry is not None and conn is not None:
-        # A failed statement aborts the caller's transaction: there is
-        # nothing left to retry in, and only the caller can start over.
-        raise ValueError("retry cannot be used with conn=: retry the caller's transaction")
-
-
-class _StoreSettings:
-    def __init__(self, max_payload_bytes: int) -> None:
-        if (
-            isinstance(max_payload_bytes, bool)
-            or not isinstance(max_payload_bytes, int)
-            or (max_payload_bytes < 1)
-        ):
-            raise ValueError(f"max_payload_bytes must be a positive int, not {max_payload_bytes!r}")
-        self.max_payload_bytes = max_payload_bytes
-
-
-class EventStore(_StoreSettings):
+class EventStore:
     """The event store over a ``psycopg_pool.ConnectionPool``.
 
     ``EventStore(pool)`` borrows the caller's pool and never closes it;
@@ -74,12 +59,13 @@ class EventStore(_StoreSettings):
         self,
         pool: ConnectionPool[Any],
         *,
-        max_payload_bytes: int = ops.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         owns_pool: bool = False,
     ) -> None:
-        super().__init__(max_payload_bytes)
+        self.max_payload_bytes = check_payload_limit(max_payload_bytes)
         self.pool = pool
         self._owns_pool = owns_pool
+        register_append_metrics()
 
     @classmethod
     def connect(
@@ -88,7 +74,7 @@ class EventStore(_StoreSettings):
         *,
         min_size: int = 1,
         max_size: int = 10,
-        max_payload_bytes: int = ops.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         **pool_kwargs: Any,
     ) -> Self:
         pool: ConnectionPool[Any] = ConnectionPool(
@@ -117,25 +103,28 @@ class EventStore(_StoreSettings):
         self.close()
 
     def _run(self, operation: ops.Operation, conn: psycopg.Connection[Any] | None) -> Any:
-        statement = next(operation)  # validates before a connection is taken
-        if conn is not None:
-            return self._drive(conn, operation, statement)
-        with self.pool.connection() as pooled:
-            return self._drive(pooled, operation, statement)
-
-    @staticmethod
-    def _drive(
-        conn: psycopg.Connection[Any], operation: ops.Operation, statement: ops.Statement
-    ) -> Any:
+        instruction = next(operation)  # validates before a connection is taken
         while True:
             try:
-                rows = conn.execute(statement.sql, statement.params).fetchall()
+                if isinstance(instruction, ops.Pause):
+                    time.sleep(instruction.seconds)
+                    answer = None
+                else:
+                    answer = self._execute(instruction, conn)
             except psycopg.Error as exc:
-                raise _translated(exc, statement) from exc
+                instruction = operation.throw(exc)
+                continue
             try:
-                statement = operation.send(rows)
+                instruction = operation.send(answer)
             except StopIteration as done:
                 return done.value
+
+    def _execute(self, statement: ops.Statement, conn: psycopg.Connection[Any] | None) -> ops.Rows:
+        if conn is not None:
+            return conn.execute(statement.sql, statement.params).fetchall()
+        with self.pool.connection() as pooled:
+            rows: ops.Rows = pooled.execute(statement.sql, statement.params).fetchall()
+        return rows
 
     def append(
         self,
@@ -150,31 +139,19 @@ class EventStore(_StoreSettings):
 
         With ``retry``, transient failures (a lost connection, a restarting
         server) send the same batch again: the events are recorded exactly
-        once whatever happened to the failed attempts (aura_pg.retry)."""
-        batch = ops.as_batch(events)
-        _check_retry(retry, conn)
+        once whatever happened to the failed attempts (aura_pg.store.retry)."""
+        batch = as_batch(events)
+        ops.check_retry(retry, conn)
         with observed_append(stream_id, batch) as observation:
-            began = time.monotonic()
-            attempt = 1
-            while True:
-                try:
-                    observation.result = self._run(
-                        ops.append(
-                            stream_id,
-                            batch,
-                            expected_version,
-                            self.max_payload_bytes,
-                            observation.traceparent,
-                        ),
-                        conn,
-                    )
-                    break
-                except psycopg.Error as exc:
-                    delay = wait_before_resending(retry, stream_id, exc, attempt, began)
-                    if delay is None:
-                        raise
-                    time.sleep(delay)
-                    attempt += 1
+            operation = ops.append(
+                stream_id,
+                batch,
+                expected_version,
+                self.max_payload_bytes,
+                observation.traceparent,
+                retry,
+            )
+            observation.result = self._run(operation, conn)
         return observation.result
 
     def read_stream(
@@ -237,7 +214,7 @@ class EventStore(_StoreSettings):
             from_version = events[-1].version + 1
 
 
-class AsyncEventStore(_StoreSettings):
+class AsyncEventStore:
     """``EventStore`` for asyncio, over a ``psycopg_pool.AsyncConnectionPool``.
 
     Same methods, same semantics; ``await AsyncEventStore.connect(dsn)``.
@@ -247,12 +224,13 @@ class AsyncEventStore(_StoreSettings):
         self,
         pool: AsyncConnectionPool[Any],
         *,
-        max_payload_bytes: int = ops.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         owns_pool: bool = False,
     ) -> None:
-        super().__init__(max_payload_bytes)
+        self.max_payload_bytes = check_payload_limit(max_payload_bytes)
         self.pool = pool
         self._owns_pool = owns_pool
+        register_append_metrics()
 
     @classmethod
     async def connect(
@@ -261,7 +239,7 @@ class AsyncEventStore(_StoreSettings):
         *,
         min_size: int = 1,
         max_size: int = 10,
-        max_payload_bytes: int = ops.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         **pool_kwargs: Any,
     ) -> Self:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -292,26 +270,32 @@ class AsyncEventStore(_StoreSettings):
     async def _run(
         self, operation: ops.Operation, conn: psycopg.AsyncConnection[Any] | None
     ) -> Any:
-        statement = next(operation)  # validates before a connection is taken
-        if conn is not None:
-            return await self._drive(conn, operation, statement)
-        async with self.pool.connection() as pooled:
-            return await self._drive(pooled, operation, statement)
-
-    @staticmethod
-    async def _drive(
-        conn: psycopg.AsyncConnection[Any], operation: ops.Operation, statement: ops.Statement
-    ) -> Any:
+        instruction = next(operation)  # validates before a connection is taken
         while True:
             try:
-                cursor = await conn.execute(statement.sql, statement.params)
-                rows = await cursor.fetchall()
+                if isinstance(instruction, ops.Pause):
+                    await asyncio.sleep(instruction.seconds)
+                    answer = None
+                else:
+                    answer = await self._execute(instruction, conn)
             except psycopg.Error as exc:
-                raise _translated(exc, statement) from exc
+                instruction = operation.throw(exc)
+                continue
             try:
-                statement = operation.send(rows)
+                instruction = operation.send(answer)
             except StopIteration as done:
                 return done.value
+
+    async def _execute(
+        self, statement: ops.Statement, conn: psycopg.AsyncConnection[Any] | None
+    ) -> ops.Rows:
+        if conn is not None:
+            cursor = await conn.execute(statement.sql, statement.params)
+            return await cursor.fetchall()
+        async with self.pool.connection() as pooled:
+            cursor = await pooled.execute(statement.sql, statement.params)
+            rows: ops.Rows = await cursor.fetchall()
+        return rows
 
     async def append(
         self,
@@ -324,30 +308,18 @@ class AsyncEventStore(_StoreSettings):
     ) -> AppendResult:
         """Append events to a stream, all or nothing; see docs/event-store.md.
         ``retry`` as in ``EventStore.append``."""
-        batch = ops.as_batch(events)
-        _check_retry(retry, conn)
+        batch = as_batch(events)
+        ops.check_retry(retry, conn)
         with observed_append(stream_id, batch) as observation:
-            began = time.monotonic()
-            attempt = 1
-            while True:
-                try:
-                    observation.result = await self._run(
-                        ops.append(
-                            stream_id,
-                            batch,
-                            expected_version,
-                            self.max_payload_bytes,
-                            observation.traceparent,
-                        ),
-                        conn,
-                    )
-                    break
-                except psycopg.Error as exc:
-                    delay = wait_before_resending(retry, stream_id, exc, attempt, began)
-                    if delay is None:
-                        raise
-                    await asyncio.sleep(delay)
-                    attempt += 1
+            operation = ops.append(
+                stream_id,
+                batch,
+                expected_version,
+                self.max_payload_bytes,
+                observation.traceparent,
+                retry,
+            )
+            observation.result = await self._run(operation, conn)
         return observation.result
 
     async def read_stream(

@@ -19,6 +19,7 @@ from aura_pg import (
     IdempotencyConflict,
     NewEvent,
 )
+from tests.helpers.store_drivers import StoreDriver, sync_only
 
 
 def count_events(store: EventStore, stream_id: str | None = None) -> int:
@@ -222,6 +223,7 @@ def test_a_failed_append_in_the_callers_transaction_leaves_nothing(store: EventS
         assert conn.execute("SELECT to_regclass('business')").fetchone() == (None,)
 
 
+@sync_only
 def test_events_table_refuses_update_delete_truncate(store: EventStore) -> None:
     store.append("s", event(1))
     with store.pool.connection() as conn:
@@ -237,6 +239,7 @@ def test_events_table_refuses_update_delete_truncate(store: EventStore) -> None:
     assert count_events(store) == 1
 
 
+@sync_only
 def test_streams_cannot_be_removed(store: EventStore) -> None:
     store.append("s", event(1))
     with store.pool.connection() as conn:
@@ -247,8 +250,8 @@ def test_streams_cannot_be_removed(store: EventStore) -> None:
     assert store.stream_version("s") == 1
 
 
-def test_payload_limit_is_configurable(dsn: str) -> None:
-    with EventStore.connect(dsn, max_payload_bytes=100) as small:
+def test_payload_limit_is_configurable(driver: StoreDriver, dsn: str) -> None:
+    with driver.connect(dsn, max_payload_bytes=100) as small:
         small.append("s", NewEvent("T", {"text": "x" * 50}))
         with pytest.raises(EventValidationError, match="over the limit of 100"):
             small.append("s", NewEvent("T", {"text": "x" * 200}))

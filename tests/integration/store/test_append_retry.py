@@ -1,6 +1,6 @@
 """Retrying appends against real connection failures: the pool's connection
 killed while idle, or killed while the append waits for a lock; the events
-end up recorded exactly once."""
+end up recorded exactly once, with either driver."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from aura_pg import AppendRetry, AsyncEventStore, ConcurrencyError, EventStore, NewEvent
+from aura_pg import AppendRetry, ConcurrencyError, EventStore, NewEvent
 from tests.helpers.metrics import retries_counted
 from tests.helpers.projections import query
+from tests.helpers.store_drivers import StoreDriver
 
 APP = "aura-pg retry test"
 FAST = AppendRetry(base_delay=0.02, max_delay=0.2, budget=20.0)
 
 
-def connect_store(dsn: str) -> EventStore:
-    return EventStore.connect(dsn, min_size=1, max_size=1, kwargs={"application_name": APP})
+def connect_store(driver: StoreDriver, dsn: str) -> EventStore:
+    return driver.connect(dsn, min_size=1, max_size=1, kwargs={"application_name": APP})
 
 
 def terminate_store_connections(dsn: str) -> int:
@@ -39,9 +40,9 @@ def recorded_copies(dsn: str, event: NewEvent) -> int:
 
 
 def test_an_append_on_a_killed_connection_is_sent_again(
-    dsn: str, caplog: pytest.LogCaptureFixture
+    driver: StoreDriver, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with connect_store(dsn) as store:
+    with connect_store(driver, dsn) as store:
         store.append("idle", [NewEvent("A", {})])
         assert terminate_store_connections(dsn) == 1
         event = NewEvent("A", {"n": 2})
@@ -54,8 +55,8 @@ def test_an_append_on_a_killed_connection_is_sent_again(
     assert retries_counted() == counted + 1
 
 
-def test_without_retry_the_failure_reaches_the_caller(dsn: str) -> None:
-    with connect_store(dsn) as store:
+def test_without_retry_the_failure_reaches_the_caller(driver: StoreDriver, dsn: str) -> None:
+    with connect_store(driver, dsn) as store:
         store.append("idle", [NewEvent("A", {})])
         terminate_store_connections(dsn)
         event = NewEvent("A", {})
@@ -64,11 +65,13 @@ def test_without_retry_the_failure_reaches_the_caller(dsn: str) -> None:
     assert recorded_copies(dsn, event) == 0
 
 
-def test_an_append_killed_while_it_waits_for_its_stream_is_recorded_once(dsn: str) -> None:
+def test_an_append_killed_while_it_waits_for_its_stream_is_recorded_once(
+    driver: StoreDriver, dsn: str
+) -> None:
     """The first attempt is killed while it waits for the stream's version
     row (locked by another session); the retry waits again, and commits
     once the row is free."""
-    with connect_store(dsn) as store, psycopg.connect(dsn) as blocker:
+    with connect_store(driver, dsn) as store, psycopg.connect(dsn) as blocker:
         store.append("locked", [NewEvent("A", {})])
         blocker.execute("SELECT 1 FROM aura.streams WHERE stream_id = 'locked' FOR UPDATE")
         event = NewEvent("B", {"n": 1})
@@ -93,9 +96,9 @@ def test_an_append_killed_while_it_waits_for_its_stream_is_recorded_once(dsn: st
 
 
 def test_what_the_store_refuses_on_purpose_is_not_retried(
-    dsn: str, caplog: pytest.LogCaptureFixture
+    driver: StoreDriver, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with connect_store(dsn) as store:
+    with connect_store(driver, dsn) as store:
         store.append("s", [NewEvent("A", {})])
         with (
             caplog.at_level(logging.WARNING, logger="aura_pg.retry"),
@@ -105,8 +108,8 @@ def test_what_the_store_refuses_on_purpose_is_not_retried(
     assert "attempt" not in caplog.text
 
 
-def test_retry_inside_the_callers_transaction_is_refused(dsn: str) -> None:
-    with connect_store(dsn) as store, psycopg.connect(dsn) as conn:
+def test_retry_inside_the_callers_transaction_is_refused(driver: StoreDriver, dsn: str) -> None:
+    with connect_store(driver, dsn) as store, driver.connection(dsn) as conn:
         with pytest.raises(ValueError, match="retry cannot be used with conn="):
             store.append("s", [NewEvent("A", {})], conn=conn, retry=FAST)
         with pytest.raises(TypeError, match="retry must be an AppendRetry"):
@@ -114,23 +117,11 @@ def test_retry_inside_the_callers_transaction_is_refused(dsn: str) -> None:
     assert query(dsn, "SELECT count(*) FROM aura.events") == [(0,)]
 
 
-async def test_the_async_store_retries_the_same_way(dsn: str) -> None:
-    async with await AsyncEventStore.connect(
-        dsn, min_size=1, max_size=1, kwargs={"application_name": APP}
-    ) as store:
-        await store.append("idle", [NewEvent("A", {})])
-        assert terminate_store_connections(dsn) == 1
-        event = NewEvent("A", {"n": 2})
-        result = await store.append("idle", [event], 1, retry=FAST)
-    assert (result.duplicate, result.events[0].version) == (False, 2)
-    assert recorded_copies(dsn, event) == 1
-
-
-def test_a_pooled_connection_closed_for_idling_is_retried(dsn: str) -> None:
+def test_a_pooled_connection_closed_for_idling_is_retried(driver: StoreDriver, dsn: str) -> None:
     # idle_session_timeout ends the pool's idle connection (SQLSTATE 57P05):
     # nothing of the append was sent on it, so it is sent again.
     options = {"application_name": APP, "options": "-c idle_session_timeout=300"}
-    with EventStore.connect(dsn, min_size=1, max_size=1, kwargs=options) as store:
+    with driver.connect(dsn, min_size=1, max_size=1, kwargs=options) as store:
         store.append("idle", NewEvent("T", {}))
         time.sleep(1.0)
         event = NewEvent("T", {"after": "idle"})

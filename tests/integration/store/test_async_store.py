@@ -1,4 +1,7 @@
-"""AsyncEventStore: the same operations as EventStore, over asyncio."""
+"""AsyncEventStore awaited in the test's own event loop, as an application
+uses it: the other tests here run every behaviour against both drivers
+through blocking proxies; these add tasks gathered on one loop, native
+``async for`` and ``async with``, and the two stores' same methods."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from aura_pg import (
     IdempotencyConflict,
     NewEvent,
 )
+from tests.helpers.store_drivers import StoreDriver, unwrapped
 
 
 async def test_append_read_and_duplicates(async_store: AsyncEventStore) -> None:
@@ -66,3 +70,10 @@ def test_sync_and_async_stores_offer_the_same_methods() -> None:
         }
 
     assert public(EventStore) == public(AsyncEventStore)
+
+
+def test_each_driver_drives_its_own_store(driver: StoreDriver, store: EventStore) -> None:
+    """The harness itself: the async runs of the shared tests go through
+    AsyncEventStore, not through EventStore."""
+    expected = AsyncEventStore if driver.name == "async" else EventStore
+    assert type(unwrapped(store)) is expected

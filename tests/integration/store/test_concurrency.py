@@ -1,5 +1,6 @@
 """Concurrency with real connections, threads and processes: lost updates,
-racing retries, and readers that never skip an event."""
+racing retries, and readers that never skip an event. With the async
+driver, the threads' calls run as concurrent tasks on its event loop."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from aura_pg import NO_STREAM, START, Checkpoint, ConcurrencyError, EventStore, NewEvent
+from tests.helpers.store_drivers import StoreDriver, sync_only
 from tests.helpers.threads import run_together
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,13 +82,13 @@ def test_two_identical_appends_at_once_record_once(store: EventStore, stream_exi
 
 @pytest.mark.parametrize("stream_exists", [False, True])
 def test_retry_waiting_on_the_first_append_gets_the_duplicate(
-    store: EventStore, dsn: str, stream_exists: bool
+    store: EventStore, driver: StoreDriver, dsn: str, stream_exists: bool
 ) -> None:
     if stream_exists:
         store.append("s", NewEvent("T", {}))
     batch = [NewEvent("T", {"n": 1}, idempotency_key="k")]
     second: list[Any] = []
-    with psycopg.connect(dsn) as first_conn:
+    with driver.connection(dsn) as first_conn:
         first = store.append("s", batch, conn=first_conn)  # transaction left open
         retry = threading.Thread(target=lambda: second.append(store.append("s", batch)))
         retry.start()
@@ -99,11 +100,13 @@ def test_retry_waiting_on_the_first_append_gets_the_duplicate(
     assert store.stream_version("s") == (2 if stream_exists else 1)
 
 
-def test_reader_never_skips_an_event_that_commits_late(store: EventStore, dsn: str) -> None:
+def test_reader_never_skips_an_event_that_commits_late(
+    store: EventStore, driver: StoreDriver, dsn: str
+) -> None:
     store.append("early", NewEvent("T", {}))
     before = store.read_all(START)
     assert len(before.events) == 1
-    with psycopg.connect(dsn) as slow:
+    with driver.connection(dsn) as slow:
         slow_result = store.append("slow", NewEvent("SLOW", {}), conn=slow)  # not committed
         fast_result = store.append("fast", NewEvent("FAST", {}))  # committed
         fast_pos = fast_result.events[0].global_position
@@ -119,8 +122,10 @@ def test_reader_never_skips_an_event_that_commits_late(store: EventStore, dsn: s
     assert [e.type for e in after.events] == ["SLOW", "FAST"]
 
 
-def test_commit_order_follows_transaction_ids_not_positions(store: EventStore, dsn: str) -> None:
-    with psycopg.connect(dsn) as early_xid:
+def test_commit_order_follows_transaction_ids_not_positions(
+    store: EventStore, driver: StoreDriver, dsn: str
+) -> None:
+    with driver.connection(dsn) as early_xid:
         # This transaction takes its id first but inserts last.
         early_xid.execute("SELECT pg_current_xact_id()")
         store.append("b", NewEvent("SECOND_POSITION", {}))
@@ -192,6 +197,7 @@ def test_concurrent_writer_processes_and_a_reader_see_every_event_once(
 
 
 @pytest.mark.slow
+@sync_only  # the reader's driver is checked by the test above; this one is about volume
 def test_sixteen_writers_and_a_reader_over_100k_events_see_each_once(
     store: EventStore, dsn: str, tmp_path: Path
 ) -> None:
