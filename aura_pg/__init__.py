@@ -1,6 +1,5 @@
 """aura-pg: a Postgres-native event store with SQL-first projections."""
 
-from aura_pg.catalog import Catalog, ProjectionSpec, load_catalog
 from aura_pg.errors import (
     AuraPgError,
     CatalogError,
@@ -31,7 +30,9 @@ from aura_pg.models import (
     StreamState,
     uuid7,
 )
-from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+from aura_pg.projection.catalog import Catalog, ProjectionSpec, load_catalog
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.settings import ProjectorSettings
 from aura_pg.retry import AppendRetry
 from aura_pg.store import AsyncEventStore, EventStore
 
