@@ -35,8 +35,9 @@ from aura_pg.models import (
 )
 
 if TYPE_CHECKING:
-    from aura_pg.catalog import Catalog, ProjectionSpec, load_catalog
-    from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+    from aura_pg.projection.catalog import Catalog, ProjectionSpec, load_catalog
+    from aura_pg.projection.daemon import ProjectorDaemon
+    from aura_pg.projection.settings import ProjectorSettings
     from aura_pg.store import AppendRetry, AsyncEventStore, EventStore
 
 # Public names whose modules are costly to import (psycopg for the store,
@@ -46,11 +47,11 @@ _LAZY_MODULES: Final = {
     "AppendRetry": "aura_pg.store",
     "AsyncEventStore": "aura_pg.store",
     "EventStore": "aura_pg.store",
-    "Catalog": "aura_pg.catalog",
-    "ProjectionSpec": "aura_pg.catalog",
-    "load_catalog": "aura_pg.catalog",
-    "ProjectorDaemon": "aura_pg.projector",
-    "ProjectorSettings": "aura_pg.projector",
+    "Catalog": "aura_pg.projection.catalog",
+    "ProjectionSpec": "aura_pg.projection.catalog",
+    "load_catalog": "aura_pg.projection.catalog",
+    "ProjectorDaemon": "aura_pg.projection.daemon",
+    "ProjectorSettings": "aura_pg.projection.settings",
 }
 
 __all__ = [

@@ -23,10 +23,9 @@ import psycopg
 import sqlalchemy.exc
 from psycopg.rows import dict_row
 
-from aura_pg import migrate, projection_admin, shadow_command
+from aura_pg import migrate, shadow_command
 from aura_pg._argtypes import positive_int
 from aura_pg._resources import named_queries
-from aura_pg.catalog import load_catalog
 from aura_pg.config import Connection, Settings, add_connection_options, mask_dsn, mask_text
 from aura_pg.doctor import add_doctor_command
 from aura_pg.errors import AuraPgError, MigrationError
@@ -39,14 +38,12 @@ from aura_pg.observability.command import (
     observed_daemon,
 )
 from aura_pg.observability.tracing import configure_tracing
-from aura_pg.projector import (
-    WAKE_SOURCES,
-    ProjectorDaemon,
-    ProjectorSettings,
-    WakeSource,
-    default_owner,
-    register_projections,
-)
+from aura_pg.projection import admin as projection_admin
+from aura_pg.projection import rebuild as projection_rebuild
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.settings import WAKE_SOURCES, ProjectorSettings, WakeSource, default_owner
 from aura_pg.relay import add_relay_command
 from aura_pg.store import EventStore
 from aura_pg.store.validation import encodable
@@ -353,7 +350,7 @@ DEAD_LETTER_COLUMNS = (
 def _rebuild_progress(interactive: bool) -> Any:
     log = logging.getLogger("aura_pg.rebuild")
 
-    def show(p: projection_admin.RebuildProgress) -> None:
+    def show(p: projection_rebuild.RebuildProgress) -> None:
         total = p.applied + p.remaining
         percent = 100.0 * p.applied / total if total else 100.0
         eta = f"{p.eta_seconds:.0f}s" if p.eta_seconds is not None else "?"
@@ -427,14 +424,14 @@ def cmd_projections(args: argparse.Namespace) -> int:
 
 def _rebuild(args: argparse.Namespace, dsn: str) -> int:
     if args.abort:
-        print(f"{args.name}: {projection_admin.abort_rebuild(dsn, args.name)}")
+        print(f"{args.name}: {projection_rebuild.abort_rebuild(dsn, args.name)}")
         return 0
     _configure_logging(False)
     spec = load_catalog(args.catalog).get(args.name)
     interactive = sys.stderr.isatty()
 
-    async def main() -> projection_admin.RebuildResult | None:
-        return await projection_admin.rebuild(
+    async def main() -> projection_rebuild.RebuildResult | None:
+        return await projection_rebuild.rebuild(
             dsn,
             spec,
             _settings(args, wake="poll"),

@@ -1,5 +1,5 @@
 """``aura-pg projections shadow|diff|promote``: the command side of
-:mod:`aura_pg.shadows`."""
+:mod:`aura_pg.projection.shadows`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from aura_pg import shadows
-from aura_pg.catalog import load_catalog
 from aura_pg.errors import CatalogError
-from aura_pg.projector import ProjectionRunner, ProjectorSettings
+from aura_pg.projection import shadows
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.runner import ProjectionRunner
+from aura_pg.projection.settings import ProjectorSettings
 
 ACTIONS = ("shadow", "diff", "promote")
 EXIT_DIFFERENT = 2

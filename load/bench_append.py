@@ -132,7 +132,8 @@ def watcher_main(dsn: str, ready: Any, stop: Any) -> None:
     """One projector daemon's log watcher, and nothing else, until ``stop``."""
     import asyncio
 
-    from aura_pg.projector import LogWatcher, ProjectorSettings
+    from aura_pg.projection.settings import ProjectorSettings
+    from aura_pg.projection.wakeups import LogWatcher
 
     async def watch() -> None:
         stopping = asyncio.Event()

@@ -58,14 +58,11 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.catalog import ProjectionSpec, load_catalog
 from aura_pg.localdb import benchmark_settings, temporary_cluster
-from aura_pg.projector import (
-    ProjectionRunner,
-    ProjectorDaemon,
-    ProjectorSettings,
-    StepOutcome,
-)
+from aura_pg.projection.catalog import ProjectionSpec, load_catalog
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.runner import ProjectionRunner, StepOutcome
+from aura_pg.projection.settings import ProjectorSettings
 
 CATALOG = Path(__file__).resolve().parent / "projections" / "catalog.yaml"
 EVENT_TYPES = (

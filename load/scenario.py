@@ -64,7 +64,7 @@ How it runs:
      agent and round, one ending per debate, one proposal and one outcome
      per decision);
    * every read model equals a fresh rebuild: each projection is rebuilt
-     blue/green with the real rebuild (aura_pg.projection_admin.rebuild,
+     blue/green with the real rebuild (aura_pg.projection.rebuild.rebuild,
      what `aura-pg projections rebuild` runs), which swaps the fresh model in
      and keeps the daemons' one as SCHEMA__previous; each table of the two
      is compared with EXCEPT ALL both ways. (With --dsn this replaces the
@@ -156,13 +156,14 @@ from scenario_workload import (
     writer_main,
 )
 
-from aura_pg import migrate, projection_admin
-from aura_pg.catalog import ProjectionSpec, load_catalog
+from aura_pg import migrate
 from aura_pg.domain.decision import decision_id_for
 from aura_pg.domain.events import debate_stream, decision_stream
 from aura_pg.localdb import benchmark_settings, temporary_cluster
 from aura_pg.observability import names as metric_names
-from aura_pg.projector import ProjectorDaemon
+from aura_pg.projection.catalog import ProjectionSpec, load_catalog
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.rebuild import RebuildResult, rebuild
 
 LOAD_DIR = Path(__file__).resolve().parent
 REPO_ROOT = LOAD_DIR.parent
@@ -963,10 +964,8 @@ def verify_events(
     return figures, problems
 
 
-async def _rebuild_all(
-    dsn: str, specs: list[ProjectionSpec]
-) -> list[projection_admin.RebuildResult | None]:
-    return list(await asyncio.gather(*(projection_admin.rebuild(dsn, spec) for spec in specs)))
+async def _rebuild_all(dsn: str, specs: list[ProjectionSpec]) -> list[RebuildResult | None]:
+    return list(await asyncio.gather(*(rebuild(dsn, spec) for spec in specs)))
 
 
 def base_tables(conn: psycopg.Connection[Any], schema: str) -> list[str]:

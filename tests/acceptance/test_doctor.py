@@ -17,7 +17,9 @@ from psycopg import sql
 
 from aura_pg.doctor import CHECK_NAMES
 from aura_pg.localdb import free_port
-from aura_pg.projector import ProjectorSettings, connect, register_projections
+from aura_pg.projection.connection import connect
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.settings import ProjectorSettings
 from tests.helpers.projections import fixture_catalog, query
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aura_pg import projection_admin
+from aura_pg.projection.rebuild import rebuild
 from tests.helpers.projections import (
     FIXTURE_CATALOG,
     assert_exact_fold,
@@ -198,7 +198,7 @@ def test_kill_minus_nine_of_the_owner_fails_over_with_nothing_lost_or_doubled(
             assert process.wait(20) == 0
     before = {schema: stream_counts(dsn, schema) for schema in PROJECTIONS}
     for schema in PROJECTIONS:
-        assert asyncio.run(projection_admin.rebuild(dsn, fixture_catalog().get(schema)))
+        assert asyncio.run(rebuild(dsn, fixture_catalog().get(schema)))
         assert stream_counts(dsn, schema) == before[schema]
         assert_exact_fold(dsn, schema)
     print(f"takeover after kill -9: {', '.join(f'{t:.2f}s' for t in takeovers)}")

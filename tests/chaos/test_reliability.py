@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.catalog import load_catalog
+from aura_pg.projection.catalog import load_catalog
 from tests.helpers.projections import query, running_daemon, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,11 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from aura_pg import EventStore, projection_admin
-from aura_pg.catalog import load_catalog
+from aura_pg import EventStore
 from aura_pg.domain import Debate, DebateRepository, DebateStatus, run_simulation
 from aura_pg.domain.events import DebateVoteCast, debate_stream
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.rebuild import rebuild
 from tests.helpers.debate_projections import shipped_daemon
 from tests.helpers.projections import caught_up, wait_for
 
@@ -135,7 +136,7 @@ async def test_many_debates_concurrently_and_after_a_rebuild(dsn: str) -> None:
             before = fetch(dsn, "SELECT * FROM debate_state.debates ORDER BY debate_id")
             # Rebuild both while the daemon keeps running: same read models.
             for name in DEBATE_PROJECTIONS:
-                result = await projection_admin.rebuild(dsn, load_catalog().get(name))
+                result = await rebuild(dsn, load_catalog().get(name))
                 assert result is not None
             await all_caught_up(dsn)
             after = fetch(dsn, "SELECT * FROM debate_state.debates ORDER BY debate_id")

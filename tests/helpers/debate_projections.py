@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from aura_pg.catalog import load_catalog
-from aura_pg.projector import ProjectorDaemon
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.daemon import ProjectorDaemon
 from tests.helpers.projections import running_daemon
 
 ENDINGS = {

@@ -14,8 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from aura_pg.catalog import Catalog, load_catalog
-from aura_pg.projector import ProjectorDaemon, ProjectorSettings
+from aura_pg.projection.catalog import Catalog, load_catalog
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.settings import ProjectorSettings
 
 FIXTURE_CATALOG = (
     Path(__file__).resolve().parent.parent / "fixtures" / "projections" / "catalog.yaml"

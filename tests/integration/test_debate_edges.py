@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.catalog import load_catalog
 from aura_pg.domain import (
     AlreadyExists,
     DebateRepository,
@@ -25,7 +24,10 @@ from aura_pg.domain import (
     decision_stream,
     votes_needed,
 )
-from aura_pg.projector import ProjectorSettings, connect, register_projections
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.connection import connect
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.settings import ProjectorSettings
 from tests.helpers.debate_projections import rows, shipped_daemon
 from tests.helpers.projections import caught_up, wait_for
 

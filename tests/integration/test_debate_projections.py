@@ -14,8 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from aura_pg import EventStore, NewEvent, projection_admin
-from aura_pg.catalog import load_catalog
+from aura_pg import EventStore, NewEvent
 from aura_pg.domain.events import (
     AgentJoined,
     DebateArgumentAdded,
@@ -32,7 +31,12 @@ from aura_pg.domain.events import (
     encode,
 )
 from aura_pg.errors import ProjectionError
-from aura_pg.projector import ProjectorSettings, connect, register_projections
+from aura_pg.projection import admin
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.connection import connect
+from aura_pg.projection.rebuild import rebuild
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.settings import ProjectorSettings
 from tests.helpers.debate_projections import (
     fold_activity,
     fold_debates,
@@ -281,15 +285,15 @@ async def test_read_models_are_the_fold_of_the_log(
 
     # Targeted repair: the forget handlers let a stream be replayed exactly.
     rows(dsn, "DELETE FROM debate_state.debate_fold WHERE debate_id = 'alpha'")
-    assert projection_admin.replay_stream(dsn, "debate_state", "debate-alpha") == 13
-    assert projection_admin.replay_stream(dsn, "agent_performance", "decision-k-beta") == 2
-    assert projection_admin.replay_stream(dsn, "agent_performance", "debate-gamma") == 6
+    assert admin.replay_stream(dsn, "debate_state", "debate-alpha") == 13
+    assert admin.replay_stream(dsn, "agent_performance", "decision-k-beta") == 2
+    assert admin.replay_stream(dsn, "agent_performance", "debate-gamma") == 6
     assert_models_equal_the_fold(dsn)
     # From a later version the forget handler cannot run, and replayed
     # events would be counted twice: refused for both projections.
     for name in ("agent_performance", "debate_state"):
         with pytest.raises(ProjectionError, match="replay debate-gamma from version 1"):
-            projection_admin.replay_stream(dsn, name, "debate-gamma", 2)
+            admin.replay_stream(dsn, name, "debate-gamma", 2)
     assert_models_equal_the_fold(dsn)
 
 
@@ -452,7 +456,7 @@ async def test_blue_green_rebuild_of_the_hypertables(dsn: str, store: EventStore
         writer = threading.Thread(target=keep_voting)
         writer.start()
         try:
-            first = await projection_admin.rebuild(dsn, SPECS["agent_performance"])
+            first = await rebuild(dsn, SPECS["agent_performance"])
             assert first is not None
             hypertables = rows(
                 dsn,
@@ -464,7 +468,7 @@ async def test_blue_green_rebuild_of_the_hypertables(dsn: str, store: EventStore
                 {"schema_name": "agent_performance__previous", "n": 2},
             ]
             # A second rebuild drops the first's __previous hypertables.
-            second = await projection_admin.rebuild(dsn, SPECS["agent_performance"])
+            second = await rebuild(dsn, SPECS["agent_performance"])
             assert second is not None
         finally:
             stop_writing.set()

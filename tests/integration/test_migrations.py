@@ -14,7 +14,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from aura_pg import EventStore, MigrationError, NewEvent, migrate
-from aura_pg.projector import register_projections
+from aura_pg.projection.registration import register_projections
 from tests.helpers.projections import fixture_catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

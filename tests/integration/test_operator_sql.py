@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.projector import register_projections
+from aura_pg.projection.registration import register_projections
 from tests.helpers.projections import (
     caught_up,
     fixture_catalog,

@@ -21,10 +21,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from aura_pg import EventStore, NewEvent, migrate, projection_admin, shadows
-from aura_pg.catalog import ProjectionSpec
+from aura_pg import EventStore, NewEvent, migrate
 from aura_pg.errors import ProjectionError
-from aura_pg.projector import ProjectionRunner, ProjectorSettings, register_projections
+from aura_pg.projection import admin, shadows
+from aura_pg.projection.catalog import ProjectionSpec
+from aura_pg.projection.rebuild import rebuild
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.runner import ProjectionRunner
+from aura_pg.projection.settings import ProjectorSettings
 from tests.helpers.projections import (
     applied_positions,
     caught_up,
@@ -212,7 +216,7 @@ async def test_a_rebuild_restarted_under_it_does_not_report_rebuilt_and_swapped_
         # the events are locked.
         ((key,),) = owner.execute(OWNERSHIP_KEY, ("tally_set__rebuild",)).fetchall()
         owner.execute("SELECT pg_advisory_lock(%s)", (key,))
-        first = asyncio.create_task(projection_admin.rebuild(dsn, tally_all(), settings()))
+        first = asyncio.create_task(rebuild(dsn, tally_all(), settings()))
         await wait_for(lambda: query(dsn, "SELECT 1 FROM aura.projection_checkpoints"
                                           " WHERE name = 'tally_set__rebuild'"))  # fmt: skip
         with events_locked(dsn):
@@ -227,7 +231,7 @@ async def test_a_rebuild_restarted_under_it_does_not_report_rebuilt_and_swapped_
     assert query(dsn, "SELECT event_types FROM aura.projection_checkpoints"
                       " WHERE name = 'tally_set'") == [(None,)]  # fmt: skip
     assert applied_positions(dsn, "tally_set") == []
-    second = await projection_admin.rebuild(dsn, tally_a_only(), settings())
+    second = await rebuild(dsn, tally_a_only(), settings())
     assert second is not None
     assert applied_types(dsn, "tally_set") == {"A"}
     assert applied_positions(dsn, "tally_set") == log_positions(dsn, ["A"])
@@ -268,7 +272,7 @@ async def test_promote_and_rollback_keep_each_sides_dead_letters_for_the_same_ev
     ((poison_position,),) = poison
     query(dsn, "INSERT INTO tally_set.cures SELECT event_id FROM aura.events"
                " WHERE global_position = %s", (poison_position,))  # fmt: skip
-    assert projection_admin.retry_dead_letter(dsn, live_letter) == "retried"
+    assert admin.retry_dead_letter(dsn, live_letter) == "retried"
     assert poison_position in applied_positions(dsn, "tally_set")
     assert poison_position not in applied_positions(dsn, "tally_set__shadow")
     assert pending_letters(dsn) == {shadow_letter: "tally_set__shadow"}

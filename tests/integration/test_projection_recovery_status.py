@@ -12,7 +12,7 @@ from psycopg.rows import dict_row
 
 from aura_pg import EventStore, NewEvent
 from aura_pg._resources import named_queries
-from aura_pg.projector import register_projections
+from aura_pg.projection.registration import register_projections
 from tests.helpers.projections import (
     assert_exact_fold,
     caught_up,

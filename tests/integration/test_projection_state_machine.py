@@ -59,9 +59,9 @@ from aura_pg import (
     NewEvent,
     ProjectorDaemon,
     ProjectorSettings,
-    projection_admin,
 )
-from aura_pg.catalog import ProjectionSpec
+from aura_pg.projection.catalog import ProjectionSpec
+from aura_pg.projection.rebuild import rebuild
 from tests.helpers.cloned_databases import ClonedDatabases
 from tests.helpers.projections import fixture_catalog
 from tests.helpers.threads import run_together
@@ -374,7 +374,7 @@ class ProjectionMachine(RuleBasedStateMachine):
         cancels every one of its tasks wherever they are, as if the process
         had died (the batch rolls back, its connection closes)."""
         # Past its start-up, which is not what this is about: a task
-        # cancelled inside aura_pg.projector.connect() leaks the connection
+        # cancelled inside aura_pg.projection.connection.connect() leaks the connection
         # being configured (a ResourceWarning, an error under pytest here).
         self._wait_until_owning()
         assert self.daemon is not None
@@ -566,9 +566,7 @@ class ProjectionMachine(RuleBasedStateMachine):
         self.rebuilds += 1
         before = len(self.model.log)
         future = self._on_loop(
-            projection_admin.rebuild(
-                self.dsn, self.spec, ProjectorSettings(wake="poll", poll_interval=0.05)
-            )
+            rebuild(self.dsn, self.spec, ProjectorSettings(wake="poll", poll_interval=0.05))
         )
         for stream, types in meanwhile:
             self._append(stream, self._events(types), ANY)

@@ -12,9 +12,14 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from aura_pg import EventStore, NewEvent, projection_admin
+from aura_pg import EventStore, NewEvent
 from aura_pg.errors import CatalogError, ProjectionError, UnknownProjection
-from aura_pg.projector import ProjectorDaemon, ProjectorSettings, connect, register_projections
+from aura_pg.projection import admin
+from aura_pg.projection.connection import connect
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.rebuild import RebuildProgress, RebuildResult, abort_rebuild, rebuild
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.settings import ProjectorSettings
 from tests.helpers.projections import (
     RunningDaemon,
     applied_positions,
@@ -82,7 +87,7 @@ async def test_a_stale_checkpoint_applies_nothing(dsn: str, store: EventStore) -
         assert unknown.value.sqlstate == "AU005"
     assert_exact_fold(dsn, "tally_set")
     with pytest.raises(UnknownProjection):
-        projection_admin.pause(dsn, "nope")
+        admin.pause(dsn, "nope")
 
 
 async def test_an_event_committed_late_is_not_skipped(dsn: str, store: EventStore) -> None:
@@ -121,23 +126,23 @@ async def test_poison_event_is_isolated_retried_and_dead_lettered(
         assert status["status"] == "running"
         # Recovered: the error is the dead letter's, no longer the status's.
         assert status["last_error"] is None
-        (letter,) = projection_admin.dead_letters(dsn, name)
+        (letter,) = admin.dead_letters(dsn, name)
         assert "poison event" in letter["error"]
-    letters = projection_admin.dead_letters(dsn, "tally_set")
+    letters = admin.dead_letters(dsn, "tally_set")
     assert [(d["event_id"], d["attempts"]) for d in letters] == [(poison.event_id, 3)]
     # tally_filtered also sees A events and has its own dead letter.
-    assert len(projection_admin.dead_letters(dsn, "tally_filtered")) == 1
+    assert len(admin.dead_letters(dsn, "tally_filtered")) == 1
 
     # The operator fixes the cause, then retries one and skips another.
     query(dsn, "INSERT INTO tally_set.cures VALUES (%s)", (poison.event_id,))
-    assert projection_admin.retry_dead_letter(dsn, letters[0]["id"]) == "retried"
+    assert admin.retry_dead_letter(dsn, letters[0]["id"]) == "retried"
     assert_exact_fold(dsn, "tally_set")
     assert status_of(dsn, "tally_set")["dead_letters"] == 0
-    each_letter = projection_admin.dead_letters(dsn, "tally_each")[0]
+    each_letter = admin.dead_letters(dsn, "tally_each")[0]
     with pytest.raises(psycopg.Error, match="poison event"):
-        projection_admin.retry_dead_letter(dsn, each_letter["id"])  # not cured there
-    assert projection_admin.skip_dead_letter(dsn, each_letter["id"], "known bad") == "skipped"
-    assert projection_admin.dead_letters(dsn, "tally_each") == []
+        admin.retry_dead_letter(dsn, each_letter["id"])  # not cured there
+    assert admin.skip_dead_letter(dsn, each_letter["id"], "known bad") == "skipped"
+    assert admin.dead_letters(dsn, "tally_each") == []
 
 
 async def test_a_poison_event_is_found_in_a_few_slices_not_event_by_event(
@@ -172,7 +177,7 @@ async def test_circuit_breaker_opens_pauses_and_recovers(dsn: str, store: EventS
         # The other projection never noticed.
         await wait_for(lambda: caught_up(dsn, "tally_set"))
         assert applied_positions(dsn, "tally_strict") == []
-        assert projection_admin.dead_letters(dsn, "tally_strict") == []  # no DLQ for it
+        assert admin.dead_letters(dsn, "tally_strict") == []  # no DLQ for it
         query(dsn, "DELETE FROM tally_strict.switches")
         # After the recovery timeout one event is tried (half-open), then all.
         await wait_for(lambda: caught_up(dsn, "tally_strict"), what="recovery")
@@ -189,15 +194,15 @@ async def test_pause_resume_and_reset(dsn: str, store: EventStore) -> None:
     append_spread(store, 10)
     async with running_daemon(dsn, ["tally_set"], poll_interval=0.1):
         await wait_for(lambda: caught_up(dsn, "tally_set"))
-        assert projection_admin.pause(dsn, "tally_set") == "paused"
+        assert admin.pause(dsn, "tally_set") == "paused"
         append_spread(store, 10, prefix="paused")
         await asyncio.sleep(0.5)
         assert len(applied_positions(dsn, "tally_set")) == 10
         assert status_of(dsn, "tally_set")["status"] == "paused"
-        assert projection_admin.resume(dsn, "tally_set") == "running"
+        assert admin.resume(dsn, "tally_set") == "running"
         await wait_for(lambda: caught_up(dsn, "tally_set"))
         assert_exact_fold(dsn, "tally_set")
-        assert projection_admin.reset(dsn, "tally_set") == "reset"
+        assert admin.reset(dsn, "tally_set") == "reset"
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert_exact_fold(dsn, "tally_set")
     assert status_of(dsn, "tally_set")["events_applied"] == 20
@@ -208,7 +213,7 @@ async def test_replay_stream_repairs_one_aggregate(dsn: str, store: EventStore) 
     async with running_daemon(dsn, ["tally_set"]):
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     query(dsn, "DELETE FROM tally_set.streams WHERE stream_id = 's-1'")
-    assert projection_admin.replay_stream(dsn, "tally_set", "s-1") == 4
+    assert admin.replay_stream(dsn, "tally_set", "s-1") == 4
     assert_exact_fold(dsn, "tally_set")
 
 
@@ -243,8 +248,8 @@ async def test_rebuild_swaps_in_atomically_while_the_live_model_serves(
         for thread in threads:
             thread.start()
         try:
-            progress: list[projection_admin.RebuildProgress] = []
-            result = await projection_admin.rebuild(
+            progress: list[RebuildProgress] = []
+            result = await rebuild(
                 dsn,
                 fixture_catalog().get("tally_set"),
                 progress=progress.append,
@@ -261,7 +266,7 @@ async def test_rebuild_swaps_in_atomically_while_the_live_model_serves(
     schemas = {row[0] for row in query(dsn, "SELECT nspname FROM pg_namespace")}
     assert {"tally_set", "tally_set__previous"} <= schemas
     assert "tally_set__rebuild" not in schemas
-    assert [s["name"] for s in projection_admin.status(dsn)] == ["tally_set"]
+    assert [s["name"] for s in admin.status(dsn)] == ["tally_set"]
 
 
 async def test_changed_definition_waits_for_a_rebuild(dsn: str, store: EventStore) -> None:
@@ -278,7 +283,7 @@ async def test_changed_definition_waits_for_a_rebuild(dsn: str, store: EventStor
     assert not query(
         dsn, "SELECT 1 FROM pg_tables WHERE schemaname = 'tally_set' AND tablename = 'extra'"
     )
-    result = await projection_admin.rebuild(dsn, changed)
+    result = await rebuild(dsn, changed)
     assert result is not None
     assert query(
         dsn, "SELECT 1 FROM pg_tables WHERE schemaname = 'tally_set' AND tablename = 'extra'"
@@ -339,7 +344,7 @@ async def test_the_watcher_wakes_runners_when_an_older_append_commits_late(
             await asyncio.sleep(0.5)
             # The younger append is committed but not readable yet.
             assert query(dsn, "SELECT count(*) FROM tally_set.applied_events") == [(0,)]
-            assert daemon.runners["tally_set"].position == 0
+            assert daemon.runners["tally_set"].checkpoint.global_position == 0
             slow.commit()
         await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=3.0)
         watcher = daemon.watcher
@@ -450,7 +455,7 @@ async def test_handlers_publish_to_the_outbox_in_the_batch_transaction(
         outbox = query(dsn, "SELECT message_id, payload FROM aura.outbox ORDER BY id")
         assert outbox == [(e.event_id, {"n": n}) for n, e in enumerate(emitting)]
         assert poison.events[0].event_id not in {row[0] for row in outbox}
-        projection_admin.reset(dsn, "tally_set")
+        admin.reset(dsn, "tally_set")
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert query(dsn, "SELECT count(*) FROM aura.outbox") == [(5,)]
 
@@ -485,7 +490,7 @@ async def test_statement_timeouts_and_limit_errors_are_handler_failures(
     async with running_daemon(dsn, ["tally_set"], statement_timeout_ms=500) as daemon:
         await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=30)
         assert daemon.runners["tally_set"].reconnects == 0
-    letters = {d["event_id"]: d for d in projection_admin.dead_letters(dsn, "tally_set")}
+    letters = {d["event_id"]: d for d in admin.dead_letters(dsn, "tally_set")}
     assert set(letters) == {slow.event_id, huge.event_id}
     errors = query(dsn, "SELECT event_id, error_sqlstate FROM aura.dead_letters")
     assert dict(errors) == {slow.event_id: "57014", huge.event_id: "54000"}
@@ -506,7 +511,7 @@ async def test_a_batch_size_changed_while_running_dead_letters_only_the_poison(
             "batch-1", [NewEvent("A", {"poison": True} if n == 3 else {}) for n in range(6)]
         ).events
         await wait_for(lambda: caught_up(dsn, "tally_set"))
-    letters = projection_admin.dead_letters(dsn, "tally_set")
+    letters = admin.dead_letters(dsn, "tally_set")
     assert [d["event_id"] for d in letters] == [events[3].event_id]
     assert_exact_fold(dsn, "tally_set", exclude=[events[3].global_position])
 
@@ -517,8 +522,8 @@ async def test_replay_after_a_reset_ignores_the_old_models_dead_letters(
     poison = store.append("r-1", [NewEvent("A", {"poison": True}), NewEvent("A", {})])
     async with running_daemon(dsn, ["tally_set"]):
         await wait_for(lambda: caught_up(dsn, "tally_set"))
-        (letter,) = projection_admin.dead_letters(dsn, "tally_set")
-        projection_admin.skip_dead_letter(dsn, letter["id"])
+        (letter,) = admin.dead_letters(dsn, "tally_set")
+        admin.skip_dead_letter(dsn, letter["id"])
         # The cause is fixed for good, then the model is replayed.
         query(dsn, "CREATE TABLE public.keep_cures (event_id uuid)")
         query(
@@ -526,12 +531,12 @@ async def test_replay_after_a_reset_ignores_the_old_models_dead_letters(
             "CREATE OR REPLACE FUNCTION tally_set.check_event(e aura.events) RETURNS void "
             "LANGUAGE sql AS 'SELECT NULL::void'",
         )
-        projection_admin.reset(dsn, "tally_set")
+        admin.reset(dsn, "tally_set")
         # reset re-ran the definition: cure the event in the new schema.
         query(dsn, "INSERT INTO tally_set.cures VALUES (%s)", (poison.events[0].event_id,))
         await wait_for(lambda: caught_up(dsn, "tally_set"))
     assert_exact_fold(dsn, "tally_set")
-    assert projection_admin.replay_stream(dsn, "tally_set", "r-1") == 2
+    assert admin.replay_stream(dsn, "tally_set", "r-1") == 2
     assert_exact_fold(dsn, "tally_set")
 
 
@@ -545,7 +550,7 @@ async def test_rebuild_never_takes_over_or_drops_a_foreign_schema(
     query(dsn, "CREATE SCHEMA reporting; CREATE TABLE reporting.invoices (id int)")
     moved = spec.model_copy(update={"schema_name": "reporting"})
     with pytest.raises(ProjectionError, match="reporting, which exists already"):
-        await projection_admin.rebuild(dsn, moved)
+        await rebuild(dsn, moved)
     assert query(dsn, "SELECT count(*) FROM reporting.invoices") == [(0,)]
     with pytest.raises(psycopg.Error, match="not an aura-pg read model"):
         query(dsn, "SELECT aura.drop_read_model_schema('reporting')")
@@ -554,7 +559,7 @@ async def test_rebuild_never_takes_over_or_drops_a_foreign_schema(
     with pytest.raises(
         ProjectionError, match=r"dependents outside it \(rule _RETURN on view dashboard\)"
     ):
-        projection_admin.reset(dsn, "tally_set")
+        admin.reset(dsn, "tally_set")
     assert query(dsn, "SELECT count(*) > 0 FROM pg_views WHERE viewname = 'dashboard'") == [(True,)]
 
 
@@ -569,7 +574,7 @@ async def test_a_resumed_rebuild_uses_the_newest_definition(dsn: str, store: Eve
         await register_projections(conn, [v2])
         await conn.execute("SELECT aura.begin_rebuild('tally_set')")  # started, then interrupted
     v3 = spec.model_copy(update={"definition_sql": spec.definition_sql + "\nCREATE TABLE v3 ();"})
-    assert await projection_admin.rebuild(dsn, v3) is not None
+    assert await rebuild(dsn, v3) is not None
     tables = {
         row[0]
         for row in query(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'tally_set'")
@@ -588,13 +593,13 @@ async def test_two_rebuilds_at_once_swap_once_and_the_other_stops(
         await register_projections(conn, [spec])
     outcomes = await asyncio.wait_for(
         asyncio.gather(
-            projection_admin.rebuild(dsn, spec),
-            projection_admin.rebuild(dsn, spec),
+            rebuild(dsn, spec),
+            rebuild(dsn, spec),
             return_exceptions=True,
         ),
         60,
     )
-    results = [o for o in outcomes if isinstance(o, projection_admin.RebuildResult)]
+    results = [o for o in outcomes if isinstance(o, RebuildResult)]
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(results) == 1, outcomes
     assert len(errors) == 1 and isinstance(errors[0], ProjectionError), outcomes
@@ -701,7 +706,7 @@ async def test_lock_conflicts_are_retried_without_dead_lettering(
             )
             blocker.rollback()
             await wait_for(lambda: caught_up(dsn, "tally_set"), timeout=30)
-    assert projection_admin.dead_letters(dsn, "tally_set") == []
+    assert admin.dead_letters(dsn, "tally_set") == []
     assert_exact_fold(dsn, "tally_set")
 
 
@@ -739,30 +744,30 @@ async def test_hypertable_read_models_reset_rebuild_twice_and_abort(
     # The daemon above ran the catalog's definition name with the hypertable one
     # registered: the row's definition is what runs.
     assert query(dsn, "SELECT count(*) FROM tally_set.activity") == [(20,)]
-    assert projection_admin.reset(dsn, "tally_set") == "reset"
+    assert admin.reset(dsn, "tally_set") == "reset"
     for _ in range(2):
-        assert await projection_admin.rebuild(dsn, hyper) is not None
+        assert await rebuild(dsn, hyper) is not None
     assert query(dsn, "SELECT count(*) FROM tally_set.activity") == [(20,)]
     assert_exact_fold(dsn, "tally_set")
     query(dsn, "SELECT aura.begin_rebuild('tally_set')")
-    assert projection_admin.abort_rebuild(dsn, "tally_set") == "aborted"
+    assert abort_rebuild(dsn, "tally_set") == "aborted"
 
 
 async def test_refused_swaps_and_outside_dependents(dsn: str, store: EventStore) -> None:
     append_spread(store, 5)
     spec = fixture_catalog().get("tally_set")
-    assert await projection_admin.rebuild(dsn, spec) is not None
+    assert await rebuild(dsn, spec) is not None
     # A view outside on the kept previous model: the next swap is refused,
     # and the rebuild command stops instead of retrying for ever.
     query(dsn, "CREATE VIEW public.watch_previous AS SELECT * FROM tally_set__previous.streams")
     with pytest.raises(ProjectionError, match="view watch_previous"):
-        await asyncio.wait_for(projection_admin.rebuild(dsn, spec), 30)
+        await asyncio.wait_for(rebuild(dsn, spec), 30)
     query(dsn, "DROP VIEW public.watch_previous")
-    projection_admin.abort_rebuild(dsn, "tally_set")
+    abort_rebuild(dsn, "tally_set")
     # A column of an outside table typed with the model's row type.
     query(dsn, "CREATE TABLE public.keeper (s tally_set.streams)")
     with pytest.raises(ProjectionError, match="keeper"):
-        projection_admin.reset(dsn, "tally_set")
+        admin.reset(dsn, "tally_set")
     assert query(
         dsn, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'keeper'"
     ) == [(1,)]
@@ -849,6 +854,7 @@ def test_a_batch_read_before_a_swap_is_refused_even_at_an_equal_checkpoint(
 
 
 def _register_sql(spec: Any) -> tuple[str, dict[str, Any]]:
-    from aura_pg.projector import _queries, _spec_params
+    from aura_pg.projection.connection import queries
+    from aura_pg.projection.registration import spec_params
 
-    return _queries()["register"], _spec_params(spec)
+    return queries()["register"], spec_params(spec)

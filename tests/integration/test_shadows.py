@@ -1,4 +1,4 @@
-"""Shadow projections (migration 0007, aura_pg.shadows): a new version runs
+"""Shadow projections (migration 0007, aura_pg.projection.shadows): a new version runs
 beside the live one, is compared with it at one checkpoint and swapped in
 atomically; a second swap rolls back."""
 
@@ -12,11 +12,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from aura_pg import EventStore, NewEvent, shadows
-from aura_pg.catalog import ProjectionSpec, load_catalog
+from aura_pg import EventStore, NewEvent
 from aura_pg.errors import UnknownProjection
 from aura_pg.observability import metrics
-from aura_pg.projector import register_projections
+from aura_pg.projection import shadows
+from aura_pg.projection.catalog import ProjectionSpec, load_catalog
+from aura_pg.projection.registration import register_projections
 from tests.helpers.projections import (
     assert_exact_fold,
     caught_up,

@@ -25,8 +25,9 @@ from aura_pg import (
     StreamOrderConflict,
     doctor,
     load_catalog,
-    projection_admin,
 )
+from aura_pg.projection import admin
+from aura_pg.projection.rebuild import rebuild
 from tests.helpers.projections import caught_up, query, running_daemon, wait_for
 from tests.helpers.threads import run_together
 
@@ -217,11 +218,11 @@ async def test_projections_replays_and_rebuilds_fold_hot_streams_in_version_orde
     # A replay applies each stream in version order: it must change nothing.
     for name in names:
         for stream in HOT_STREAMS:
-            projection_admin.replay_stream(dsn, name, stream)
+            admin.replay_stream(dsn, name, stream)
         assert _folded(dsn, name) == expected
 
     # A rebuild reads the log as the daemon did: the same model again.
-    result = await projection_admin.rebuild(dsn, catalog.select(["order_set"])[0])
+    result = await rebuild(dsn, catalog.select(["order_set"])[0])
     assert result is not None
     assert _folded(dsn, "order_set") == expected
 

@@ -44,7 +44,7 @@ from aura_pg import (
 )
 from aura_pg.cli import build_parser, main
 from aura_pg.errors import AuraPgError
-from aura_pg.projector import register_projections
+from aura_pg.projection.registration import register_projections
 from aura_pg.store import operations as ops
 from aura_pg.store import validation
 from tests.helpers.projections import fixture_catalog

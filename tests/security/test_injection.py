@@ -30,9 +30,7 @@ from aura_pg import (
     EventStore,
     EventValidationError,
     NewEvent,
-    projection_admin,
 )
-from aura_pg.catalog import load_catalog
 from aura_pg.cli import build_parser, main
 from aura_pg.errors import (
     AuraPgError,
@@ -40,7 +38,11 @@ from aura_pg.errors import (
     ProjectionError,
     UnknownProjection,
 )
-from aura_pg.projector import register_projections, translate_projection_error
+from aura_pg.projection import admin
+from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.connection import translate_projection_error
+from aura_pg.projection.rebuild import abort_rebuild
+from aura_pg.projection.registration import register_projections
 from aura_pg.store import operations as ops
 from tests.helpers.projections import FIXTURE_CATALOG, fixture_catalog
 from tests.security._support import (
@@ -279,19 +281,19 @@ def test_projection_admin_takes_hostile_names_as_values(dsn: str, canary: Snapsh
     events = event_rows(dsn)
     for name in (*HOSTILE, "tally_set__rebuild", "tally_set'", "TALLY_SET", "tally_set "):
         for operation in (
-            projection_admin.pause,
-            projection_admin.resume,
-            projection_admin.reset,
-            projection_admin.abort_rebuild,
+            admin.pause,
+            admin.resume,
+            admin.reset,
+            abort_rebuild,
         ):
             with pytest.raises(UnknownProjection):
                 operation(dsn, name)
         with pytest.raises(UnknownProjection):
-            projection_admin.replay_stream(dsn, name, "s")
-        assert projection_admin.dead_letters(dsn, name) == []
+            admin.replay_stream(dsn, name, "s")
+        assert admin.dead_letters(dsn, name) == []
         # A real projection and a hostile stream: the forget handler and the
         # replay take the stream id as a value.
-        assert projection_admin.replay_stream(dsn, "tally_set", name) == 0
+        assert admin.replay_stream(dsn, "tally_set", name) == 0
     assert _checkpoint_rows(dsn) == checkpoints
     assert event_rows(dsn) == events
     assert snapshot(dsn) == structure
@@ -377,22 +379,20 @@ def test_dead_letter_notes_are_stored_verbatim(dsn: str, canary: Snapshot) -> No
     _register_fixture_projections(dsn)
     for note in HOSTILE:
         letter = _dead_letter(dsn, note)
-        (listed,) = [
-            d for d in projection_admin.dead_letters(dsn, "tally_set") if d["id"] == letter
-        ]
+        (listed,) = [d for d in admin.dead_letters(dsn, "tally_set") if d["id"] == letter]
         assert listed["stream_id"] == note and listed["error"] == f"error about {note}"
-        assert projection_admin.skip_dead_letter(dsn, letter, note) == "skipped"
+        assert admin.skip_dead_letter(dsn, letter, note) == "skipped"
         with psycopg.connect(dsn, autocommit=True) as conn:
             stored = conn.execute(
                 "SELECT status, resolution_note FROM aura.dead_letters WHERE id = %s", (letter,)
             ).fetchone()
         assert stored == ("skipped", note)
         with pytest.raises(ProjectionError):
-            projection_admin.skip_dead_letter(dsn, letter, note)
+            admin.skip_dead_letter(dsn, letter, note)
     with pytest.raises(UnknownProjection):
-        projection_admin.skip_dead_letter(dsn, 10**12, "x'; DROP TABLE public.canary; --")
+        admin.skip_dead_letter(dsn, 10**12, "x'; DROP TABLE public.canary; --")
     with pytest.raises(UnknownProjection):
-        projection_admin.retry_dead_letter(dsn, -1)
+        admin.retry_dead_letter(dsn, -1)
     assert snapshot(dsn).canary == canary.canary
 
 
@@ -609,9 +609,9 @@ def test_idempotency_keys_are_scoped_to_their_stream_even_with_colons(
 @pytest.mark.parametrize("name", ["tally\x00", "tally\udcff"], ids=["nul", "surrogate"])
 def test_projection_admin_refuses_unencodable_names_with_a_typed_error(dsn: str, name: str) -> None:
     for operation in (
-        lambda: projection_admin.pause(dsn, name),
-        lambda: projection_admin.dead_letters(dsn, name),
-        lambda: projection_admin.skip_dead_letter(dsn, 1, name),
+        lambda: admin.pause(dsn, name),
+        lambda: admin.dead_letters(dsn, name),
+        lambda: admin.skip_dead_letter(dsn, 1, name),
     ):
         with pytest.raises(AuraPgError):
             operation()

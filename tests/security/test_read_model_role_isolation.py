@@ -18,7 +18,8 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 from pytest_postgresql.executors import NoopExecutor
 
-from aura_pg import EventStore, NewEvent, migrate, shadows
+from aura_pg import EventStore, NewEvent, migrate
+from aura_pg.projection import shadows
 from tests.helpers.projections import (
     assert_exact_fold,
     caught_up,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aura_pg.catalog import default_catalog_path, load_catalog
 from aura_pg.errors import CatalogError
+from aura_pg.projection.catalog import default_catalog_path, load_catalog
 
 HANDLER_SQL = (
     "CREATE FUNCTION apply_events(batch aura.events[]) RETURNS void LANGUAGE sql AS $$ $$;\n"

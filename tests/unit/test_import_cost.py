@@ -16,8 +16,8 @@ import aura_pg
 # Loaded by the projector, the catalog, the migrations, the CLI's tracing
 # setup and the metrics endpoint; an importer of the store needs none.
 NOT_FOR_THE_STORE = (
-    "aura_pg.projector",
-    "aura_pg.catalog",
+    "aura_pg.projection",
+    "aura_pg.projection.catalog",
     "aura_pg.observability.metrics",
     "yaml",
     "alembic",

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from aura_pg.cli import _settings, build_parser
-from aura_pg.projector import WAKE_SOURCES, ProjectorSettings
+from aura_pg.projection.settings import WAKE_SOURCES, ProjectorSettings
 
 
 def test_the_defaults_watch_the_log_every_10_ms_and_poll_every_second() -> None:

@@ -7,7 +7,7 @@ Each function is a thin call of the SQL function of the same name
 (sql/functions/shadows.sql), so psql users and the CLI do the same thing:
 ``aura.begin_shadow``, ``aura.diff_shadow``, ``aura.promote_shadow``,
 ``aura.drop_shadow``. Daemons run the shadows of their projections
-(:class:`aura_pg.projector.ProjectorDaemon`); ``aura-pg projections shadow``
+(:class:`aura_pg.projection.daemon.ProjectorDaemon`); ``aura-pg projections shadow``
 runs one until stopped.
 """
 
@@ -22,10 +22,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from aura_pg._resources import named_queries
-from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import ProjectionError
-from aura_pg.projection_admin import call_function
-from aura_pg.projector import shadow_params, translate_projection_error
+from aura_pg.projection.admin import call_function
+from aura_pg.projection.catalog import ProjectionSpec
+from aura_pg.projection.connection import translate_projection_error
 
 log = logging.getLogger("aura_pg.shadows")
 
@@ -39,6 +39,19 @@ def shadow_name(name: str) -> str:
 
 def _queries() -> dict[str, Any]:
     return named_queries("queries/shadows.sql")
+
+
+def shadow_params(live: str, spec: ProjectionSpec) -> dict[str, Any]:
+    """The parameters of aura.begin_shadow for ``spec`` as ``live``'s next
+    version (queries/shadows.sql "begin_shadow")."""
+    return {
+        "name": live,
+        "definition_sql": spec.definition_sql,
+        "handler": spec.handler,
+        "handler_kind": spec.handler_kind,
+        "event_types": list(spec.source_events) if spec.source_events is not None else None,
+        "forget_handler": spec.forget_handler,
+    }
 
 
 def begin(dsn: str, live: str, spec: ProjectionSpec) -> str:

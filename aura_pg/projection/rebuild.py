@@ -1,6 +1,5 @@
-"""Operating projections: status, pause, resume, reset, replay, dead
-letters, and the blue/green rebuild. Each is a thin call of the SQL
-function of the same name, so psql users and the CLI do the same thing."""
+"""The blue/green rebuild: build ``NAME__rebuild`` from the first event
+while the live model keeps serving, then swap it in atomically."""
 
 from __future__ import annotations
 
@@ -13,94 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
-from aura_pg._resources import named_queries
-from aura_pg.catalog import ProjectionSpec
 from aura_pg.errors import ProjectionError, StaleCheckpoint, UnknownProjection
-from aura_pg.projector import (
-    ProjectionReplaced,
-    ProjectionRunner,
-    ProjectorSettings,
-    connect,
-    register_projections,
-    translate_projection_error,
-)
-from aura_pg.store.validation import encodable
+from aura_pg.projection.admin import call_function
+from aura_pg.projection.catalog import ProjectionSpec
+from aura_pg.projection.connection import connect, queries, translate_projection_error
+from aura_pg.projection.registration import register_projections
+from aura_pg.projection.runner import ProjectionReplaced, ProjectionRunner
+from aura_pg.projection.settings import ProjectorSettings
 
 log = logging.getLogger("aura_pg.rebuild")
-
-
-def _queries() -> dict[str, Any]:
-    return named_queries("queries/projector.sql")
-
-
-def _checked(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` if every text in it can reach the server: Postgres text
-    holds no NUL, and a lone surrogate (undecodable bytes in argv) is not
-    UTF-8. Refused with a typed error before anything is sent."""
-    for key, value in params.items():
-        if isinstance(value, str) and ("\x00" in value or not encodable(value)):
-            raise ProjectionError(
-                f"invalid {key} {value!r}: it must be UTF-8 text without NUL characters"
-            )
-    return params
-
-
-def call_function(dsn: str, query: str, params: dict[str, Any]) -> Any:
-    """One operator function's value (first column of the first row), its
-    text arguments checked first and its refusals typed."""
-    _checked(params)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute(query, params).fetchone()
-    except psycopg.Error as exc:
-        raise translate_projection_error(exc) or exc from None
-    return row[0] if row else None
-
-
-def status(dsn: str) -> list[dict[str, Any]]:
-    """The rows of ``aura.projection_status``."""
-    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        return conn.execute(_queries()["status"]).fetchall()
-
-
-def pause(dsn: str, name: str) -> str:
-    return str(call_function(dsn, _queries()["pause"], {"name": name}))
-
-
-def resume(dsn: str, name: str) -> str:
-    return str(call_function(dsn, _queries()["resume"], {"name": name}))
-
-
-def reset(dsn: str, name: str) -> str:
-    return str(call_function(dsn, _queries()["reset"], {"name": name}))
-
-
-def replay_stream(dsn: str, name: str, stream_id: str, from_version: int = 1) -> int:
-    return int(
-        call_function(
-            dsn,
-            _queries()["replay_stream"],
-            {"name": name, "stream_id": stream_id, "from_version": from_version},
-        )
-    )
-
-
-def dead_letters(dsn: str, projection: str | None = None) -> list[dict[str, Any]]:
-    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        return conn.execute(
-            _queries()["dead_letters"], _checked({"projection": projection})
-        ).fetchall()
-
-
-def retry_dead_letter(dsn: str, dead_letter_id: int) -> str:
-    return str(call_function(dsn, _queries()["retry_dead_letter"], {"id": dead_letter_id}))
-
-
-def skip_dead_letter(dsn: str, dead_letter_id: int, note: str | None = None) -> str:
-    params = {"id": dead_letter_id, "note": note}
-    return str(call_function(dsn, _queries()["skip_dead_letter"], params))
 
 
 @dataclass(frozen=True)
@@ -149,11 +70,11 @@ async def rebuild(
         try:
             # One transaction: the generation read is the rebuild begun.
             async with conn.transaction():
-                cur = await conn.execute(_queries()["begin_rebuild"], {"name": spec.name})
+                cur = await conn.execute(queries()["begin_rebuild"], {"name": spec.name})
                 row = await cur.fetchone()
                 assert row is not None
                 shadow = str(row[0])
-                cur = await conn.execute(_queries()["generation"], {"name": shadow})
+                cur = await conn.execute(queries()["generation"], {"name": shadow})
                 generation_row = await cur.fetchone()
         except psycopg.Error as exc:
             raise translate_projection_error(exc) or exc from None
@@ -167,7 +88,7 @@ async def rebuild(
         nonlocal applied_in_swap
         try:
             cur = await runner_conn.execute(
-                _queries()["finish_rebuild"],
+                queries()["finish_rebuild"],
                 {"name": spec.name, "owner": settings.owner, "generation": generation},
             )
             swap_row = await cur.fetchone()
@@ -206,7 +127,7 @@ async def rebuild(
             while not runner_stop.is_set():
                 await asyncio.sleep(progress_interval)
                 with contextlib.suppress(psycopg.Error):
-                    cur = await watch_conn.execute(_queries()["events_behind"], {"name": shadow})
+                    cur = await watch_conn.execute(queries()["events_behind"], {"name": shadow})
                     behind = await cur.fetchone()
                     if behind is None:
                         continue
@@ -254,4 +175,4 @@ async def rebuild(
 
 
 def abort_rebuild(dsn: str, name: str) -> str:
-    return str(call_function(dsn, _queries()["abort_rebuild"], {"name": name}))
+    return str(call_function(dsn, queries()["abort_rebuild"], {"name": name}))
