@@ -31,7 +31,7 @@ from aura_pg.catalog import load_catalog
 from aura_pg.config import Connection, Settings, add_connection_options, mask_dsn, mask_text
 from aura_pg.doctor import add_doctor_command
 from aura_pg.errors import AuraPgError, MigrationError
-from aura_pg.importer import add_import_command
+from aura_pg.importer.nats import add_import_command
 from aura_pg.localdb import LocalCluster, temporary_cluster
 from aura_pg.models import NO_STREAM, START, Checkpoint, NewEvent
 from aura_pg.observability.command import (
@@ -40,6 +40,7 @@ from aura_pg.observability.command import (
     observed_daemon,
 )
 from aura_pg.observability.tracing import configure_tracing
+from aura_pg.outbox.relay import add_relay_command
 from aura_pg.projector import (
     WAKE_SOURCES,
     ProjectorDaemon,
@@ -48,7 +49,6 @@ from aura_pg.projector import (
     default_owner,
     register_projections,
 )
-from aura_pg.relay import add_relay_command
 from aura_pg.store import EventStore
 
 DEFAULT_DATA_DIR = Path(".aura-pg/cluster/data")
