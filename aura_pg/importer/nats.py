@@ -99,6 +99,11 @@ IMPORTED = Counter(
 _NATS_NAME = re.compile(r"[^\s.*>/\\]{1,255}")
 
 
+def is_jetstream_name(name: str) -> bool:
+    """Whether ``name`` can name a JetStream stream or consumer."""
+    return _NATS_NAME.fullmatch(name) is not None
+
+
 @dataclass(slots=True)
 class ImportStats:
     """What a run did. ``duplicates``: messages already in the store (the
@@ -149,7 +154,7 @@ class NatsImporter:
         if not servers:
             raise ValueError("NatsImporter needs at least one NATS server URL")
         for name, value in (("stream", stream), ("consumer", consumer or default_consumer(stream))):
-            if not _NATS_NAME.fullmatch(value):
+            if not is_jetstream_name(value):
                 raise ValueError(f"invalid JetStream {name} name {value!r}")
         if not (ack_wait > 0 and fetch_timeout > 0 and lag_interval > 0):
             raise ValueError("ack_wait, fetch_timeout and lag_interval must be positive")
