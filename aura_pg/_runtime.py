@@ -4,8 +4,8 @@
 predicates built on them), an interruptible wait (:func:`wait`), and a
 daemon run until SIGTERM or SIGINT (:func:`serve_until_signal`).
 
-Only the standard library, psycopg and psycopg_pool: the store imports
-this module, and ``from aura_pg import EventStore`` stays light.
+It imports only the standard library, psycopg and psycopg_pool, so the
+store's retry can use it while ``from aura_pg import EventStore`` stays light.
 """
 
 from __future__ import annotations
