@@ -79,7 +79,13 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         # Full jitter: racing writers that conflicted together spread over
         # the whole interval. The first conflict waits up to 2 * base_delay.
-        backoff = Backoff(self.base_delay, self.max_delay, jitter=1.0)
+        try:
+            backoff = Backoff(self.base_delay, self.max_delay, jitter=1.0)
+        except ValueError:
+            raise ValueError(
+                "RetryPolicy needs 0 < base_delay <= max_delay, "
+                f"not {self.base_delay!r} and {self.max_delay!r}"
+            ) from None
         object.__setattr__(self, "_conflict_backoff", backoff)
         retry = self.append_retry
         if retry is not None and not isinstance(retry, AppendRetry):

@@ -29,6 +29,7 @@ from aura_pg._runtime import (
     serve_until_signal,
     wait,
 )
+from aura_pg.domain.repository import RetryPolicy
 
 # -- backoff ------------------------------------------------------------------
 
@@ -102,6 +103,17 @@ def test_the_backoffs_it_replaces_draw_the_same_waits() -> None:
     rng.setstate(state)
     full = Backoff(0.001, 0.05, jitter=1.0)
     assert [full.delay(attempt + 1, rng) for attempt in range(1, 12)] == old
+
+
+def test_the_repository_conflict_wait_is_a_full_jitter_backoff() -> None:
+    policy = RetryPolicy(base_delay=0.001, max_delay=0.05)
+    rng, same = random.Random(11), random.Random(11)
+    assert [policy.delay(n, rng) for n in range(1, 9)] == [
+        Backoff(0.001, 0.05, jitter=1.0).delay(n + 1, same) for n in range(1, 9)
+    ]
+    for options in ({"base_delay": 0.0}, {"base_delay": 0.1, "max_delay": 0.01}):
+        with pytest.raises(ValueError, match="RetryPolicy needs 0 < base_delay <= max_delay"):
+            RetryPolicy(**options)
 
 
 @pytest.mark.parametrize(
