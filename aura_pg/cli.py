@@ -29,7 +29,7 @@ from aura_pg._resources import named_queries
 from aura_pg.config import Connection, Settings, add_connection_options, mask_dsn, mask_text
 from aura_pg.doctor import add_doctor_command
 from aura_pg.errors import AuraPgError, MigrationError
-from aura_pg.importer import add_import_command
+from aura_pg.importer.nats import add_import_command
 from aura_pg.localdb import LocalCluster, temporary_cluster
 from aura_pg.models import NO_STREAM, START, Checkpoint, NewEvent
 from aura_pg.observability.command import (
@@ -38,13 +38,13 @@ from aura_pg.observability.command import (
     observed_daemon,
 )
 from aura_pg.observability.tracing import configure_tracing
+from aura_pg.outbox.relay import add_relay_command
 from aura_pg.projection import admin as projection_admin
 from aura_pg.projection import rebuild as projection_rebuild
 from aura_pg.projection.catalog import load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon
 from aura_pg.projection.registration import register_projections
 from aura_pg.projection.settings import WAKE_SOURCES, ProjectorSettings, WakeSource, default_owner
-from aura_pg.relay import add_relay_command
 from aura_pg.store import EventStore
 from aura_pg.store.validation import encodable
 

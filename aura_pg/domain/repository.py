@@ -5,7 +5,8 @@ the loaded version as the expected version. When another writer got there
 first (``ConcurrencyError``) the repository reads the events it missed and
 runs the command again, so the invariants are always checked against the
 latest state and no update is lost. Attempts are bounded; between them it
-sleeps a small jittered, growing delay so racing writers spread out.
+sleeps a small jittered, growing delay (a ``Backoff`` with full jitter) so
+racing writers spread out.
 
 An append that fails transiently (a lost connection, a restarting server:
 its outcome is unknown) is sent again unchanged by the store
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
+from aura_pg._runtime import Backoff
 from aura_pg.domain.debate import Debate, DebateRules, DebateStatus, Stance
 from aura_pg.domain.decision import Decision, consensus_title, decision_id_for
 from aura_pg.domain.errors import RuleViolation
@@ -72,8 +74,19 @@ class RetryPolicy:
     connections, a pool timeout, a deadlock or serialization failure), each
     resend counted in ``aura_append_retries_total{reason}``; other errors
     are raised at once. None: never resend."""
+    _conflict_backoff: Backoff = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Full jitter: racing writers that conflicted together spread over
+        # the whole interval. The first conflict waits up to 2 * base_delay.
+        try:
+            backoff = Backoff(self.base_delay, self.max_delay, jitter=1.0)
+        except ValueError:
+            raise ValueError(
+                "RetryPolicy needs 0 < base_delay <= max_delay, "
+                f"not {self.base_delay!r} and {self.max_delay!r}"
+            ) from None
+        object.__setattr__(self, "_conflict_backoff", backoff)
         retry = self.append_retry
         if retry is not None and not isinstance(retry, AppendRetry):
             raise TypeError(f"append_retry must be an AppendRetry or None, not {retry!r}")
@@ -93,7 +106,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(max_delay, base_delay * 2**attempt)]."""
-        return rng.uniform(0.0, min(self.max_delay, self.base_delay * 2**attempt))
+        return self._conflict_backoff.delay(attempt + 1, rng)
 
 
 @dataclass(frozen=True, slots=True)

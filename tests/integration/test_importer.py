@@ -535,7 +535,7 @@ def test_upgrading_from_0008_keeps_old_dead_letters_deduplicated(empty_dsn: str)
     from psycopg.types.json import Jsonb
 
     from aura_pg import migrate
-    from aura_pg.importer import _QUERIES
+    from aura_pg.importer.store import _QUERIES
 
     migrate.upgrade(empty_dsn, "0008")
     headers = {"Nats-Msg-Id": "m-1", "Ünï": "cödé"}

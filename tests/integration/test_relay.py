@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from aura_pg import ANY, EventStore, NewEvent
 from aura_pg.localdb import free_port
-from aura_pg.relay import (
+from aura_pg.outbox import (
     Backoff,
     ClosableSink,
     NatsSink,

@@ -22,33 +22,40 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
-import os
-import random
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import psycopg
-import yaml
 from prometheus_client import Counter, Gauge
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import Jsonb
 
 from aura_pg._argtypes import positive_float
-from aura_pg._resources import named_queries
+from aura_pg._runtime import wait
 from aura_pg.config import Settings, add_connection_options
-from aura_pg.errors import AuraPgError, EventValidationError, IdempotencyConflict, MigrationError
-from aura_pg.models import ANY, NewEvent
+from aura_pg.errors import AuraPgError
+from aura_pg.importer.errors import ImportConfigError, SourceUnavailable
+from aura_pg.importer.mapping import (
+    EventModelMapping,
+    FileMapping,
+    MessageMapping,
+    SourceMessage,
+    load_callable,
+)
+from aura_pg.importer.store import (
+    APPLICATION_NAME,
+    SOURCE_NATS,
+    ImportStore,
+    instant_text,
+    prepare,
+)
 from aura_pg.observability import names
 from aura_pg.observability.command import (
     add_observability_options,
@@ -56,8 +63,7 @@ from aura_pg.observability.command import (
     observed_daemon,
 )
 from aura_pg.observability.endpoint import Heartbeat
-from aura_pg.store import AsyncEventStore
-from aura_pg.store.retry import AppendRetry, is_transient
+from aura_pg.store.retry import AppendRetry
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -67,21 +73,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aura_pg.importer")
 
-_QUERIES: Final = named_queries("queries/importer.sql")
-
-SOURCE_NATS: Final = "nats"
-APPLICATION_NAME: Final = "aura-pg import"
 CONSUMER_PREFIX: Final = "aura-import-"
 DEFAULT_ACK_WAIT: Final = 30.0
 DEFAULT_FETCH_TIMEOUT: Final = 1.0
 DEFAULT_LAG_INTERVAL: Final = 10.0
 DEFAULT_NATS_CONNECT_TIMEOUT: Final = 10.0
-DEFAULT_DB_TIMEOUT: Final = 10.0
-# Waits between attempts once AppendRetry gave up on a database outage: the
-# importer holds the message and tries again until the database is back.
-_OUTAGE_BASE_DELAY: Final = 0.5
-_OUTAGE_MAX_DELAY: Final = 30.0
-_MAX_REASON_LENGTH: Final = 2000
 
 # Exported on /metrics (the default registry) with the daemons' other metrics.
 OUTCOMES: Final = ("appended", "duplicate", "rejected")
@@ -103,421 +99,9 @@ IMPORTED = Counter(
 _NATS_NAME = re.compile(r"[^\s.*>/\\]{1,255}")
 
 
-class ImportConfigError(AuraPgError, ValueError):
-    """The import is configured wrongly: a mapping that cannot be loaded, a
-    consumer that exists with other settings, a stream that does not exist."""
-
-
-class SourceUnavailable(AuraPgError):
-    """The source cannot be read: NATS unreachable, the consumer deleted."""
-
-
-class RejectedMessage(AuraPgError, ValueError):
-    """Raised by a mapping for a message it cannot import. The message goes
-    to ``aura.import_dead_letters`` with this text as the reason (any other
-    exception a mapping raises does the same, with its type in the reason)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SourceMessage:
-    """One JetStream message, as a mapping sees it."""
-
-    stream: str
-    subject: str
-    sequence: int
-    """The stream sequence."""
-    data: bytes
-    headers: Mapping[str, str]
-    timestamp: datetime | None = None
-    """When the stream stored the message."""
-    stream_created: datetime | None = None
-    """When the stream was created: tells apart the lives of a stream
-    deleted and created again under its name, whose sequences start over."""
-
-    @property
-    def message_id(self) -> str | None:
-        """The ``Nats-Msg-Id`` header, the publisher's id for deduplication."""
-        return self.headers.get("Nats-Msg-Id") or None
-
-    def json(self) -> Any:
-        """The body parsed as JSON; RejectedMessage when it is not JSON."""
-        try:
-            return json.loads(self.data)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise RejectedMessage(f"the body is not JSON: {exc}") from None
-
-    def json_object(self) -> dict[str, Any]:
-        """The body as a JSON object; RejectedMessage otherwise."""
-        body = self.json()
-        if not isinstance(body, dict):
-            raise RejectedMessage(f"the body must be a JSON object, not {_json_kind(body)}")
-        return body
-
-
-@dataclass(frozen=True, slots=True)
-class ImportedEvent:
-    """What a mapping makes of a message: the event to append.
-
-    ``idempotency_key`` None: the importer uses the ``Nats-Msg-Id`` header,
-    else a key made of the stream sequence (``nats:<stream>:<sequence>``, or
-    ``nats:<stream>@<created>:<sequence>`` for a stream recreated since
-    this database first imported it; docs/import.md). The importer adds its
-    provenance keys (``nats_stream``, ``nats_subject``, ``nats_sequence``,
-    ``nats_msg_id``, ``nats_stream_created``) to ``metadata``.
-    """
-
-    stream_id: str
-    type: str
-    data: Mapping[str, Any]
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    idempotency_key: str | None = None
-
-
-MessageMapping = Callable[[SourceMessage], ImportedEvent]
-"""A mapping: a message in, the event out, or an exception to reject it."""
-
-
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _text_field(body: Mapping[str, Any], name: str, *, required: bool) -> str | None:
-    """A string (or integer, as text) field of the body."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise RejectedMessage(f"field {name!r} is missing")
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise RejectedMessage(f"field {name!r} must be a string, not {_json_kind(value)}")
-    text = str(value)
-    if not text:
-        if required:
-            raise RejectedMessage(f"field {name!r} is empty")
-        return None
-    return text
-
-
-def _object_field(body: Mapping[str, Any], name: str, *, required: bool) -> dict[str, Any]:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise RejectedMessage(f"field {name!r} is missing")
-        return {}
-    if not isinstance(value, dict):
-        raise RejectedMessage(f"field {name!r} must be an object, not {_json_kind(value)}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class EventModelMapping:
-    """The default mapping, for bodies shaped like the hardening plan's Event
-    model: a JSON object with ``id``, ``idempotency_key``, ``type``,
-    ``aggregate_id``, ``version``, ``payload`` and ``metadata``.
-
-    * stream id = ``stream_prefix`` + ``aggregate_id``; type = ``type``;
-      data = ``payload`` (these three are required);
-    * metadata = ``metadata`` (optional) plus ``original_id`` and
-      ``original_version`` when the body has them;
-    * idempotency key = ``idempotency_key``, else ``id``, else (the
-      importer's fallback) ``Nats-Msg-Id``, else ``nats:<stream>:<sequence>``.
-    """
-
-    stream_prefix: str = ""
-
-    def __call__(self, message: SourceMessage) -> ImportedEvent:
-        body = message.json_object()
-        event_type = _text_field(body, "type", required=True)
-        aggregate_id = _text_field(body, "aggregate_id", required=True)
-        assert event_type is not None
-        assert aggregate_id is not None
-        payload = _object_field(body, "payload", required=True)
-        metadata = dict(_object_field(body, "metadata", required=False))
-        original_id = body.get("id")
-        if original_id is not None:
-            metadata["original_id"] = original_id
-        if body.get("version") is not None:
-            metadata["original_version"] = body["version"]
-        key = _text_field(body, "idempotency_key", required=False) or _text_field(
-            body, "id", required=False
-        )
-        return ImportedEvent(
-            stream_id=self.stream_prefix + aggregate_id,
-            type=event_type,
-            data=payload,
-            metadata=metadata,
-            idempotency_key=key,
-        )
-
-
-# -- mapping files --------------------------------------------------------
-
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-_PATH = re.compile(r"[^.:{}\s]+(?:\.[^.:{}\s]+)*")
-_NATS_FIELDS = ("stream", "subject", "sequence", "msg_id")
-
-
-def _body_value(body: Any, path: str) -> Any:
-    """The value at a dotted path of the JSON body; RejectedMessage when missing."""
-    value = body
-    for part in path.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            raise RejectedMessage(f"field {path!r} is missing")
-    return value
-
-
-_Getter = Callable[[SourceMessage, Any], str]
-
-
-def _placeholder(name: str, template: str) -> _Getter:
-    """What ``{name}`` in a template stands for."""
-    if name.startswith("header:"):
-        header = name.removeprefix("header:")
-        if not header:
-            raise ImportConfigError(f"template {template!r}: {{header:}} needs a header name")
-
-        def from_header(message: SourceMessage, _body: Any) -> str:
-            value = message.headers.get(header)
-            if not value:
-                raise RejectedMessage(f"header {header!r} is missing")
-            return value
-
-        return from_header
-    if name.startswith("nats:"):
-        what, _, index = name.removeprefix("nats:").partition(":")
-        if what not in _NATS_FIELDS or (index and (what != "subject" or not index.isdigit())):
-            raise ImportConfigError(
-                f"template {template!r}: unknown placeholder {{{name}}} (known: "
-                "{nats:stream}, {nats:subject}, {nats:subject:N}, {nats:sequence}, "
-                "{nats:msg_id})"
-            )
-
-        def from_message(message: SourceMessage, _body: Any) -> str:
-            if what == "stream":
-                return message.stream
-            if what == "sequence":
-                return str(message.sequence)
-            if what == "msg_id":
-                if message.message_id is None:
-                    raise RejectedMessage("the message has no Nats-Msg-Id header")
-                return message.message_id
-            if not index:
-                return message.subject
-            tokens = message.subject.split(".")
-            if int(index) >= len(tokens):
-                raise RejectedMessage(f"subject {message.subject!r} has no token {index}")
-            return tokens[int(index)]
-
-        return from_message
-    if not _PATH.fullmatch(name):
-        raise ImportConfigError(f"template {template!r}: {{{name}}} is not a field path")
-
-    def from_body(_message: SourceMessage, body: Any) -> str:
-        value = _body_value(body, name)
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise RejectedMessage(f"field {name!r} must be a string, not {_json_kind(value)}")
-        return str(value)
-
-    return from_body
-
-
-@dataclass(frozen=True, slots=True)
-class Template:
-    """A string with placeholders: ``{field.path}`` (a string or integer of
-    the JSON body), ``{header:NAME}``, ``{nats:stream}``, ``{nats:subject}``,
-    ``{nats:subject:N}`` (token N, from 0), ``{nats:sequence}``,
-    ``{nats:msg_id}``; ``{{`` and ``}}`` are braces."""
-
-    text: str
-    parts: tuple[str | _Getter, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> Template:
-        parts: list[str | _Getter] = []
-        end = 0
-        for match in _PLACEHOLDER.finditer(text):
-            parts.append(text[end : match.start()])
-            end = match.end()
-            token = match.group(0)
-            if token in ("{{", "}}"):
-                parts.append(token[0])
-            elif match.group(1) is None:
-                raise ImportConfigError(
-                    f"template {text!r}: unmatched {token!r} (write {token * 2})"
-                )
-            else:
-                name = match.group(1).strip()
-                parts.append(_placeholder(name, text))
-        parts.append(text[end:])
-        return cls(text, tuple(part for part in parts if part != ""))
-
-    def render(self, message: SourceMessage, body: Any) -> str:
-        return "".join(
-            part if isinstance(part, str) else part(message, body) for part in self.parts
-        )
-
-
-_FILE_KEYS: Final = frozenset(
-    {"stream_id", "type", "data", "metadata", "metadata_headers", "idempotency_key"}
-)
-
-
-@dataclass(frozen=True, slots=True)
-class FileMapping:
-    """A mapping described in a YAML file (``--mapping-file``)::
-
-        stream_id: "debate-{aggregate_id}"   # template, required
-        type: "{event_type}"                 # template, required
-        data: payload                        # path of an object in the body; "." = the body
-        metadata: meta                       # path of an object (optional; may be absent)
-        metadata_headers: [Traceparent]      # headers copied into metadata (optional)
-        idempotency_key: "{event_id}"        # template (optional)
-
-    Without ``idempotency_key`` the key is the ``Nats-Msg-Id`` header, else
-    ``nats:<stream>:<sequence>``.
-    """
-
-    stream_id: Template
-    type: Template
-    data: str = "."
-    metadata: str | None = None
-    metadata_headers: tuple[str, ...] = ()
-    idempotency_key: Template | None = None
-
-    @classmethod
-    def load(cls, path: str | Path) -> FileMapping:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ImportConfigError(f"cannot read mapping file {str(path)!r}: {exc}") from None
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ImportConfigError(f"mapping file {str(path)!r} is not YAML: {exc}") from None
-        try:
-            return cls.from_dict(spec)
-        except ImportConfigError as exc:
-            raise ImportConfigError(f"mapping file {str(path)!r}: {exc}") from None
-
-    @classmethod
-    def from_dict(cls, spec: object) -> FileMapping:
-        if not isinstance(spec, dict):
-            raise ImportConfigError("a mapping is a YAML object (stream_id, type, data, ...)")
-        unknown = sorted(str(key) for key in spec if key not in _FILE_KEYS)
-        if unknown:
-            raise ImportConfigError(
-                f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(_FILE_KEYS))})"
-            )
-
-        def text(key: str, required: bool) -> str | None:
-            value = spec.get(key)
-            if value is None:
-                if required:
-                    raise ImportConfigError(f"{key!r} is required")
-                return None
-            if not isinstance(value, str) or not value:
-                raise ImportConfigError(f"{key!r} must be a non-empty string")
-            return value
-
-        def path(key: str) -> str | None:
-            value = text(key, False)
-            if value is not None and value != "." and not _PATH.fullmatch(value):
-                raise ImportConfigError(f"{key!r}: {value!r} is not a field path (a.b.c or .)")
-            return value
-
-        headers = spec.get("metadata_headers") or []
-        if not isinstance(headers, list) or not all(isinstance(h, str) and h for h in headers):
-            raise ImportConfigError("'metadata_headers' must be a list of header names")
-        stream_id, event_type = text("stream_id", True), text("type", True)
-        assert stream_id is not None
-        assert event_type is not None
-        key = text("idempotency_key", False)
-        return cls(
-            stream_id=Template.parse(stream_id),
-            type=Template.parse(event_type),
-            data=path("data") or ".",
-            metadata=path("metadata"),
-            metadata_headers=tuple(headers),
-            idempotency_key=None if key is None else Template.parse(key),
-        )
-
-    def _object(self, body: Any, path: str) -> dict[str, Any]:
-        value = body if path == "." else _body_value(body, path)
-        if not isinstance(value, dict):
-            what = "the body" if path == "." else f"field {path!r}"
-            raise RejectedMessage(f"{what} must be an object, not {_json_kind(value)}")
-        return value
-
-    def __call__(self, message: SourceMessage) -> ImportedEvent:
-        body = message.json()  # data is read from it, always
-        stream_id = self.stream_id.render(message, body)
-        event_type = self.type.render(message, body)
-        key = None if self.idempotency_key is None else self.idempotency_key.render(message, body)
-        data = self._object(body, self.data)
-        metadata: dict[str, Any] = {}
-        if self.metadata is not None:
-            try:
-                metadata.update(self._object(body, self.metadata))
-            except RejectedMessage:
-                if _has_path(body, self.metadata):
-                    raise  # there, but not an object
-        for header in self.metadata_headers:
-            value = message.headers.get(header)
-            if value is not None:
-                metadata[header] = value
-        return ImportedEvent(stream_id, event_type, data, metadata, key)
-
-
-def _has_path(body: Any, path: str) -> bool:
-    try:
-        _body_value(body, path)
-    except RejectedMessage:
-        return False
-    return True
-
-
-def load_callable(spec: str) -> MessageMapping:
-    """``module:function`` (``module:Class.method`` too) as a mapping. The
-    current directory is searched for the module first."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ImportConfigError(f"--mapping {spec!r}: expected MODULE:FUNCTION")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ImportConfigError(
-            f"--mapping {spec!r}: cannot import {module_name}: {type(exc).__name__}: {exc}"
-        ) from None
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ImportConfigError(
-                f"--mapping {spec!r}: {module_name} has no {attribute}"
-            ) from None
-    if not callable(target):
-        raise ImportConfigError(f"--mapping {spec!r}: {attribute} is not callable")
-    mapping: MessageMapping = target
-    return mapping
-
-
-# -- the importer ---------------------------------------------------------
+def is_jetstream_name(name: str) -> bool:
+    """Whether ``name`` can name a JetStream stream or consumer."""
+    return _NATS_NAME.fullmatch(name) is not None
 
 
 @dataclass(slots=True)
@@ -548,22 +132,6 @@ def default_consumer(stream: str) -> str:
     return CONSUMER_PREFIX + stream
 
 
-def _instant(moment: datetime) -> str:
-    """A creation time as it appears in keys and metadata: UTC, microseconds."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _clean_text(text: str) -> str:
-    # text and jsonb cannot hold NUL.
-    return text.replace("\x00", "\\u0000")
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less if ``stop`` is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
 class NatsImporter:
     """Imports one JetStream stream (or the subjects ``subject`` selects of
     it) through the durable pull consumer ``consumer``; see the module."""
@@ -586,7 +154,7 @@ class NatsImporter:
         if not servers:
             raise ValueError("NatsImporter needs at least one NATS server URL")
         for name, value in (("stream", stream), ("consumer", consumer or default_consumer(stream))):
-            if not _NATS_NAME.fullmatch(value):
+            if not is_jetstream_name(value):
                 raise ValueError(f"invalid JetStream {name} name {value!r}")
         if not (ack_wait > 0 and fetch_timeout > 0 and lag_interval > 0):
             raise ValueError("ack_wait, fetch_timeout and lag_interval must be positive")
@@ -604,7 +172,7 @@ class NatsImporter:
         self.stats = ImportStats()
         self._client: NatsClient | None = None
         self._jetstream: JetStreamContext | None = None
-        self._store: AsyncEventStore | None = None
+        self._store: ImportStore | None = None
         self._closing = False
         # The life of the stream read (its creation time), set by run().
         self._stream_created: datetime | None = None
@@ -619,7 +187,7 @@ class NatsImporter:
     async def __aenter__(self) -> Self:
         self._closing = False
         try:
-            await self._open_store()
+            self._store = await ImportStore.connect(self.dsn, self.retry)
             await self._open_nats()
         except BaseException:
             await self.close()
@@ -643,28 +211,6 @@ class NatsImporter:
         store, self._store = self._store, None
         if store is not None:
             await store.close()
-
-    async def _open_store(self) -> None:
-        given = conninfo_to_dict(self.dsn)
-        extra: dict[str, Any] = {}
-        if "application_name" not in given:
-            extra["application_name"] = APPLICATION_NAME
-        if "connect_timeout" not in given:
-            extra["connect_timeout"] = int(DEFAULT_DB_TIMEOUT)
-        # One direct connection first: a clear error for a database that
-        # cannot be reached, and the schema checked before anything is read.
-        async with await psycopg.AsyncConnection.connect(
-            self.dsn, autocommit=True, **extra
-        ) as conn:
-            row = await (await conn.execute(_QUERIES["schema_ready"])).fetchone()
-        if row is None or not row[0]:
-            raise MigrationError(
-                "aura.import_dead_letters or aura.import_stream_lives does not exist: "
-                "run `aura-pg migrate` (migrations 0008 and 0009)"
-            )
-        self._store = await AsyncEventStore.connect(
-            self.dsn, min_size=1, max_size=2, timeout=DEFAULT_DB_TIMEOUT, kwargs=extra
-        )
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS client: %r", exc)
@@ -796,52 +342,9 @@ class NatsImporter:
 
     # -- one message --------------------------------------------------------
 
-    def _prepare(self, message: SourceMessage) -> tuple[str, NewEvent] | str:
-        """The stream id and event to append, or why the message is rejected."""
-        try:
-            result: Any = self.mapping(message)
-        except RejectedMessage as exc:
-            return f"rejected by the mapping: {exc}"
-        except Exception as exc:
-            return f"the mapping raised {type(exc).__name__}: {exc}"
-        if not isinstance(result, ImportedEvent):
-            return f"the mapping returned {type(result).__name__}, not an ImportedEvent"
-        if not isinstance(result.metadata, Mapping):
-            return f"the mapping's metadata is a {type(result.metadata).__name__}, not a mapping"
-        key = result.idempotency_key
-        if key is None:
-            key = message.message_id or self._sequence_key(message)
-        provenance: dict[str, Any] = {
-            "nats_stream": message.stream,
-            "nats_subject": message.subject,
-            "nats_sequence": message.sequence,
-        }
-        if message.message_id is not None:
-            provenance["nats_msg_id"] = message.message_id
-        if message.stream_created is not None:
-            provenance["nats_stream_created"] = _instant(message.stream_created)
-        try:
-            event = NewEvent(
-                result.type,
-                result.data,
-                metadata={**result.metadata, **provenance},
-                idempotency_key=key,
-            )
-        except (EventValidationError, TypeError) as exc:
-            return f"invalid event: {exc}"
-        return result.stream_id, event
-
-    def _sequence_key(self, message: SourceMessage) -> str:
-        """The key of a message that has none of its own: its sequence, which
-        identifies it within one life of the stream only. The life this
-        database imported first keeps the keys of before migration 0009."""
-        if self._plain_keys or message.stream_created is None:
-            return f"nats:{message.stream}:{message.sequence}"
-        return f"nats:{message.stream}@{_instant(message.stream_created)}:{message.sequence}"
-
     async def _register_stream_life(self) -> None:
         """Read the stream's creation time and record this life of it; sets
-        whether its sequence keys are the plain ones (see _sequence_key)."""
+        whether its sequence keys are the plain ones (store.sequence_key)."""
         from nats.js import errors as js_errors
 
         assert self._jetstream is not None
@@ -856,41 +359,13 @@ class NatsImporter:
             log.warning("stream %s has no creation time: sequence keys are plain", self.stream)
             self._plain_keys = True
             return
-        params = {"source": SOURCE_NATS, "stream": self.stream, "created": info.created}
-        async with self._store.pool.connection() as conn:
-            await conn.execute(_QUERIES["claim_plain_keys"], params)
-            await conn.execute(_QUERIES["record_stream_life"], params)
-            row = await (await conn.execute(_QUERIES["stream_life_plain_keys"], params)).fetchone()
-        assert row is not None
-        self._plain_keys = bool(row[0])
+        self._plain_keys = await self._store.has_plain_keys(self.stream, info.created)
         if not self._plain_keys:
             log.info(
                 "stream %s was created %s, after the life of it first imported here: its "
                 "sequence keys name its creation time",
-                self.stream, _instant(info.created),
+                self.stream, instant_text(info.created),
             )  # fmt: skip
-
-    async def _dead_letter(self, message: SourceMessage, reason: str) -> bool:
-        """Record a rejected message; False when it was recorded before."""
-        assert self._store is not None
-        headers = {_clean_text(k): _clean_text(v) for k, v in message.headers.items()}
-        async with self._store.pool.connection() as conn:
-            cursor = await conn.execute(
-                _QUERIES["record_dead_letter"],
-                {
-                    "source": SOURCE_NATS,
-                    "stream": message.stream,
-                    "subject": message.subject,
-                    "sequence": message.sequence,
-                    "message_id": None
-                    if message.message_id is None
-                    else _clean_text(message.message_id),
-                    "headers": Jsonb(headers),
-                    "payload": message.data,
-                    "reason": _clean_text(reason)[:_MAX_REASON_LENGTH],
-                },
-            )
-            return await cursor.fetchone() is not None
 
     async def import_message(
         self, message: SourceMessage, stop: asyncio.Event | None = None
@@ -899,42 +374,8 @@ class NatsImporter:
         ``stop`` was set while the database was unavailable (nothing to
         acknowledge then). Raises on database errors that are not transient."""
         assert self._store is not None
-        prepared = self._prepare(message)
-        failures = 0
-        while True:
-            try:
-                if isinstance(prepared, str):
-                    new = await self._dead_letter(message, prepared)
-                    if new:
-                        log.warning(
-                            "stream %s sequence %s dead-lettered: %s",
-                            message.stream, message.sequence, prepared,
-                        )  # fmt: skip
-                    return "rejected" if new else "duplicate"
-                stream_id, event = prepared
-                # The same NewEvent (the same event id and key) on every
-                # attempt: an attempt that committed unseen is a duplicate.
-                result = await self._store.append(stream_id, event, ANY, retry=self.retry)
-                return "duplicate" if result.duplicate else "appended"
-            except (EventValidationError, IdempotencyConflict) as exc:
-                prepared = f"the store refused the event: {exc}"
-            except psycopg.Error as exc:
-                if not is_transient(exc):
-                    raise
-                failures += 1
-                ceiling = min(_OUTAGE_MAX_DELAY, _OUTAGE_BASE_DELAY * 2.0 ** min(failures - 1, 16))
-                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-                log.warning(
-                    "stream %s sequence %s: database unavailable (%s); trying again in %.3g s",
-                    message.stream, message.sequence, str(exc).strip().splitlines()[0]
-                    if str(exc).strip() else type(exc).__name__, delay,
-                )  # fmt: skip
-                if stop is not None:
-                    await _wait(stop, delay)
-                    if stop.is_set():
-                        return None
-                else:
-                    await asyncio.sleep(delay)
+        prepared = prepare(message, self.mapping, self._plain_keys)
+        return await self._store.record(message, prepared, stop)
 
     async def _keep_in_progress(self, msg: Msg) -> None:
         """Tell JetStream the message is still being worked on, so that a
@@ -1037,7 +478,7 @@ class NatsImporter:
                     raise SourceUnavailable(f"NATS: {type(exc).__name__}: {exc}") from None
                 except (nats_errors.Error, OSError) as exc:
                     log.warning("NATS: fetch failed: %s: %s", type(exc).__name__, exc)
-                    await _wait(stop, 1.0)
+                    await wait(stop, 1.0)
                     continue
                 at_head = not messages
                 for msg in messages:

@@ -1,0 +1,209 @@
+"""The database side of an import: a message's event (with its provenance
+and idempotency key) appended, or the message dead-lettered; the lives of
+a stream recorded; a database outage waited out with the message held.
+
+The SQL is in ``sql/queries/importer.sql``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
+
+from aura_pg._resources import named_queries
+from aura_pg._runtime import Backoff, can_resend, wait
+from aura_pg.errors import EventValidationError, IdempotencyConflict, MigrationError
+from aura_pg.importer.errors import RejectedMessage
+from aura_pg.importer.mapping import ImportedEvent, MessageMapping, SourceMessage
+from aura_pg.models import ANY, NewEvent
+from aura_pg.store import AsyncEventStore
+from aura_pg.store.retry import AppendRetry
+
+log = logging.getLogger("aura_pg.importer")
+
+_QUERIES: Final = named_queries("queries/importer.sql")
+
+SOURCE_NATS: Final = "nats"
+APPLICATION_NAME: Final = "aura-pg import"
+DEFAULT_DB_TIMEOUT: Final = 10.0
+# Waits between attempts once AppendRetry gave up on a database outage: the
+# importer holds the message and tries again until the database is back.
+_OUTAGE_BACKOFF: Final = Backoff(base=0.5, cap=30.0)
+_MAX_REASON_LENGTH: Final = 2000
+
+PreparedMessage = tuple[str, NewEvent] | str
+"""The stream id and event to append, or why the message is rejected."""
+
+
+def instant_text(moment: datetime) -> str:
+    """A creation time as it appears in keys and metadata: UTC, microseconds."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _clean_text(text: str) -> str:
+    # text and jsonb cannot hold NUL.
+    return text.replace("\x00", "\\u0000")
+
+
+def sequence_key(message: SourceMessage, plain: bool) -> str:
+    """The key of a message that has none of its own: its sequence, which
+    identifies it within one life of the stream only. ``plain``: the life
+    this database imported first, which keeps the keys of before migration
+    0009 (``ImportStore.has_plain_keys``)."""
+    if plain or message.stream_created is None:
+        return f"nats:{message.stream}:{message.sequence}"
+    return f"nats:{message.stream}@{instant_text(message.stream_created)}:{message.sequence}"
+
+
+def prepare(message: SourceMessage, mapping: MessageMapping, plain_keys: bool) -> PreparedMessage:
+    """What ``mapping`` makes of ``message``, with the importer's provenance
+    and key; or why the message is rejected."""
+    try:
+        result: Any = mapping(message)
+    except RejectedMessage as exc:
+        return f"rejected by the mapping: {exc}"
+    except Exception as exc:
+        return f"the mapping raised {type(exc).__name__}: {exc}"
+    if not isinstance(result, ImportedEvent):
+        return f"the mapping returned {type(result).__name__}, not an ImportedEvent"
+    if not isinstance(result.metadata, Mapping):
+        return f"the mapping's metadata is a {type(result.metadata).__name__}, not a mapping"
+    key = result.idempotency_key
+    if key is None:
+        key = message.message_id or sequence_key(message, plain_keys)
+    provenance: dict[str, Any] = {
+        "nats_stream": message.stream,
+        "nats_subject": message.subject,
+        "nats_sequence": message.sequence,
+    }
+    if message.message_id is not None:
+        provenance["nats_msg_id"] = message.message_id
+    if message.stream_created is not None:
+        provenance["nats_stream_created"] = instant_text(message.stream_created)
+    try:
+        event = NewEvent(
+            result.type,
+            result.data,
+            metadata={**result.metadata, **provenance},
+            idempotency_key=key,
+        )
+    except (EventValidationError, TypeError) as exc:
+        return f"invalid event: {exc}"
+    return result.stream_id, event
+
+
+class ImportStore:
+    """The event store an import appends to, with its dead letters and the
+    stream lives it has seen. Open with :meth:`connect`."""
+
+    def __init__(self, store: AsyncEventStore, retry: AppendRetry) -> None:
+        self.store = store
+        self.retry = retry
+
+    @classmethod
+    async def connect(cls, dsn: str, retry: AppendRetry) -> ImportStore:
+        """A pool on ``dsn`` once the import's tables are there (else
+        MigrationError); a database that cannot be reached raises at once."""
+        given = conninfo_to_dict(dsn)
+        extra: dict[str, Any] = {}
+        if "application_name" not in given:
+            extra["application_name"] = APPLICATION_NAME
+        if "connect_timeout" not in given:
+            extra["connect_timeout"] = int(DEFAULT_DB_TIMEOUT)
+        # One direct connection first: a clear error for a database that
+        # cannot be reached, and the schema checked before anything is read.
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra) as conn:
+            row = await (await conn.execute(_QUERIES["schema_ready"])).fetchone()
+        if row is None or not row[0]:
+            raise MigrationError(
+                "aura.import_dead_letters or aura.import_stream_lives does not exist: "
+                "run `aura-pg migrate` (migrations 0008 and 0009)"
+            )
+        store = await AsyncEventStore.connect(
+            dsn, min_size=1, max_size=2, timeout=DEFAULT_DB_TIMEOUT, kwargs=extra
+        )
+        return cls(store, retry)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def has_plain_keys(self, stream: str, created: datetime) -> bool:
+        """Record the life of ``stream`` created at ``created``; whether its
+        sequence keys are the plain ones (see :func:`sequence_key`)."""
+        params = {"source": SOURCE_NATS, "stream": stream, "created": created}
+        async with self.store.pool.connection() as conn:
+            await conn.execute(_QUERIES["claim_plain_keys"], params)
+            await conn.execute(_QUERIES["record_stream_life"], params)
+            row = await (await conn.execute(_QUERIES["stream_life_plain_keys"], params)).fetchone()
+        assert row is not None
+        return bool(row[0])
+
+    async def dead_letter(self, message: SourceMessage, reason: str) -> bool:
+        """Record a rejected message; False when it was recorded before."""
+        headers = {_clean_text(k): _clean_text(v) for k, v in message.headers.items()}
+        async with self.store.pool.connection() as conn:
+            cursor = await conn.execute(
+                _QUERIES["record_dead_letter"],
+                {
+                    "source": SOURCE_NATS,
+                    "stream": message.stream,
+                    "subject": message.subject,
+                    "sequence": message.sequence,
+                    "message_id": None
+                    if message.message_id is None
+                    else _clean_text(message.message_id),
+                    "headers": Jsonb(headers),
+                    "payload": message.data,
+                    "reason": _clean_text(reason)[:_MAX_REASON_LENGTH],
+                },
+            )
+            return await cursor.fetchone() is not None
+
+    async def record(
+        self, message: SourceMessage, prepared: PreparedMessage, stop: asyncio.Event | None = None
+    ) -> str | None:
+        """Append the prepared event (or dead-letter the message): its
+        outcome, or None when ``stop`` was set while the database was
+        unavailable (nothing to acknowledge then). Raises on database
+        errors after which the same append cannot simply be sent again."""
+        failures = 0
+        while True:
+            try:
+                if isinstance(prepared, str):
+                    new = await self.dead_letter(message, prepared)
+                    if new:
+                        log.warning(
+                            "stream %s sequence %s dead-lettered: %s",
+                            message.stream, message.sequence, prepared,
+                        )  # fmt: skip
+                    return "rejected" if new else "duplicate"
+                stream_id, event = prepared
+                # The same NewEvent (the same event id and key) on every
+                # attempt: an attempt that committed unseen is a duplicate.
+                result = await self.store.append(stream_id, event, ANY, retry=self.retry)
+                return "duplicate" if result.duplicate else "appended"
+            except (EventValidationError, IdempotencyConflict) as exc:
+                prepared = f"the store refused the event: {exc}"
+            except psycopg.Error as exc:
+                if not can_resend(exc):
+                    raise
+                failures += 1
+                delay = _OUTAGE_BACKOFF.delay(failures)
+                log.warning(
+                    "stream %s sequence %s: database unavailable (%s); trying again in %.3g s",
+                    message.stream, message.sequence, str(exc).strip().splitlines()[0]
+                    if str(exc).strip() else type(exc).__name__, delay,
+                )  # fmt: skip
+                if stop is not None:
+                    await wait(stop, delay)
+                    if stop.is_set():
+                        return None
+                else:
+                    await asyncio.sleep(delay)
