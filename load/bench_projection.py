@@ -59,7 +59,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent
 from aura_pg.catalog import ProjectionSpec, load_catalog
-from aura_pg.localdb import benchmark_settings, temporary_cluster
+from aura_pg.devtools.localdb import benchmark_settings, temporary_cluster
 from aura_pg.projector import (
     ProjectionRunner,
     ProjectorDaemon,

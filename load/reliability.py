@@ -71,7 +71,7 @@ from scenario import aura_pg_command, machine_info, rebuild_and_compare
 from aura_pg import migrate
 from aura_pg.catalog import load_catalog
 from aura_pg.chaos import FailureInjector, Fault, LatencyProxy
-from aura_pg.localdb import LocalCluster, temporary_cluster
+from aura_pg.devtools.localdb import LocalCluster, temporary_cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG = REPO_ROOT / "load" / "projections" / "reliability.yaml"

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from aura_pg import AppendRetry, EventStore, NewEvent, migrate
-from aura_pg.localdb import LocalCluster, temporary_cluster
+from aura_pg.devtools.localdb import LocalCluster, temporary_cluster
 
 WRITERS = 3
 # Generous: a restart here takes a few seconds, crash recovery included.

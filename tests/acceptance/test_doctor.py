@@ -1,4 +1,4 @@
-"""`aura-pg doctor` in a subprocess (`python -m aura_pg.cli doctor`), against
+"""`aura-pg doctor` in a subprocess (`python -m aura_pg doctor`), against
 real databases: a migrated one per test, and an empty one."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from aura_pg.devtools.localdb import free_port
 from aura_pg.doctor import CHECK_NAMES
-from aura_pg.localdb import free_port
 from aura_pg.projector import ProjectorSettings, connect, register_projections
 from tests.helpers.projections import fixture_catalog, query
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def doctor(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", "doctor", *args],
+        [sys.executable, "-m", "aura_pg", "doctor", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -65,19 +65,19 @@ def test_a_healthy_database_passes_every_check(dsn: str) -> None:
     assert "TimescaleDB" in checks["timescaledb"]["detail"]
 
 
-def test_strict_turns_warnings_into_exit_1(dsn: str) -> None:
+def test_strict_turns_warnings_into_exit_3(dsn: str) -> None:
     # The test server runs with fsync and synchronous_commit off: a warning.
     code, checks = report("--dsn", dsn)
     assert checks["durability"]["status"] == "warn"
     assert code == 0
     strict = doctor("--dsn", dsn, "--strict")
-    assert strict.returncode == 1
+    assert strict.returncode == 3
     assert "WARN  durability" in strict.stdout
 
 
 def test_an_unmigrated_database_fails_migrations_with_the_hint(empty_dsn: str) -> None:
     done = doctor("--dsn", empty_dsn)
-    assert done.returncode == 1
+    assert done.returncode == 3
     line = next(x for x in done.stdout.splitlines() if x.split()[1] == "migrations")
     assert line.startswith("FAIL")
     assert "no aura schema" in line
@@ -146,7 +146,7 @@ def test_an_unreachable_server_is_one_failed_check_without_traceback() -> None:
     secret = "s3cret-doctor-pw"
     target = f"host=127.0.0.1 port={port} user=postgres password={secret} dbname=x"
     done = doctor("--dsn", target, "--connect-timeout", "5")
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert "Traceback" not in done.stdout + done.stderr
     assert secret not in done.stdout + done.stderr
     assert done.stdout.startswith("FAIL  connect  cannot connect: ")
@@ -164,7 +164,7 @@ def test_an_unreachable_server_is_one_failed_check_without_traceback() -> None:
 def test_the_dsn_defaults_to_aura_pg_dsn(dsn: str) -> None:
     env = {**os.environ, "AURA_PG_DSN": dsn}
     done = subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", "doctor", "--json"],
+        [sys.executable, "-m", "aura_pg", "doctor", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
