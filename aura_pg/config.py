@@ -1,5 +1,5 @@
 """Configuration of the ``aura-pg`` command: flags, then ``AURA_PG_*``
-environment variables, then libpq's own defaults.
+environment variables, then defaults (for the connection: libpq's own).
 
 * ``--dsn`` / ``AURA_PG_DSN``: a libpq connection string, key=value or URI.
   Empty (the default) lets libpq take everything from its ``PG*`` variables,
@@ -12,24 +12,30 @@ environment variables, then libpq's own defaults.
   ...), a Postgres duration such as ``30s``; never applied to ``migrate`` or
   the daemons.
 
+The daemons' settings (aura_pg/cli/settings.py) follow the same rule through
+:class:`CommandSettings`, and check numbers with the same types as their
+flags (:data:`PositiveSeconds`, :data:`PositiveCount`, ...), so a bad value is
+refused alike from a flag and from the environment.
+
 Passwords never reach the terminal: :func:`mask_dsn` and :func:`mask_text`
 hide them in everything the command prints or logs.
 """
 
 from __future__ import annotations
 
-import argparse
+import math
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Self
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import ValidationError, field_validator
+from pydantic import PlainValidator, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aura_pg.errors import AuraPgError
@@ -100,11 +106,127 @@ def describe_dsn(dsn: str) -> str:
     return f"libpq defaults ({' '.join(shown) or 'none set'})"
 
 
-class Settings(BaseSettings):
-    """What the CLI connects with. Flags are passed as keyword arguments and
-    win over the environment (:meth:`resolve`)."""
+class ConfigurationError(AuraPgError):
+    """A setting (a flag or an ``AURA_PG_*`` variable) has a value that
+    cannot be used: a usage error."""
 
-    model_config = SettingsConfigDict(env_prefix="AURA_PG_", extra="ignore")
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"not a number: {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, not {value}")
+    return number
+
+
+def _whole_number(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"not a whole number: {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"not a whole number: {value!r}") from None
+
+
+def positive_seconds(value: object) -> float:
+    """A finite number > 0 (a number or its text)."""
+    number = _number(value)
+    if not number > 0:
+        raise ValueError(f"must be a positive number, not {value}")
+    return number
+
+
+def non_negative_seconds(value: object) -> float:
+    """A finite number >= 0."""
+    number = _number(value)
+    if not number >= 0:
+        raise ValueError(f"must be a number >= 0, not {value}")
+    return number
+
+
+def positive_count(value: object) -> int:
+    """A whole number >= 1."""
+    number = _whole_number(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return number
+
+
+def non_negative_count(value: object) -> int:
+    """A whole number >= 0."""
+    number = _whole_number(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, not {value}")
+    return number
+
+
+def port_number(value: object) -> int:
+    """A TCP port, 0 to 65535 (0: any free port)."""
+    try:
+        number = _whole_number(value)
+    except ValueError:
+        raise ValueError(f"not a port number: {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"a port is 0 to 65535, not {value}")
+    return number
+
+
+def statement_timeout(value: object) -> str:
+    """A Postgres duration such as ``500ms``, ``30s`` or ``2min``."""
+    text = str(value).strip()
+    if not _DURATION.match(text):
+        raise ValueError(f"statement timeout {text!r} is not a duration such as 500ms, 30s or 2min")
+    return text
+
+
+PositiveSeconds = Annotated[float, PlainValidator(positive_seconds)]
+NonNegativeSeconds = Annotated[float, PlainValidator(non_negative_seconds)]
+PositiveCount = Annotated[int, PlainValidator(positive_count)]
+NonNegativeCount = Annotated[int, PlainValidator(non_negative_count)]
+Port = Annotated[int, PlainValidator(port_number)]
+
+
+def error_text(error: ErrorDetails) -> str:
+    """What a validator said, without pydantic's "Value error, " prefix."""
+    cause = error.get("ctx", {}).get("error")
+    return str(cause) if isinstance(cause, ValueError) else error["msg"]
+
+
+class CommandSettings(BaseSettings):
+    """Settings of a command: keyword arguments (the flags given) win over
+    the environment (``env_prefix`` + the field's name), which wins over
+    the defaults. An empty variable counts as not set."""
+
+    model_config = SettingsConfigDict(env_prefix="AURA_PG_", extra="ignore", env_ignore_empty=True)
+
+    @classmethod
+    def resolve(cls, **given: Any) -> Self:
+        """Settings from the flags given (None: not given) over the
+        environment; a :class:`ConfigurationError` naming what is wrong."""
+        flags = {name: value for name, value in given.items() if value is not None}
+        try:
+            return cls(**flags)
+        except ValidationError as exc:
+            details = "; ".join(cls._describe(error, flags) for error in exc.errors())
+            raise ConfigurationError(f"invalid configuration: {details}") from None
+
+    @classmethod
+    def _describe(cls, error: ErrorDetails, flags: dict[str, Any]) -> str:
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field and field not in flags and field in cls.model_fields:
+            prefix = str(cls.model_config.get("env_prefix", ""))
+            return f"{(prefix + field).upper()}: {error_text(error)}"
+        return f"{'_'.join(str(p) for p in error['loc'])}: {error_text(error)}"
+
+
+class Settings(CommandSettings):
+    """What the CLI connects with."""
 
     dsn: str = ""
     password_file: Path | None = None
@@ -120,42 +242,7 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> object:
         if value is None or value == "":
             return None
-        text = str(value).strip()
-        if not _DURATION.match(text):
-            raise ValueError(
-                f"statement timeout {text!r} is not a duration such as 500ms, 30s or 2min"
-            )
-        return text
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
-        """Settings from the options of :func:`add_connection_options`."""
-        return cls.resolve(
-            dsn=getattr(args, "dsn", None),
-            password_file=getattr(args, "password_file", None),
-            statement_timeout=getattr(args, "statement_timeout", None),
-        )
-
-    @classmethod
-    def resolve(
-        cls,
-        dsn: str | None = None,
-        password_file: str | Path | None = None,
-        statement_timeout: str | None = None,
-    ) -> Settings:
-        """Settings from the flags given (None: not given) over ``AURA_PG_*``."""
-        given: dict[str, Any] = {
-            "dsn": dsn,
-            "password_file": password_file,
-            "statement_timeout": statement_timeout,
-        }
-        try:
-            return cls(**{k: v for k, v in given.items() if v is not None})
-        except ValidationError as exc:
-            details = "; ".join(
-                f"{'_'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise AuraPgError(f"invalid configuration: {details}") from None
+        return statement_timeout(value)
 
     def password(self) -> str | None:
         """The password from the password file, None when there is none."""
@@ -236,20 +323,3 @@ class Connection:
         except psycopg.Error:
             text = _QUOTED.sub('"***"', text)
         return mask_text(text, self.secrets)
-
-
-def add_connection_options(parser: argparse.ArgumentParser, *, bounded: bool = False) -> None:
-    """The connection options every database command takes; ``bounded``
-    adds the statement timeout of the short operator commands."""
-    parser.add_argument("--dsn", help="libpq connection string (default: $AURA_PG_DSN, then PG*)")
-    parser.add_argument(
-        "--password-file",
-        metavar="PATH",
-        help="read the password from this file (default: $AURA_PG_PASSWORD_FILE)",
-    )
-    if bounded:
-        parser.add_argument(
-            "--statement-timeout",
-            metavar="DURATION",
-            help="bound each statement, e.g. 30s (default: $AURA_PG_STATEMENT_TIMEOUT)",
-        )

@@ -58,7 +58,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.localdb import benchmark_settings, temporary_cluster
+from aura_pg.devtools.localdb import benchmark_settings, temporary_cluster
 
 TARGETS = ("store", "watched", "notify", "plain", "bare", "eventsourcing")
 DEFAULT_TARGETS = ("store", "plain", "bare")

@@ -58,7 +58,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.localdb import benchmark_settings, temporary_cluster
+from aura_pg.devtools.localdb import benchmark_settings, temporary_cluster
 from aura_pg.projection.catalog import ProjectionSpec, load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon
 from aura_pg.projection.runner import ProjectionRunner, StepOutcome

@@ -54,7 +54,7 @@ import psycopg
 from bench_append import make_events  # the same events as the append benchmark
 
 from aura_pg import EventStore, migrate
-from aura_pg.localdb import benchmark_settings, temporary_cluster
+from aura_pg.devtools.localdb import benchmark_settings, temporary_cluster
 
 PROJECTIONS = ("stream_summary", "event_type_counts")
 

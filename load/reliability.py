@@ -70,7 +70,7 @@ from scenario import aura_pg_command, machine_info, rebuild_and_compare
 
 from aura_pg import migrate
 from aura_pg.chaos import FailureInjector, Fault, LatencyProxy
-from aura_pg.localdb import LocalCluster, temporary_cluster
+from aura_pg.devtools.localdb import LocalCluster, temporary_cluster
 from aura_pg.projection.catalog import load_catalog
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ which converts debates/hour to events/s.
 
 How it runs:
 
-1. **Postgres**: a throw-away local cluster (aura_pg.localdb, as
+1. **Postgres**: a throw-away local cluster (aura_pg.devtools.localdb, as
    load/bench_append.py and load/bench_projection.py do: the benchmarks'
    settings, durable commits unless --commit async, and
    track_commit_timestamp = on), or an existing database with --dsn. It is
@@ -157,9 +157,9 @@ from scenario_workload import (
 )
 
 from aura_pg import migrate
+from aura_pg.devtools.localdb import benchmark_settings, temporary_cluster
 from aura_pg.domain.decision import decision_id_for
 from aura_pg.domain.events import debate_stream, decision_stream
-from aura_pg.localdb import benchmark_settings, temporary_cluster
 from aura_pg.observability import names as metric_names
 from aura_pg.projection.catalog import ProjectionSpec, load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon

@@ -1,7 +1,7 @@
 """Test fixtures: a real Postgres with TimescaleDB preloaded, one fresh
 database per test, cloned from a template that the migrations built once.
 
-By default the session starts a private cluster (aura_pg.localdb) on a free
+By default the session starts a private cluster (aura_pg.devtools.localdb) on a free
 port and removes it afterwards. Set AURA_PG_TEST_HOST and AURA_PG_TEST_PORT
 (and AURA_PG_TEST_USER) to use a running server instead.
 """
@@ -19,7 +19,7 @@ from pytest_postgresql.executors import NoopExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from aura_pg import AsyncEventStore, EventStore, migrate
-from aura_pg.localdb import free_port, temporary_cluster
+from aura_pg.devtools.localdb import free_port, temporary_cluster
 
 TEST_SETTINGS = {
     # Durability is not under test here; speed is welcome.

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from aura_pg._resources import named_queries
 from aura_pg.chaos.proxy import LatencyProxy, measure_round_trip
-from aura_pg.localdb import LocalCluster
+from aura_pg.devtools.localdb import LocalCluster
 
 log = logging.getLogger("aura_pg.chaos")
 

@@ -42,7 +42,7 @@ from psycopg.rows import dict_row
 
 from aura_pg._resources import named_queries
 from aura_pg.chaos.injector import FailureInjector, process_gone
-from aura_pg.localdb import LocalCluster
+from aura_pg.devtools.localdb import LocalCluster
 from aura_pg.models import NewEvent
 from aura_pg.store import EventStore
 from aura_pg.store.retry import AppendRetry

@@ -18,15 +18,10 @@ importers on the same consumer do. docs/import.md is the operator guide.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import re
-import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,20 +29,13 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import psycopg
 from prometheus_client import Counter, Gauge
 
-from aura_pg._argtypes import positive_float
 from aura_pg._runtime import wait
-from aura_pg.config import Settings, add_connection_options
-from aura_pg.errors import AuraPgError
 from aura_pg.importer.errors import ImportConfigError, SourceUnavailable
 from aura_pg.importer.mapping import (
-    EventModelMapping,
-    FileMapping,
     MessageMapping,
     SourceMessage,
-    load_callable,
 )
 from aura_pg.importer.store import (
     APPLICATION_NAME,
@@ -57,12 +45,6 @@ from aura_pg.importer.store import (
     prepare,
 )
 from aura_pg.observability import names
-from aura_pg.observability.command import (
-    add_observability_options,
-    configure_command_logging,
-    observed_daemon,
-)
-from aura_pg.observability.endpoint import Heartbeat
 from aura_pg.store.retry import AppendRetry
 
 if TYPE_CHECKING:
@@ -496,155 +478,3 @@ class NatsImporter:
                 await subscription.unsubscribe()
         await self._report_lag()
         return self.stats
-
-
-# -- the command ----------------------------------------------------------
-
-
-def _nats_name(text: str) -> str:
-    if not _NATS_NAME.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a JetStream name (no spaces, '.', '*', '>', '/' or '\\')"
-        )
-    return text
-
-
-def mapping_from_args(args: argparse.Namespace) -> MessageMapping:
-    """The mapping the options choose: --mapping, --mapping-file, or the
-    default (with --stream-prefix)."""
-    if args.stream_prefix and (args.mapping or args.mapping_file):
-        raise ImportConfigError("--stream-prefix applies to the default mapping only")
-    if args.mapping:
-        return load_callable(args.mapping)
-    if args.mapping_file:
-        return FileMapping.load(args.mapping_file)
-    return EventModelMapping(args.stream_prefix)
-
-
-async def _serve(importer: NatsImporter, until_end: bool, heartbeat: Heartbeat) -> ImportStats:
-    """Run the importer; SIGTERM or SIGINT ends it after the message in hand."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    beating = asyncio.create_task(heartbeat.run(stop))
-    try:
-        async with importer:
-            return await importer.run(stop, until_end=until_end)
-    finally:
-        stop.set()
-        await beating
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-
-
-def cmd_import_nats(args: argparse.Namespace) -> int:
-    configure_command_logging(args.log_level.upper(), args.log_format)
-    prog = "aura-pg import nats"
-    try:
-        mapping = mapping_from_args(args)
-    except ImportConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    connection = Settings.from_args(args).connection()
-    servers = [url.strip() for url in args.server.split(",") if url.strip()]
-    if not servers:
-        print(f"{prog}: --server needs a NATS URL", file=sys.stderr)
-        return 2
-    importer = NatsImporter(
-        connection.conninfo,
-        servers,
-        args.stream,
-        mapping,
-        subject=args.subject,
-        consumer=args.consumer,
-        ack_wait=args.ack_wait,
-        fetch_timeout=args.fetch_timeout,
-        lag_interval=args.lag_interval,
-    )
-    try:
-        with observed_daemon(connection.conninfo, args, "import") as heartbeat:
-            stats = asyncio.run(_serve(importer, args.until_end, heartbeat))
-    except (psycopg.Error, AuraPgError) as exc:
-        print(f"{prog}: {connection.mask(str(exc).strip())}", file=sys.stderr)
-        return 1
-    summary = dataclasses.asdict(stats)
-    if args.until_end:
-        print(json.dumps(summary))
-    log.info("stopped: %s", summary)
-    return 0
-
-
-def add_import_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``aura-pg import`` (and its ``nats`` source) on the CLI's subparsers."""
-    p = sub.add_parser(
-        "import",
-        help="import events from another system into the store, exactly once",
-        description="Import events from another system; see docs/import.md.",
-    )
-    sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    n = sources.add_parser(
-        "nats",
-        help="import a NATS JetStream stream",
-        description="Import a NATS JetStream stream through a durable pull consumer, "
-        "exactly once and in stream order, alongside the system that writes it; "
-        "see docs/import.md.",
-    )
-    add_connection_options(n)
-    n.add_argument("--server", required=True, metavar="URL[,URL...]", help="NATS server URL(s)")
-    n.add_argument("--stream", required=True, type=_nats_name, help="the JetStream stream")
-    n.add_argument(
-        "--subject", metavar="FILTER", help="import only the subjects this filter matches"
-    )
-    n.add_argument(
-        "--consumer",
-        type=_nats_name,
-        metavar="NAME",
-        help=f"durable consumer name (default: {CONSUMER_PREFIX}STREAM)",
-    )
-    chosen = n.add_mutually_exclusive_group()
-    chosen.add_argument(
-        "--mapping",
-        metavar="MODULE:FUNCTION",
-        help="a Python function mapping a SourceMessage to an ImportedEvent",
-    )
-    chosen.add_argument(
-        "--mapping-file", metavar="FILE", help="a YAML mapping (fields, headers, templates)"
-    )
-    n.add_argument(
-        "--stream-prefix",
-        default="",
-        metavar="PREFIX",
-        help="default mapping: stream id = PREFIX + aggregate_id",
-    )
-    n.add_argument(
-        "--until-end",
-        action="store_true",
-        help="stop once the consumer has nothing left; print a JSON summary",
-    )
-    n.add_argument(
-        "--ack-wait",
-        type=positive_float,
-        default=DEFAULT_ACK_WAIT,
-        metavar="SECONDS",
-        help="redeliver a message not acknowledged within this time, e.g. after a crash "
-        "(set when the consumer is created; default %(default)s)",
-    )
-    n.add_argument(
-        "--fetch-timeout",
-        type=positive_float,
-        default=DEFAULT_FETCH_TIMEOUT,
-        metavar="SECONDS",
-        help="how long one fetch waits for a message (default %(default)s)",
-    )
-    n.add_argument(
-        "--lag-interval",
-        type=positive_float,
-        default=DEFAULT_LAG_INTERVAL,
-        metavar="SECONDS",
-        help="log the lag this often (default %(default)s)",
-    )
-    n.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    add_observability_options(n)
-    n.set_defaults(handler=cmd_import_nats)

@@ -13,16 +13,11 @@ The SQL is in ``sql/queries/relay.sql``; docs/outbox.md is the operator guide.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
-import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
@@ -31,21 +26,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from aura_pg._argtypes import positive_float, positive_int
 from aura_pg._resources import named_queries
 from aura_pg._runtime import Backoff, wait
-from aura_pg.config import Settings, add_connection_options
 from aura_pg.observability import metrics
-from aura_pg.observability.command import (
-    add_observability_options,
-    configure_command_logging,
-    observed_daemon,
-)
-from aura_pg.observability.endpoint import Heartbeat
-from aura_pg.outbox.nats import NatsSink
 from aura_pg.outbox.sinks import (
     APPLICATION_NAME,
-    DEFAULT_PUBLISH_TIMEOUT,
     ClosableSink,
     DeliveryError,
     OutboxMessage,
@@ -53,7 +38,6 @@ from aura_pg.outbox.sinks import (
     SinkUnavailable,
     header_strings,
 )
-from aura_pg.outbox.webhook import WebhookSink, check_webhook_url
 
 log = logging.getLogger("aura_pg.relay")
 
@@ -409,183 +393,3 @@ class Relay:
                 if claimed < self.batch_size:
                     await wait(stop, self.poll_interval)
         return stats
-
-
-# -- the command ----------------------------------------------------------
-
-
-def _dsn(args: argparse.Namespace) -> str:
-    """The connection options of every command (aura_pg.config): --dsn,
-    $AURA_PG_DSN, then libpq's PG*; the password file applied."""
-    return Settings.from_args(args).connection().conninfo
-
-
-def _webhook(text: str) -> tuple[str, str]:
-    name, sep, url = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=URL, not {text!r}")
-    try:
-        return name, check_webhook_url(url)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _sinks(args: argparse.Namespace) -> list[Sink]:
-    sinks: list[Sink] = []
-    if args.nats_server:
-        servers = [url.strip() for url in args.nats_server.split(",") if url.strip()]
-        sinks.append(NatsSink(servers, timeout=args.publish_timeout))
-    if args.webhook:
-        urls: dict[str, str] = {}
-        for name, url in args.webhook:
-            if name in urls:
-                raise ValueError(f"--webhook {name} given twice")
-            urls[name] = url
-        sinks.append(WebhookSink(urls, timeout=args.publish_timeout))
-    return sinks
-
-
-async def _serve(relay: Relay, once: bool, heartbeat: Heartbeat) -> RelayStats:
-    """Run the relay; SIGTERM or SIGINT ends it after the batch in flight
-    (at most the shutdown timeout later)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    beating = asyncio.create_task(heartbeat.run(stop))
-    try:
-        async with relay:
-            return await (relay.run_once(stop) if once else relay.run(stop))
-    finally:
-        stop.set()
-        await beating
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-
-
-def cmd_relay(args: argparse.Namespace) -> int:
-    configure_command_logging(args.log_level.upper(), args.log_format)
-    try:
-        sinks = _sinks(args)
-    except ValueError as exc:
-        print(f"aura-pg relay: {exc}", file=sys.stderr)
-        return 2
-    if not sinks:
-        print("aura-pg relay: no sink: give --nats-server and/or --webhook", file=sys.stderr)
-        return 2
-    relay = Relay(
-        _dsn(args),
-        sinks,
-        batch_size=args.batch_size,
-        poll_interval=args.poll_interval,
-        max_attempts=args.max_attempts,
-        backoff=Backoff(base=min(args.backoff_base, args.backoff_max), cap=args.backoff_max),
-        shutdown_timeout=args.shutdown_timeout,
-    )
-    log.info(
-        "relaying %s (batch %s, poll %s s, max attempts %s)",
-        ", ".join(sorted(relay.sinks)), args.batch_size, args.poll_interval, args.max_attempts,
-    )  # fmt: skip
-    try:
-        with observed_daemon(_dsn(args), args, "relay") as heartbeat:
-            stats = asyncio.run(_serve(relay, args.once, heartbeat))
-    except psycopg.Error as exc:
-        print(f"aura-pg relay: {str(exc).strip()}", file=sys.stderr)
-        return 1
-    if args.once:
-        print(json.dumps(dataclasses.asdict(stats)))
-    log.info("stopped: %s", dataclasses.asdict(stats))
-    return 0
-
-
-def add_relay_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``aura-pg relay`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "relay",
-        help="publish the transactional outbox to NATS JetStream and webhooks",
-        description="Publish aura.outbox rows to NATS JetStream and HTTP webhooks, at least "
-        "once; see docs/outbox.md.",
-    )
-    add_connection_options(p)
-    p.add_argument(
-        "--nats-server",
-        metavar="URL",
-        help="NATS server URL(s), comma-separated: enables the 'nats' sink (JetStream)",
-    )
-    p.add_argument(
-        "--webhook",
-        metavar="NAME=URL",
-        type=_webhook,
-        action="append",
-        help="POST rows of sink 'webhook' and topic NAME to URL (repeatable)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=DEFAULT_BATCH_SIZE,
-        help="rows per transaction (default %(default)s)",
-    )
-    p.add_argument(
-        "--poll-interval",
-        type=positive_float,
-        default=DEFAULT_POLL_INTERVAL,
-        metavar="SECONDS",
-        help="wait between polls when there is no work (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-attempts",
-        type=positive_int,
-        default=DEFAULT_MAX_ATTEMPTS,
-        help="attempts before a row becomes 'dead' (default %(default)s)",
-    )
-    p.add_argument(
-        "--backoff-base",
-        type=positive_float,
-        default=DEFAULT_BACKOFF_BASE,
-        metavar="SECONDS",
-        help="wait after a first failure; doubles each attempt (default %(default)s)",
-    )
-    p.add_argument(
-        "--backoff-max",
-        type=positive_float,
-        default=DEFAULT_BACKOFF_MAX,
-        metavar="SECONDS",
-        help="longest wait between attempts (default %(default)s)",
-    )
-    p.add_argument(
-        "--publish-timeout",
-        type=positive_float,
-        default=DEFAULT_PUBLISH_TIMEOUT,
-        metavar="SECONDS",
-        help="the longest a publish may take: a JetStream PubAck, or a whole webhook "
-        "exchange from connect to the answer's body (default %(default)s)",
-    )
-    p.add_argument(
-        "--shutdown-timeout",
-        type=positive_float,
-        default=DEFAULT_SHUTDOWN_TIMEOUT,
-        metavar="SECONDS",
-        help="after SIGTERM/SIGINT, how long the batch in flight may go on before the "
-        "publish in flight is abandoned and the rest left pending (default %(default)s)",
-    )
-    p.add_argument(
-        "--once", action="store_true", help="publish what is due now, print a summary, exit"
-    )
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    add_observability_options(p)
-    p.set_defaults(handler=cmd_relay)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m aura_pg.relay ARGS`` runs ``aura-pg relay ARGS``."""
-    parser = argparse.ArgumentParser(prog="aura-pg")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_relay_command(sub)
-    args = parser.parse_args(["relay", *(sys.argv[1:] if argv is None else argv)])
-    code: int = args.handler(args)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from aura_pg import AppendRetry, NewEvent, migrate
-from aura_pg.localdb import LocalCluster, temporary_cluster
+from aura_pg.devtools.localdb import LocalCluster, temporary_cluster
 from tests.helpers.store_drivers import DRIVERS, store_driver
 
 WRITERS = 3

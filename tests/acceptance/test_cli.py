@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -12,21 +13,21 @@ from pathlib import Path
 import psycopg
 
 from aura_pg import migrate
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def aura_pg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", *args],
+        [sys.executable, "-m", "aura_pg", *args],
         capture_output=True, text=True, check=check, cwd=REPO_ROOT, timeout=300,
     )  # fmt: skip
 
 
 def test_migrate_check_and_smoke(empty_dsn: str) -> None:
     check = aura_pg("migrate", "--check", "--dsn", empty_dsn, check=False)
-    assert check.returncode == 1
+    assert check.returncode == 3
     assert "run `aura-pg migrate`" in check.stderr
 
     done = aura_pg("migrate", "--dsn", empty_dsn)
@@ -50,7 +51,7 @@ def test_migrate_sql_needs_no_database() -> None:
 
 def test_dsn_from_environment(empty_dsn: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", "migrate"],
+        [sys.executable, "-m", "aura_pg", "migrate"],
         capture_output=True, text=True, check=True, cwd=REPO_ROOT,
         env={"AURA_PG_DSN": empty_dsn, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -80,3 +81,32 @@ def test_db_start_status_stop_destroy() -> None:
         aura_pg("db", "destroy", *args)
     assert not data_dir.exists()
     shutil.rmtree(workdir)
+
+
+def test_version_and_python_dash_m() -> None:
+    expected = f"aura-pg {importlib.metadata.version('aura-pg')}"
+    assert aura_pg("--version").stdout.strip() == expected
+    for module in ("aura_pg", "aura_pg.cli"):
+        helped = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            capture_output=True, text=True, check=True, cwd=REPO_ROOT, timeout=60,
+        )  # fmt: skip
+        assert helped.stdout.startswith("usage: aura-pg "), module
+        assert "dlq" in helped.stdout and "doctor" in helped.stdout
+
+
+def test_a_bad_daemon_number_is_a_usage_error_not_a_traceback() -> None:
+    for args in (["--poll-interval", "0"], ["--poll-interval", "-1"], ["--poll-interval", "x"]):
+        done = aura_pg("project", "--dsn", "host=/nonexistent", *args, check=False)
+        assert done.returncode == 2, done.stderr
+        assert "argument --poll-interval: " in done.stderr and "Traceback" not in done.stderr
+    env = {"PATH": "/usr/bin:/bin", "AURA_PG_PROJECT_POLL_INTERVAL": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "aura_pg", "project", "--dsn", "host=/nonexistent"],
+        capture_output=True, text=True, check=False, cwd=REPO_ROOT, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "aura-pg: invalid configuration: AURA_PG_PROJECT_POLL_INTERVAL: "
+        "must be a positive number, not 0"
+    )

@@ -1,4 +1,4 @@
-"""`aura-pg doctor` in a subprocess (`python -m aura_pg.cli doctor`), against
+"""`aura-pg doctor` in a subprocess (`python -m aura_pg doctor`), against
 real databases: a migrated one per test, and an empty one."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from aura_pg.devtools.localdb import free_port
 from aura_pg.doctor import CHECK_NAMES
-from aura_pg.localdb import free_port
 from aura_pg.projection.connection import connect
 from aura_pg.projection.registration import register_projections
 from aura_pg.projection.settings import ProjectorSettings
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def doctor(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", "doctor", *args],
+        [sys.executable, "-m", "aura_pg", "doctor", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -67,26 +67,26 @@ def test_a_healthy_database_passes_every_check(dsn: str) -> None:
     assert "TimescaleDB" in checks["timescaledb"]["detail"]
 
 
-def test_strict_turns_warnings_into_exit_1(dsn: str) -> None:
+def test_strict_turns_warnings_into_exit_3(dsn: str) -> None:
     # The test server runs with fsync and synchronous_commit off: a warning.
     code, checks = report("--dsn", dsn)
     assert checks["durability"]["status"] == "warn"
     assert code == 0
     strict = doctor("--dsn", dsn, "--strict")
-    assert strict.returncode == 1
+    assert strict.returncode == 3
     assert "WARN  durability" in strict.stdout
 
 
 def test_an_unmigrated_database_fails_migrations_with_the_hint(empty_dsn: str) -> None:
     done = doctor("--dsn", empty_dsn)
-    assert done.returncode == 1
+    assert done.returncode == 3
     line = next(x for x in done.stdout.splitlines() if x.split()[1] == "migrations")
     assert line.startswith("FAIL")
     assert "no aura schema" in line
     assert "hint: run aura-pg migrate" in line
 
     code, checks = report("--dsn", empty_dsn)
-    assert code == 1
+    assert code == 3
     assert checks["migrations"]["hint"] == "run aura-pg migrate"
     assert checks["connect"]["status"] == "ok"
     assert checks["roles"]["detail"].startswith("not checked")
@@ -116,7 +116,7 @@ def test_a_long_open_writing_transaction_is_named(dsn: str) -> None:
         code, checks = report("--dsn", dsn, "--max-transaction-age", "0.01")
         holder.rollback()
     assert checks["long_transactions"]["status"] == "fail"
-    assert code == 1
+    assert code == 3
 
     # Ended: nothing to report.
     code, checks = report("--dsn", dsn, "--max-transaction-age", "2")
@@ -148,7 +148,7 @@ def test_an_unreachable_server_is_one_failed_check_without_traceback() -> None:
     secret = "s3cret-doctor-pw"
     target = f"host=127.0.0.1 port={port} user=postgres password={secret} dbname=x"
     done = doctor("--dsn", target, "--connect-timeout", "5")
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert "Traceback" not in done.stdout + done.stderr
     assert secret not in done.stdout + done.stderr
     assert done.stdout.startswith("FAIL  connect  cannot connect: ")
@@ -157,7 +157,7 @@ def test_an_unreachable_server_is_one_failed_check_without_traceback() -> None:
 
     uri = f"postgresql://postgres:{secret}@127.0.0.1:{port}/x"
     code, checks = report("--dsn", uri, "--connect-timeout", "5")
-    assert code == 1
+    assert code == 3
     assert list(checks) == ["connect"]
     assert checks["connect"]["status"] == "fail"
     assert secret not in json.dumps(checks)
@@ -166,7 +166,7 @@ def test_an_unreachable_server_is_one_failed_check_without_traceback() -> None:
 def test_the_dsn_defaults_to_aura_pg_dsn(dsn: str) -> None:
     env = {**os.environ, "AURA_PG_DSN": dsn}
     done = subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", "doctor", "--json"],
+        [sys.executable, "-m", "aura_pg", "doctor", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -216,7 +216,7 @@ def test_projection_trouble_is_reported(dsn: str) -> None:
     code, checks = report("--dsn", dsn)
     check = checks["projections"]
     assert check["status"] == "fail", check
-    assert code == 1
+    assert code == 3
     assert check["detail"].startswith(
         "tally_set: failing (circuit open, 4 consecutive failures, last error: division by zero)"
     )

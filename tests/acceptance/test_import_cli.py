@@ -18,7 +18,7 @@ import nats
 import psycopg
 import pytest
 
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 from tests.helpers.metrics import answering, scrape, value
 from tests.helpers.nats import (
     assert_imported_exactly_once,
@@ -32,7 +32,7 @@ from tests.helpers.projections import wait_for_sync
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # `aura-pg import nats`, run by this interpreter.
-IMPORT = [sys.executable, "-m", "aura_pg.cli", "import", "nats"]
+IMPORT = [sys.executable, "-m", "aura_pg", "import", "nats"]
 STREAM = "OLD"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 from aura_pg.observability import names
 from aura_pg.observability.health import DEAD_LETTER_WEIGHT, DEAD_LETTERS_FULL
 from tests.helpers.metrics import Samples, answering, http_get, scrape, value

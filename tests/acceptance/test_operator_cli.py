@@ -26,11 +26,11 @@ from psycopg import sql
 
 from aura_pg import EventStore, NewEvent, migrate
 from aura_pg._resources import migrations_path
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 from tests.helpers.projections import FIXTURE_CATALOG, query
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "aura_pg.cli"]
+CLI = [sys.executable, "-m", "aura_pg"]
 ESC = "\x1b["
 
 
@@ -62,7 +62,7 @@ def register(dsn: str, *names: str) -> None:
 
 def status_json(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, Any]]]:
     result = aura_pg("status", "--json", "--dsn", dsn, *extra, check=False)
-    assert result.returncode in (0, 2), result.stderr
+    assert result.returncode in (0, 3), result.stderr
     return result.returncode, {row["name"]: row for row in json.loads(result.stdout)}
 
 
@@ -77,7 +77,7 @@ def test_status_table_json_and_exit_codes(dsn: str, store: EventStore) -> None:
     aura_pg("projections", "rebuild", "tally_set", "--catalog", str(FIXTURE_CATALOG), "--dsn", dsn)
 
     code, rows = status_json(dsn)
-    assert code == 2  # a dead letter makes tally_set unhealthy
+    assert code == 3  # a dead letter makes tally_set unhealthy
     dead, behind = rows["tally_set"], rows["tally_each"]
     assert (dead["health"], dead["dead_letters"], dead["events_behind"]) == ("unhealthy", 1, 0)
     assert "1 dead letter" in dead["problems"]
@@ -89,7 +89,7 @@ def test_status_table_json_and_exit_codes(dsn: str, store: EventStore) -> None:
     assert dt.datetime.fromisoformat(dead["updated_at"]).tzinfo is not None
 
     table = aura_pg("status", "--dsn", dsn, check=False)
-    assert table.returncode == 2
+    assert table.returncode == 3
     assert ESC not in table.stdout  # not a terminal: no colour
     lines = table.stdout.splitlines()
     assert lines[0].split()[:4] == ["NAME", "HEALTH", "STATUS", "CIRCUIT"]
@@ -120,7 +120,7 @@ def test_status_table_json_and_exit_codes(dsn: str, store: EventStore) -> None:
     query(dsn, "UPDATE aura.projection_checkpoints SET owner = 'ghost:1' WHERE name = 'tally_set'")
     code, rows = status_json(dsn)
     if "owner_alive" in rows["tally_set"]:
-        assert code == 2
+        assert code == 3
         assert rows["tally_set"]["problems"] == ["owner not alive"]
         table = aura_pg("status", "--dsn", dsn, check=False).stdout
         assert "ghost:1 (gone)" in table
@@ -187,9 +187,10 @@ def test_dlq_list_retry_skip(dsn: str, store: EventStore) -> None:
     assert json.loads(aura_pg("dlq", "list", "other", "--json", "--dsn", dsn).stdout) == []
     table = aura_pg("dlq", "list", "tally_set", "--dsn", dsn).stdout.splitlines()
     assert table[0].split()[:2] == ["id", "projection"] and len(table) == 3
-    # The old names still work.
-    old = json.loads(aura_pg("projections", "dead-letters", "--json", "--dsn", dsn).stdout)
-    assert [d["id"] for d in old] == [d["id"] for d in letters]
+    # One surface for dead letters: `projections` has none.
+    for action in ("dead-letters", "retry-dead-letter", "skip-dead-letter"):
+        gone = aura_pg("projections", action, "--dsn", dsn, check=False)
+        assert gone.returncode == 2 and "invalid choice" in gone.stderr, action
 
     first, second = letters[0]["id"], letters[1]["id"]
     query(dsn, "INSERT INTO tally_set.cures VALUES (%s)", (cured.event_id,))
@@ -447,8 +448,10 @@ def test_dsn_from_environment_and_flag_precedence(dsn: str) -> None:
     # Settings are checked, and named.
     env = clean_env(AURA_PG_DSN=dsn, AURA_PG_STATEMENT_TIMEOUT="soon")
     bad = aura_pg("status", env=env, check=False)
-    assert bad.returncode == 1
-    assert bad.stderr.startswith("aura-pg: invalid configuration: statement_timeout: ")
+    assert bad.returncode == 2  # a usage error, as the flag's
+    assert bad.stderr.startswith("aura-pg: invalid configuration: AURA_PG_STATEMENT_TIMEOUT: ")
+    flag = aura_pg("status", "--statement-timeout", "soon", env=env, check=False)
+    assert flag.returncode == 2 and "--statement-timeout: statement timeout 'soon'" in flag.stderr
     env["AURA_PG_STATEMENT_TIMEOUT"] = "30s"
     assert aura_pg("status", env=env).returncode == 0
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def aura_pg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", *args],
+        [sys.executable, "-m", "aura_pg", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -52,15 +52,15 @@ def test_operator_commands(dsn: str, store: EventStore) -> None:
     assert applied_positions(dsn, "tally_set") == log_positions(
         dsn, exclude=[poison.global_position]
     )
-    letters = json.loads(aura_pg("projections", "dead-letters", "--json", "--dsn", dsn).stdout)
+    letters = json.loads(aura_pg("dlq", "list", "--json", "--dsn", dsn).stdout)
     assert [(d["projection"], d["event_id"]) for d in letters] == [
         ("tally_set", str(poison.event_id))
     ]
     query(dsn, "INSERT INTO tally_set.cures VALUES (%s)", (poison.event_id,))
-    retried = aura_pg("projections", "retry-dead-letter", str(letters[0]["id"]), "--dsn", dsn)
+    retried = aura_pg("dlq", "retry", str(letters[0]["id"]), "--dsn", dsn)
     assert retried.stdout.strip() == f"dead letter {letters[0]['id']}: retried"
     assert applied_positions(dsn, "tally_set") == log_positions(dsn)
-    assert aura_pg("projections", "dead-letters", "--dsn", dsn).stdout.strip() == "(none)"
+    assert aura_pg("dlq", "list", "--dsn", dsn).stdout.strip() == "(none)"
 
     replayed = aura_pg("projections", "replay", "tally_set", "cli-2", "--dsn", dsn)
     assert replayed.stdout.strip() == "tally_set: replayed 5 events of cli-2"
@@ -72,7 +72,7 @@ def test_operator_commands(dsn: str, store: EventStore) -> None:
     unknown = aura_pg("projections", "pause", "nope", "--dsn", dsn, check=False)
     assert unknown.returncode == 1
     assert "unknown projection 'nope'" in unknown.stderr
-    skipped = aura_pg("projections", "skip-dead-letter", "999", "--dsn", dsn, check=False)
+    skipped = aura_pg("dlq", "skip", "999", "--dsn", dsn, check=False)
     assert skipped.returncode == 1 and "unknown dead letter 999" in skipped.stderr
 
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from aura_pg import EventStore, NewEvent, migrate
-from aura_pg.localdb import LocalCluster, temporary_cluster
+from aura_pg.devtools.localdb import LocalCluster, temporary_cluster
 from tests.helpers.projections import (
     applied_positions,
     caught_up,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from aura_pg import EventStore, NewEvent
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 from tests.helpers.metrics import fetch
 from tests.helpers.projections import FIXTURE_CATALOG, caught_up, query, wait_for_sync
 

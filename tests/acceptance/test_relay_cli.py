@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 from aura_pg.observability import names
 from tests.helpers.metrics import answering, http_get, scrape, value
 from tests.helpers.projections import wait_for_sync
@@ -22,7 +22,7 @@ from tests.integration.test_relay import WebhookServer, add_route, append, outbo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # `aura-pg relay`, run by this interpreter.
-RELAY = [sys.executable, "-m", "aura_pg.cli", "relay"]
+RELAY = [sys.executable, "-m", "aura_pg", "relay"]
 
 
 @pytest.fixture

@@ -26,14 +26,14 @@ CATALOG = ["--catalog", str(FIXTURE_CATALOG)]
 
 def aura_pg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aura_pg.cli", *args],
+        [sys.executable, "-m", "aura_pg", *args],
         cwd=ROOT, capture_output=True, text=True, check=check, timeout=120,
     )  # fmt: skip
 
 
 def background(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "aura_pg.cli", *args],
+        [sys.executable, "-m", "aura_pg", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -66,7 +66,7 @@ def test_shadow_diff_promote_rollback_and_drop(dsn: str, store: EventStore, tmp_
         assert code == 0 and "tally_set: shadow tally_set__shadow created" in out
 
         differs = aura_pg("projections", "diff", "tally_set", "--json", "--dsn", dsn, check=False)
-        assert differs.returncode == 2, differs.stderr
+        assert differs.returncode == 4, differs.stderr
         report = json.loads(differs.stdout)
         assert (report["identical"], report["differing_rows"]) == (False, 1)
         assert [(d["table"], d["key"], d["columns"]) for d in report["differences"]] == [

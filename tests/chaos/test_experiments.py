@@ -26,7 +26,7 @@ import pytest
 from aura_pg import EventStore, NewEvent, migrate
 from aura_pg.chaos import ChaosUnavailable, toolkit
 from aura_pg.chaos.injector import process_gone
-from aura_pg.localdb import LocalCluster, free_port, temporary_cluster
+from aura_pg.devtools.localdb import LocalCluster, free_port, temporary_cluster
 from tests.helpers.metrics import fetch
 from tests.helpers.projections import query, wait_for_sync
 

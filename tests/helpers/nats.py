@@ -19,7 +19,7 @@ import nats
 import psycopg
 from psycopg.rows import dict_row
 
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 
 NATS_SERVER = "/usr/sbin/nats-server"
 

@@ -400,7 +400,7 @@ async def test_a_python_mapping(
 
 
 async def test_unreachable_nats_is_a_clear_error(dsn: str) -> None:
-    from aura_pg.localdb import free_port
+    from aura_pg.devtools.localdb import free_port
 
     unreachable = NatsImporter(
         dsn, [f"nats://127.0.0.1:{free_port()}"], STREAM, EventModelMapping(), connect_timeout=1

@@ -24,7 +24,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from aura_pg import ANY, EventStore, NewEvent
-from aura_pg.localdb import free_port
+from aura_pg.devtools.localdb import free_port
 from aura_pg.outbox import (
     Backoff,
     ClosableSink,

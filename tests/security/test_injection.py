@@ -540,18 +540,18 @@ def test_cli_takes_hostile_names_as_values(
             assert _cli([*argv, "--dsn", dsn]) == 1, argv
             err = capsys.readouterr().err
             assert err.startswith("aura-pg: ") and "Traceback" not in err
-        assert _cli(["projections", "dead-letters", name, "--dsn", dsn]) == 0
+        assert _cli(["dlq", "list", name, "--dsn", dsn]) == 0
         assert capsys.readouterr().out.strip() == "(none)"
         assert _cli(["projections", "replay", "tally_set", name, "--dsn", dsn]) == 0
         assert f"replayed 0 events of {name}" in capsys.readouterr().out
-        assert _cli(["projections", "dead-letters", name, "--json", "--dsn", dsn]) == 0
+        assert _cli(["dlq", "list", name, "--json", "--dsn", dsn]) == 0
         assert json.loads(capsys.readouterr().out) == []
     assert _checkpoint_rows(dsn) == checkpoints
     assert event_rows(dsn) == events
     assert snapshot(dsn) == structure
 
     note = "x'; DROP TABLE public.canary; -- %s $$"
-    assert _cli(["projections", "skip-dead-letter", str(letter), "--note", note, "--dsn", dsn]) == 0
+    assert _cli(["dlq", "skip", str(letter), "--note", note, "--dsn", dsn]) == 0
     capsys.readouterr()
     assert _cli(["projections", "status", "--json", "--dsn", dsn]) == 0
     assert {row["name"] for row in json.loads(capsys.readouterr().out)} == {"tally_set"}

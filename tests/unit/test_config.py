@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from pydantic_settings import SettingsConfigDict
 
-from aura_pg.config import MASK, Connection, Settings, describe_dsn, mask_dsn, mask_text
+from aura_pg.config import (
+    MASK,
+    CommandSettings,
+    ConfigurationError,
+    Connection,
+    PositiveCount,
+    PositiveSeconds,
+    Settings,
+    describe_dsn,
+    mask_dsn,
+    mask_text,
+    non_negative_count,
+    non_negative_seconds,
+    port_number,
+    positive_count,
+    positive_seconds,
+    statement_timeout,
+)
 from aura_pg.errors import AuraPgError
 
 
@@ -156,3 +175,54 @@ def test_statement_timeout_only_when_bounded(clean_env: pytest.MonkeyPatch) -> N
 def test_error_text_of_a_connection_hides_its_password(text: str, dsn: str) -> None:
     """Error messages (libpq quotes what it could not parse) lose the password."""
     assert "hunter2" not in Connection.of(dsn).mask(text)
+
+
+@pytest.mark.parametrize(
+    ("check", "good", "bad"),
+    [
+        (
+            positive_seconds,
+            [("0.5", 0.5), ("2", 2.0), (3, 3.0)],
+            ["0", "-1", "x", "inf", "nan", ""],
+        ),
+        (non_negative_seconds, [("0", 0.0), ("1e3", 1000.0)], ["-0.1", "x", "inf"]),
+        (positive_count, [("1", 1), (7, 7)], ["0", "-3", "1.5", "x", "", True]),
+        (non_negative_count, [("0", 0), ("9", 9)], ["-1", "x"]),
+        (port_number, [("0", 0), ("65535", 65535)], ["65536", "-1", "http"]),
+        (statement_timeout, [("30s", "30s"), (" 500ms ", "500ms")], ["soon", "5s; DROP"]),
+    ],
+)
+def test_the_validators_flags_and_variables_share(
+    check: Callable[[object], object], good: list[tuple[object, object]], bad: list[object]
+) -> None:
+    for value, expected in good:
+        assert check(value) == expected
+    for value in bad:
+        with pytest.raises(ValueError, match=r"not|must|is 0 to|a port"):
+            check(value)
+
+
+class _Example(CommandSettings):
+    model_config = SettingsConfigDict(env_prefix="AURA_PG_EXAMPLE_")
+
+    interval: PositiveSeconds = 1.0
+    size: PositiveCount = 10
+
+
+def test_command_settings_name_the_variable_that_is_wrong(clean_env: pytest.MonkeyPatch) -> None:
+    assert (_Example.resolve().interval, _Example.resolve().size) == (1.0, 10)
+    clean_env.setenv("AURA_PG_EXAMPLE_INTERVAL", "0.25")
+    assert _Example.resolve().interval == 0.25  # the variable over the default
+    assert _Example.resolve(interval=4).interval == 4.0  # the flag over the variable
+    assert _Example.resolve(interval=None).interval == 0.25  # None: not given
+    clean_env.setenv("AURA_PG_EXAMPLE_SIZE", "0")
+    with pytest.raises(ConfigurationError) as refused:
+        _Example.resolve()
+    assert str(refused.value) == (
+        "invalid configuration: AURA_PG_EXAMPLE_SIZE: must be at least 1, not 0"
+    )
+    assert _Example.resolve(size=3).size == 3  # a flag given hides the bad variable
+    clean_env.setenv("AURA_PG_EXAMPLE_SIZE", "")
+    assert _Example.resolve().size == 10  # an empty variable counts as not set
+    with pytest.raises(ConfigurationError, match=r"^invalid configuration: size: must be"):
+        _Example.resolve(size=-2)

@@ -8,9 +8,12 @@ import json
 
 import pytest
 
-from aura_pg import cli, doctor
-from aura_pg.config import Settings
-from aura_pg.doctor import Check, exit_code, format_json, format_report
+from aura_pg import cli
+from aura_pg.cli import doctor as doctor_command
+from aura_pg.cli import exit_codes
+from aura_pg.cli._connection import connection_settings
+from aura_pg.cli.doctor import exit_code
+from aura_pg.doctor import Check, checks, format_json, format_report, verdicts
 
 OK = Check("connect", "ok", "connected to u@h:5432/db")
 WARN = Check("durability", "warn", "fsync is off", "turn it on")
@@ -23,9 +26,9 @@ FAIL = Check("migrations", "fail", "no aura schema", "run aura-pg migrate")
         ([OK], False, 0),
         ([OK], True, 0),
         ([OK, WARN], False, 0),
-        ([OK, WARN], True, 1),
-        ([OK, FAIL], False, 1),
-        ([OK, WARN, FAIL], True, 1),
+        ([OK, WARN], True, 3),
+        ([OK, FAIL], False, 3),
+        ([OK, WARN, FAIL], True, 3),
         ([], False, 0),
     ],
 )
@@ -47,7 +50,7 @@ def test_the_report_has_one_line_per_check_with_hints_for_warn_and_fail() -> Non
 
 
 def test_every_check_is_named() -> None:
-    assert ("connect", *(name for name, _ in doctor._CHECKS)) == doctor.CHECK_NAMES
+    assert ("connect", *(name for name, _ in checks._CHECKS)) == verdicts.CHECK_NAMES
 
 
 def test_a_multi_line_detail_stays_on_its_line() -> None:
@@ -58,17 +61,17 @@ def test_a_multi_line_detail_stays_on_its_line() -> None:
 def test_a_failed_connection_lists_the_checks_that_did_not_run() -> None:
     failed = Check("connect", "fail", "cannot connect: refused", "check --dsn")
     lines = format_report([failed]).splitlines()
-    assert lines[1] == "not run (no connection): " + ", ".join(doctor.CHECK_NAMES[1:])
+    assert lines[1] == "not run (no connection): " + ", ".join(verdicts.CHECK_NAMES[1:])
     assert lines[-1] == "doctor: fail (0 ok, 0 warn, 1 fail)"
-    document = json.loads(format_json([failed]))
-    assert document["not_run"] == list(doctor.CHECK_NAMES[1:])
+    document = json.loads(format_json([failed], exit_code=exit_codes.UNHEALTHY))
+    assert document["not_run"] == list(verdicts.CHECK_NAMES[1:])
 
 
 def test_json_carries_every_field_and_the_exit_code() -> None:
-    document = json.loads(format_json([OK, WARN], strict=True))
+    document = json.loads(format_json([OK, WARN], exit_code=exit_code([OK, WARN], strict=True)))
     assert document == {
         "status": "warn",
-        "exit_code": 1,
+        "exit_code": 3,
         "checks": [
             {"name": "connect", "status": "ok", "detail": OK.detail, "hint": None},
             {
@@ -80,20 +83,20 @@ def test_json_carries_every_field_and_the_exit_code() -> None:
         ],
         "not_run": [],
     }
-    assert json.loads(format_json([OK, WARN]))["exit_code"] == 0
+    assert json.loads(format_json([OK, WARN], exit_code=exit_code([OK, WARN])))["exit_code"] == 0
 
 
-def test_add_doctor_command_registers_on_a_subparsers_object() -> None:
+def test_the_doctor_command_registers_on_a_subparsers_object() -> None:
     parser = argparse.ArgumentParser(prog="aura-pg")
     sub = parser.add_subparsers(dest="command", required=True)
-    doctor.add_doctor_command(sub)
+    doctor_command.add_parser(sub)
     args = parser.parse_args(["doctor"])
     assert args.command == "doctor"
-    assert args.handler is doctor.cmd_doctor
+    assert args.handler is doctor_command.run
     assert args.dsn is None
     assert (args.json, args.strict) == (False, False)
-    assert args.max_transaction_age == doctor.DEFAULT_MAX_TRANSACTION_AGE
-    assert args.connect_timeout == doctor.DEFAULT_CONNECT_TIMEOUT
+    assert args.max_transaction_age == checks.DEFAULT_MAX_TRANSACTION_AGE
+    assert args.connect_timeout == checks.DEFAULT_CONNECT_TIMEOUT
 
     args = parser.parse_args(
         ["doctor", "--dsn", "dbname=x", "--json", "--strict", "--max-transaction-age", "0.5"]
@@ -119,10 +122,10 @@ def test_a_bad_max_transaction_age_is_a_usage_error(
 def test_the_dsn_defaults_to_aura_pg_dsn_then_libpq(monkeypatch: pytest.MonkeyPatch) -> None:
     """doctor takes the connection options of every command (aura_pg.config)."""
     parser = argparse.ArgumentParser()
-    doctor.add_doctor_command(parser.add_subparsers())
+    doctor_command.add_parser(parser.add_subparsers())
 
     def dsn(*argv: str) -> str:
-        return Settings.from_args(parser.parse_args(["doctor", *argv])).dsn
+        return connection_settings(parser.parse_args(["doctor", *argv])).dsn
 
     monkeypatch.setenv("AURA_PG_DSN", "dbname=from_env")
     assert dsn() == "dbname=from_env"
@@ -136,18 +139,18 @@ def test_the_dsn_defaults_to_aura_pg_dsn_then_libpq(monkeypatch: pytest.MonkeyPa
     ("version_num", "status"), [(130012, "fail"), (140011, "warn"), (150020, "ok"), (170000, "ok")]
 )
 def test_server_version_rules(version_num: int, status: str) -> None:
-    assert doctor.server_version_check(version_num, "x").status == status
+    assert verdicts.server_version_check(version_num, "x").status == status
 
 
 def test_timescaledb_rules() -> None:
-    assert doctor.timescaledb_check("2.19.3", "2.19.3", "timescaledb").status == "ok"
-    assert doctor.timescaledb_check(
+    assert verdicts.timescaledb_check("2.19.3", "2.19.3", "timescaledb").status == "ok"
+    assert verdicts.timescaledb_check(
         "2.19.3", "2.19.3", "pg_stat_statements,timescaledb"
     ).status == ("ok")
-    assert doctor.timescaledb_check("2.19.3", "2.19.3", None).status == "ok"  # not visible
-    assert doctor.timescaledb_check("2.19.3", "2.19.3", "pg_stat_statements").status == "fail"
-    assert doctor.timescaledb_check(None, "2.19.3", "timescaledb").status == "warn"
-    missing = doctor.timescaledb_check(None, None, "")
+    assert verdicts.timescaledb_check("2.19.3", "2.19.3", None).status == "ok"  # not visible
+    assert verdicts.timescaledb_check("2.19.3", "2.19.3", "pg_stat_statements").status == "fail"
+    assert verdicts.timescaledb_check(None, "2.19.3", "timescaledb").status == "warn"
+    missing = verdicts.timescaledb_check(None, None, "")
     assert missing.status == "warn"
     assert "not installed on the server" in missing.detail
 
@@ -157,7 +160,7 @@ def test_migrations_rules() -> None:
         return revision in {"0001", "0002"}
 
     def check(schema: bool, table: bool, versions: list[str]) -> Check:
-        return doctor.migrations_check(schema, table, versions, "0002", known)
+        return verdicts.migrations_check(schema, table, versions, "0002", known)
 
     assert check(True, True, ["0002"]).status == "ok"
     behind = check(True, True, ["0001"])
@@ -189,37 +192,37 @@ def _role(kind: str, **overrides: object) -> dict[str, object]:
 def test_roles_rules() -> None:
     kinds = ["owner", "writer", "projector", "reader"]
     healthy = [_role(k) for k in kinds]
-    ok = doctor.roles_check(healthy, [], "postgres", True)
+    ok = verdicts.roles_check(healthy, [], "postgres", True)
     assert ok.status == "ok"
     assert "connected as postgres (superuser), in no aura role" in ok.detail
 
-    member = doctor.roles_check(
+    member = verdicts.roles_check(
         [_role(k, current_user_member=k == "writer") for k in kinds], [], "api", False
     )
     assert "connected as api, member of aura_writer" in member.detail
 
-    login = doctor.roles_check([*healthy[:3], _role("reader", can_login=True)], [], "u", False)
+    login = verdicts.roles_check([*healthy[:3], _role("reader", can_login=True)], [], "u", False)
     assert login.status == "warn"
     assert "aura_reader can log in" in login.detail
 
     for bad in (_role("owner", is_superuser=True), _role("owner", role_exists=False)):
-        assert doctor.roles_check([bad, *healthy[1:]], [], "u", False).status == "fail"
+        assert verdicts.roles_check([bad, *healthy[1:]], [], "u", False).status == "fail"
 
     public_schema = [{"object_kind": "schema", "object_name": "aura", "privilege_type": "USAGE"}]
-    schema = doctor.roles_check(healthy, public_schema, "u", False)
+    schema = verdicts.roles_check(healthy, public_schema, "u", False)
     assert schema.status == "fail"
     assert "REVOKE ALL ON SCHEMA aura FROM PUBLIC" in (schema.hint or "")
     public_function = [
         {"object_kind": "function", "object_name": "aura.f", "privilege_type": "EXECUTE"}
     ]
-    assert doctor.roles_check(healthy, public_function, "u", False).status == "warn"
+    assert verdicts.roles_check(healthy, public_function, "u", False).status == "warn"
 
 
 def test_idle_timeout_rules() -> None:
-    off = doctor.idle_timeout_check("0", "ms", "default", "aura")
+    off = verdicts.idle_timeout_check("0", "ms", "default", "aura")
     assert off.status == "warn"
     assert "ALTER DATABASE aura SET idle_in_transaction_session_timeout" in (off.hint or "")
-    on = doctor.idle_timeout_check("60000", "ms", "database", "aura")
+    on = verdicts.idle_timeout_check("60000", "ms", "database", "aura")
     assert (on.status, on.detail) == (
         "ok",
         "idle_in_transaction_session_timeout = 60000 ms (from database)",
@@ -240,21 +243,21 @@ def _transaction(age: float, pid: int = 7, kind: str = "session") -> dict[str, o
 
 
 def test_long_transaction_rules() -> None:
-    assert doctor.long_transactions_check([], 60).status == "ok"
-    assert doctor.long_transactions_check([_transaction(59)], 60).status == "ok"
-    warn = doctor.long_transactions_check([_transaction(61, pid=4242)], 60)
+    assert verdicts.long_transactions_check([], 60).status == "ok"
+    assert verdicts.long_transactions_check([_transaction(59)], 60).status == "ok"
+    warn = verdicts.long_transactions_check([_transaction(61, pid=4242)], 60)
     assert warn.status == "warn"
     assert "pid 4242 ('api', user app, database aura, idle in transaction) open 61.0 s" in (
         warn.detail
     )
-    assert doctor.long_transactions_check([_transaction(601)], 60).status == "fail"
-    prepared = doctor.long_transactions_check([_transaction(90, kind="prepared")], 60)
+    assert verdicts.long_transactions_check([_transaction(601)], 60).status == "fail"
+    prepared = verdicts.long_transactions_check([_transaction(90, kind="prepared")], 60)
     assert "prepared transaction 'tx-1'" in prepared.detail
     assert "ROLLBACK PREPARED" in (prepared.hint or "")
-    many = doctor.long_transactions_check([_transaction(100 - i, pid=i) for i in range(5)], 60)
+    many = verdicts.long_transactions_check([_transaction(100 - i, pid=i) for i in range(5)], 60)
     assert many.detail.count("pid ") == 3
     assert "and 2 more" in many.detail
-    partial = doctor.long_transactions_check([], 60, sees_all=False)
+    partial = verdicts.long_transactions_check([], 60, sees_all=False)
     assert "pg_read_all_stats" in partial.detail
 
 
@@ -270,51 +273,51 @@ def test_long_transaction_rules() -> None:
     ],
 )
 def test_clock_skew_rules(skew: float, uncertainty: float, status: str) -> None:
-    check = doctor.clock_skew_check(skew, uncertainty)
+    check = verdicts.clock_skew_check(skew, uncertainty)
     assert check.status == status
     assert ("ahead of" if skew >= 0 else "behind") in check.detail
 
 
 def test_projection_rules() -> None:
     healthy = {"name": "p", "status": "running", "circuit": "closed", "dead_letters": 0}
-    assert doctor.projections_check([]).detail == "no projection registered"
-    assert doctor.projections_check([healthy]).status == "ok"
+    assert verdicts.projections_check([]).detail == "no projection registered"
+    assert verdicts.projections_check([healthy]).status == "ok"
     # owner_alive is optional: absent, nothing is said about owners.
-    assert doctor.projections_check([{**healthy, "owner": "h:1"}]).status == "ok"
-    gone = doctor.projections_check([{**healthy, "owner": "h:1", "owner_alive": False}])
+    assert verdicts.projections_check([{**healthy, "owner": "h:1"}]).status == "ok"
+    gone = verdicts.projections_check([{**healthy, "owner": "h:1", "owner_alive": False}])
     assert (gone.status, gone.detail) == ("warn", "p: owner h:1 is gone (its session ended)")
     alive = {**healthy, "owner": "h:1", "owner_alive": True}
-    assert doctor.projections_check([alive]).status == "ok"
-    assert doctor.projections_check([{**healthy, "dead_letters": 2}]).status == "warn"
-    assert doctor.projections_check([{**healthy, "status": "paused"}]).status == "warn"
-    assert doctor.projections_check([{**healthy, "circuit": "half_open"}]).status == "warn"
-    assert doctor.projections_check([{**healthy, "status": "failed"}]).status == "fail"
+    assert verdicts.projections_check([alive]).status == "ok"
+    assert verdicts.projections_check([{**healthy, "dead_letters": 2}]).status == "warn"
+    assert verdicts.projections_check([{**healthy, "status": "paused"}]).status == "warn"
+    assert verdicts.projections_check([{**healthy, "circuit": "half_open"}]).status == "warn"
+    assert verdicts.projections_check([{**healthy, "status": "failed"}]).status == "fail"
     open_circuit = {**healthy, "circuit": "open", "consecutive_failures": 5, "last_error": "x"}
-    failed = doctor.projections_check([open_circuit, {**healthy, "name": "q", "dead_letters": 1}])
+    failed = verdicts.projections_check([open_circuit, {**healthy, "name": "q", "dead_letters": 1}])
     assert failed.status == "fail"
     assert failed.detail == (
         "p: failing (circuit open, 5 consecutive failures, last error: x); "
         "q: 1 pending dead letter(s)"
     )
     half_open_failed = {**open_circuit, "status": "failed", "circuit": "half_open"}
-    assert doctor.projections_check([half_open_failed]).status == "fail"
+    assert verdicts.projections_check([half_open_failed]).status == "fail"
 
 
 def test_connection_and_durability_rules() -> None:
-    assert doctor.connections_check(100, 3, 0, 10).status == "ok"
-    assert doctor.connections_check(100, 3, 0, 80).status == "warn"
-    assert doctor.connections_check(100, 3, 0, 95).status == "fail"
+    assert verdicts.connections_check(100, 3, 0, 10).status == "ok"
+    assert verdicts.connections_check(100, 3, 0, 80).status == "warn"
+    assert verdicts.connections_check(100, 3, 0, 95).status == "fail"
     durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
-    assert doctor.durability_check(durable).status == "ok"
-    assert doctor.durability_check({**durable, "synchronous_commit": "local"}).status == "ok"
-    lax = doctor.durability_check({**durable, "synchronous_commit": "off"})
+    assert verdicts.durability_check(durable).status == "ok"
+    assert verdicts.durability_check({**durable, "synchronous_commit": "local"}).status == "ok"
+    lax = verdicts.durability_check({**durable, "synchronous_commit": "off"})
     assert lax.status == "warn"
     assert "synchronous_commit is off" in lax.detail
 
 
 def test_stream_order_rules() -> None:
-    assert doctor.stream_order_check(0, []).status == "ok"
-    found = doctor.stream_order_check(5, ["a", "b", "c"])
+    assert verdicts.stream_order_check(0, []).status == "ok"
+    found = verdicts.stream_order_check(5, ["a", "b", "c"])
     assert found.status == "warn"
     assert "5 stream(s)" in found.detail
     assert "'a', 'b', 'c' and 2 more" in found.detail

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from aura_pg.cli import _settings, build_parser
+from aura_pg.cli import build_parser
+from aura_pg.cli.project import project_settings, projector_settings
 from aura_pg.projection.settings import WAKE_SOURCES, ProjectorSettings
 
 
@@ -44,6 +45,6 @@ def test_bad_settings_are_refused(changes: dict[str, Any], message: str) -> None
     ],
 )
 def test_aura_pg_project_chooses_its_wake_up(argv: list[str], wake: str) -> None:
-    args = build_parser().parse_args(["project", *argv])
-    assert args.wake == wake
-    assert _settings(args, wake=args.wake).wake == wake
+    settings = project_settings(build_parser().parse_args(["project", *argv]))
+    assert settings.wake == wake
+    assert projector_settings(settings).wake == wake

@@ -23,9 +23,9 @@ from psycopg.rows import dict_row
 
 from aura_pg import migrate
 from aura_pg._resources import named_queries
+from aura_pg.devtools.localdb import temporary_cluster
 from aura_pg.domain.simulator import SimulationProgress, SimulationSummary, run_simulation
 from aura_pg.errors import AuraPgError
-from aura_pg.localdb import temporary_cluster
 from aura_pg.projection.catalog import load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon
 from aura_pg.projection.settings import ProjectorSettings

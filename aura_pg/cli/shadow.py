@@ -1,5 +1,6 @@
-"""``aura-pg projections shadow|diff|promote``: the command side of
-:mod:`aura_pg.projection.shadows`."""
+"""``aura-pg projections shadow|diff|promote``: run a new version of a
+projection beside the live one, compare them, swap (aura_pg.projection.shadows);
+docs/shadows.md."""
 
 from __future__ import annotations
 
@@ -7,26 +8,23 @@ import argparse
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
+from aura_pg._runtime import serve_until_signal
+from aura_pg.cli import exit_codes
+from aura_pg.cli._argtypes import non_negative_count
+from aura_pg.cli._connection import add_connection_options, connection, preflight
+from aura_pg.cli._daemon import configure_quiet_logging
+from aura_pg.cli.project import add_projector_options, project_settings, projector_settings
 from aura_pg.errors import CatalogError
 from aura_pg.projection import shadows
 from aura_pg.projection.catalog import load_catalog
 from aura_pg.projection.runner import ProjectionRunner
-from aura_pg.projection.settings import ProjectorSettings
-
-ACTIONS = ("shadow", "diff", "promote")
-EXIT_DIFFERENT = 2
-"""`aura-pg projections diff`: the shadow's read model differs from the live one."""
 
 log = logging.getLogger("aura_pg.shadows")
 
 
-def add_actions(
-    actions: argparse._SubParsersAction[argparse.ArgumentParser],
-    with_daemon_options: Callable[[argparse.ArgumentParser], None],
-) -> None:
+def add_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the shadow actions to ``aura-pg projections``."""
     a = actions.add_parser(
         "shadow",
@@ -45,48 +43,60 @@ def add_actions(
     )
     a.add_argument("--no-run", action="store_true", help="create it and exit; daemons run it")
     a.add_argument("--drop", action="store_true", help="drop the shadow (schema and row)")
-    with_daemon_options(a)
+    add_projector_options(a)
+    add_connection_options(a)
+    a.set_defaults(handler=run)
     a = actions.add_parser(
         "diff",
         help="compare a projection's read model with its shadow's at one checkpoint",
         description="Bring NAME and its shadow to one checkpoint and compare their tables row "
-        "by row, in one transaction. Exit 0 when identical, 2 when they differ.",
+        f"by row, in one transaction. Exit {exit_codes.OK} when identical, "
+        f"{exit_codes.DIFFERENT} when they differ.",
     )
     a.add_argument("name")
     a.add_argument("--json", action="store_true")
     a.add_argument(
-        "--limit", type=int, default=20, help="rows shown per table and kind (default 20)"
+        "--limit",
+        type=non_negative_count,
+        default=20,
+        help="rows shown per table and kind (default 20)",
     )
+    add_connection_options(a)
+    a.set_defaults(handler=run)
     a = actions.add_parser(
         "promote",
         help="swap the shadow in atomically; the old version becomes the shadow (rollback: "
         "promote again)",
     )
     a.add_argument("name")
+    add_connection_options(a)
+    a.set_defaults(handler=run)
 
 
-def run(
-    args: argparse.Namespace,
-    dsn: str,
-    settings: Callable[[], ProjectorSettings],
-    stop_on_signals: Callable[[], asyncio.Event],
-) -> int:
+def run(args: argparse.Namespace) -> int:
+    resolved = connection(args)
+    preflight(resolved)
+    dsn = resolved.conninfo
     if args.action == "diff":
-        if args.limit < 0:
-            raise CatalogError("--limit must be 0 or more")
         result = shadows.diff(dsn, args.name, args.limit)
         if args.json:
             print(json.dumps(result.as_dict(), indent=2, default=str, ensure_ascii=False))
         else:
             print(format_diff(result))
-        return 0 if result.identical else EXIT_DIFFERENT
+        return exit_codes.OK if result.identical else exit_codes.DIFFERENT
     if args.action == "promote":
         print(f"{args.name}: {shadows.promote(dsn, args.name)}")
-        return 0
+        return exit_codes.OK
     if args.drop:
         print(f"{args.name}: shadow {shadows.drop(dsn, args.name)}")
-        return 0
-    catalog = load_catalog(args.catalog)
+        return exit_codes.OK
+    return _begin(args, dsn)
+
+
+def _begin(args: argparse.Namespace, dsn: str) -> int:
+    settings = project_settings(args)
+    configure_quiet_logging()
+    catalog = load_catalog(settings.catalog)
     # The catalog's entry marked `shadow_of: NAME`, else NAME's own entry
     # (with the definition SQL of --sql).
     spec = catalog.shadow_entry(args.name) or catalog.get(args.name)
@@ -103,16 +113,17 @@ def run(
     outcome = shadows.begin(dsn, args.name, spec)
     print(f"{args.name}: shadow {shadows.shadow_name(args.name)} {outcome}")
     if args.no_run:
-        return 0
+        return exit_codes.OK
 
     async def main() -> None:
-        stop = stop_on_signals()
-        runner = ProjectionRunner(dsn, shadows.shadow_name(args.name), settings())
+        runner = ProjectionRunner(
+            dsn, shadows.shadow_name(args.name), projector_settings(settings, wake="poll")
+        )
         log.info("running %s until stopped", runner.name)
-        await runner.run(stop)
+        await serve_until_signal(runner.run)
 
     asyncio.run(main())
-    return 0
+    return exit_codes.OK
 
 
 def format_diff(result: shadows.ShadowDiff) -> str:
