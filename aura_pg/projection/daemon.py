@@ -17,16 +17,15 @@ from typing import Any
 import psycopg
 
 from aura_pg._resources import named_queries
+from aura_pg._runtime import can_resend, wait
 from aura_pg.errors import CatalogError, UnknownProjection
 from aura_pg.models import Checkpoint
 from aura_pg.projection.catalog import ProjectionSpec
 from aura_pg.projection.connection import connect
 from aura_pg.projection.registration import check_log_origin, register_projections
 from aura_pg.projection.runner import ProjectionRunner
-from aura_pg.projection.runtime import wait
 from aura_pg.projection.settings import ProjectorSettings
 from aura_pg.projection.wakeups import Listener, LogWatcher
-from aura_pg.store.retry import transient_reason
 
 log = logging.getLogger("aura_pg.projector")
 
@@ -120,7 +119,7 @@ class ProjectorDaemon:
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
             while not stop.is_set():
-                await wait(stop, None, self.settings.shadow_discovery_interval)
+                await wait(stop, self.settings.shadow_discovery_interval)
                 if stop.is_set():
                     return
                 try:
@@ -153,19 +152,21 @@ class ProjectorDaemon:
         """Register, waiting out a database that is down or restarting (a
         daemon started during an outage must not exit); False if stopped
         first. Any other failure (wrong credentials, no schema) is raised."""
-        delay = 0.1
+        reconnect = self.settings.reconnect_backoff()
+        failures = 0
         while True:
             try:
                 await self.register()
                 return True
             except psycopg.OperationalError as exc:
-                if transient_reason(exc) is None:
+                if not can_resend(exc):
                     raise
+                failures += 1
+                delay = reconnect.delay(failures)
                 log.warning("database unreachable (%s); registering again in %.1fs", exc, delay)
-            await wait(stop, None, delay)
+            await wait(stop, delay)
             if stop.is_set():
                 return False
-            delay = min(delay * 2, self.settings.reconnect_max_delay)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Register, then run every projection until ``stop`` is set; the

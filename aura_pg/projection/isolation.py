@@ -89,7 +89,7 @@ class BatchFailure(enum.Enum):
 
 @dataclass(frozen=True)
 class RetryLater:
-    """Retry the suspect after ``backoff_delay(attempt, ...)``."""
+    """Retry the suspect after the catalog's backoff for ``attempt`` (``runner.retry_backoff``)."""
 
     attempt: int
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import psycopg
 
+from aura_pg._runtime import Backoff, is_momentary, wait
 from aura_pg.errors import ProjectionError, StaleCheckpoint, UnknownProjection
 from aura_pg.models import START, Checkpoint
 from aura_pg.observability import metrics, tracing
 from aura_pg.observability.logging import bind
 from aura_pg.projection.connection import ConnectionLost, connect, fetch_one, queries
 from aura_pg.projection.isolation import BatchFailure, DeadLetter, Isolation, RetryPolicy, Suspect
-from aura_pg.projection.runtime import backoff_delay, is_transient, wait
 from aura_pg.projection.settings import ProjectorSettings
 
 log = logging.getLogger("aura_pg.projector")
@@ -103,6 +103,14 @@ class ProjectionReplaced(ProjectionError):
     applied to the new one; the runner stops."""
 
 
+def retry_backoff(base_ms: int, max_ms: int) -> Backoff:
+    """The wait before a failed event is tried again, from the catalog's
+    ``retry_base_ms`` and ``retry_max_ms``: half fixed, half random, and
+    never under 10 ms, whatever the catalog says (no tight retry loop)."""
+    cap = max_ms / 1000.0
+    return Backoff(base=min(base_ms / 1000.0, cap), cap=cap, jitter=0.5, floor=0.01)
+
+
 class ProjectionRunner:
     """Runs one projection (or a rebuild's shadow) while it owns it."""
 
@@ -152,7 +160,8 @@ class ProjectionRunner:
         Raises UnknownProjection when the projection's row is gone."""
         self._stop = stop
         bind(projection=self.name)  # this task's log lines name the projection
-        delay = 0.1
+        reconnect = self.settings.reconnect_backoff()
+        failures = 0
         while not stop.is_set() and not self.finished:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
@@ -167,7 +176,7 @@ class ProjectionRunner:
                     # It worked for a while: reconnect quickly next time. (A
                     # connection that fails at once keeps backing off.)
                     if self.events_applied > applied_before or time.monotonic() - owned_at > 10:
-                        delay = 0.1
+                        failures = 0
                 await self._release(conn)
             except ProjectionReplaced:
                 if conn is not None:
@@ -176,6 +185,8 @@ class ProjectionRunner:
             except (psycopg.OperationalError, ConnectionLost) as exc:
                 self.owning = False  # not while it waits to reconnect
                 self.reconnects += 1
+                failures += 1
+                delay = reconnect.delay(failures)
                 metrics.record_projection_error(self.name, "connection")
                 log.warning(
                     "projection %s: connection lost (%s); reconnecting in %.1fs",
@@ -183,8 +194,7 @@ class ProjectionRunner:
                     exc,
                     delay,
                 )
-                await wait(stop, None, delay)
-                delay = min(delay * 2, self.settings.reconnect_max_delay)
+                await wait(stop, delay)
             finally:
                 self.owning = False
                 if conn is not None:
@@ -221,7 +231,7 @@ class ProjectionRunner:
             if not waiting_logged:
                 log.info("projection %s: owned by another daemon; standing by", self.name)
                 waiting_logged = True
-            await wait(stop, None, self.settings.poll_interval)
+            await wait(stop, self.settings.poll_interval)
         return False
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -281,7 +291,7 @@ class ProjectionRunner:
                 if time.monotonic() - self._settings_loaded_at > self.SETTINGS_REFRESH_SECONDS:
                     row = await fetch_one(conn, queries()["load"], {"name": self.name})
                     self._load(row, settings_only=True)
-                await wait(stop, self.wake, self.settings.poll_interval)
+                await wait(stop, self.settings.poll_interval, self.wake)
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> StepOutcome:
         """One batch: apply it, or handle its failure."""
@@ -343,7 +353,7 @@ class ProjectionRunner:
         with that event's failure (the isolation state machine decides)."""
         error = (exc.diag.message_primary if exc.diag else None) or str(exc)
         sqlstate = exc.sqlstate
-        transient = is_transient(sqlstate)
+        transient = is_momentary(sqlstate)
         self.isolation, failure = self.isolation.batch_failed()
         if failure is BatchFailure.EVENT:
             return await self._event_failed(conn, error, sqlstate, transient)
@@ -414,8 +424,10 @@ class ProjectionRunner:
         )
         if isinstance(verdict, DeadLetter):
             return await self._dead_letter(conn, verdict.suspect, error, sqlstate)
-        delay = backoff_delay(verdict.attempt, self.policy.retry_base_ms, self.policy.retry_max_ms)
-        await wait(self._stop, None, delay)
+        delay = retry_backoff(self.policy.retry_base_ms, self.policy.retry_max_ms).delay(
+            verdict.attempt
+        )
+        await wait(self._stop, delay)
         return StepOutcome.BUSY
 
     async def _dead_letter(

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Final, Literal, get_args
+
+from aura_pg._runtime import Backoff
 
 WakeSource = Literal["watch", "listen", "poll"]
+RECONNECT_FIRST_DELAY: Final = 0.1
 WAKE_SOURCES: tuple[WakeSource, ...] = get_args(WakeSource)
 
 
@@ -59,3 +62,14 @@ class ProjectorSettings:
                 "need 0 < watch_interval <= watch_idle_interval, not "
                 f"{self.watch_interval!r} and {self.watch_idle_interval!r}"
             )
+
+    def reconnect_backoff(self) -> Backoff:
+        """The waits between reconnection attempts: 0.1 s, doubling up to
+        ``reconnect_max_delay``, without jitter (each daemon reconnects
+        alone)."""
+        return Backoff(
+            base=min(RECONNECT_FIRST_DELAY, self.reconnect_max_delay),
+            cap=self.reconnect_max_delay,
+            jitter=0.0,
+            floor=RECONNECT_FIRST_DELAY,
+        )

@@ -26,10 +26,10 @@ from typing import Any
 
 import psycopg
 
+from aura_pg._runtime import wait
 from aura_pg.models import START, Checkpoint
 from aura_pg.observability import tracing
 from aura_pg.projection.connection import connect, queries
-from aura_pg.projection.runtime import wait
 from aura_pg.projection.settings import ProjectorSettings
 
 log = logging.getLogger("aura_pg.projector")
@@ -55,24 +55,26 @@ class _WakeConnection(abc.ABC):
         """Wake runners while connected, until ``stop`` is set."""
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
+        reconnect = self.settings.reconnect_backoff()
+        failures = 0
         while not stop.is_set():
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 conn = await connect(self.dsn, self.settings, f"projector {self.role}")
                 self.connected = True
-                delay = 0.1
+                failures = 0
                 await self._serve(conn, stop)
             except psycopg.OperationalError as exc:
                 self.connected = False
                 if stop.is_set():
                     return
                 self.reconnects += 1
+                failures += 1
+                delay = reconnect.delay(failures)
                 log.warning(
                     "%s: connection lost (%s); reconnecting in %.1fs", self.role, exc, delay
                 )
-                await wait(stop, None, delay)
-                delay = min(delay * 2, self.settings.reconnect_max_delay)
+                await wait(stop, delay)
             finally:
                 self.connected = False
                 if conn is not None:
@@ -145,4 +147,4 @@ class LogWatcher(_WakeConnection):
                 moved_at = time.monotonic()
             elif time.monotonic() - moved_at > self.settings.watch_hold:
                 interval = min(interval * 1.5, self.settings.watch_idle_interval)
-            await wait(stop, None, interval)
+            await wait(stop, interval)

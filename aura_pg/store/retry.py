@@ -18,64 +18,11 @@ error is raised at once.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 
-import psycopg
-from psycopg_pool import PoolClosed, PoolTimeout
+from aura_pg._runtime import Backoff, can_resend, resend_reason
 
 log = logging.getLogger("aura_pg.retry")
-
-# SQLSTATEs worth another attempt, by the reason the retries metric counts:
-# the server shutting down or not yet accepting connections, a session the
-# server closed for idling, too many connections, and the transaction
-# rollbacks a retry resolves. The whole connection exception class (08)
-# counts as "connection". Not retried from class 57: 57000 (operator
-# intervention), 57014 (a cancelled statement: a statement timeout would
-# hit again) and 57P04 (the database was dropped).
-_TRANSIENT_STATES = {
-    "57P01": "server_shutdown",
-    "57P02": "server_shutdown",
-    "57P03": "server_starting",
-    # idle_session_timeout closed an idle pooled connection: nothing was sent.
-    "57P05": "connection",
-    "53300": "too_many_connections",
-    "40001": "serialization",
-    "40P01": "deadlock",
-}
-
-
-def transient_reason(exc: BaseException) -> str | None:
-    """Why ``exc`` leaves an append's outcome to another attempt, or None
-    when it does not."""
-    if isinstance(exc, PoolTimeout):
-        return "pool_timeout"
-    if isinstance(exc, PoolClosed) or not isinstance(exc, psycopg.Error):
-        # A closed store stays closed: an OperationalError without a
-        # SQLSTATE, but no reason to wait.
-        return None
-    state = exc.sqlstate
-    if state is None:
-        # No answer from the server at all: the connection broke or never
-        # opened (a refused or reset connection). Wrong credentials and
-        # unknown databases come with a SQLSTATE, so they are not here.
-        return "connection" if isinstance(exc, psycopg.OperationalError) else None
-    if state.startswith("08"):
-        return "connection"
-    return _TRANSIENT_STATES.get(state)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` leaves an append's outcome to another attempt."""
-    return transient_reason(exc) is not None
-
-
-def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (from 1):
-    ``base_delay`` doubled per attempt up to ``max_delay``, half of it fixed
-    and half random, so writers that failed together do not return together."""
-    ceiling = min(max_delay, base_delay * float(2 ** min(attempt - 1, 30)))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @dataclass(frozen=True)
@@ -108,14 +55,14 @@ class AppendRetry:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
-        return backoff_delay(attempt, self.base_delay, self.max_delay)
+        return Backoff(base=self.base_delay, cap=self.max_delay).delay(attempt)
 
     def next_delay(self, exc: BaseException, attempt: int, elapsed: float) -> float | None:
         """The wait before another attempt after ``exc`` ended attempt
         number ``attempt``, ``elapsed`` seconds after the first began; None
         when the failure is not transient or the attempts or the budget
         are spent."""
-        if not is_transient(exc) or attempt >= self.attempts:
+        if not can_resend(exc) or attempt >= self.attempts:
             return None
         delay = self.delay(attempt)
         if elapsed + delay > self.budget:
@@ -139,7 +86,7 @@ def wait_before_resending(
     # importer of the store (a store imports it when it is created).
     from aura_pg.observability import metrics
 
-    metrics.APPEND_RETRIES.labels(transient_reason(exc) or "other").inc()
+    metrics.APPEND_RETRIES.labels(resend_reason(exc) or "other").inc()
     text = str(exc).strip()
     log.warning(
         "append to %r: attempt %d failed (%s: %s); sending the same batch again in %.2fs",

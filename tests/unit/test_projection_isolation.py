@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aura_pg._runtime import is_momentary
 from aura_pg.models import Checkpoint
 from aura_pg.projection.isolation import (
     BatchFailure,
@@ -32,7 +33,7 @@ from aura_pg.projection.isolation import (
     RetryPolicy,
     Suspect,
 )
-from aura_pg.projection.runtime import backoff_delay, is_transient
+from aura_pg.projection.runner import retry_backoff
 
 HERE = Checkpoint(7, 70)
 ELSEWHERE = Checkpoint(6, 60)
@@ -286,7 +287,7 @@ def test_a_suspect_that_is_gone_is_forgotten(state: Isolation) -> None:
     ],
 )
 def test_which_sqlstates_are_failures_of_the_moment(sqlstate: str | None, transient: bool) -> None:
-    assert is_transient(sqlstate) is transient
+    assert is_momentary(sqlstate) is transient
 
 
 @pytest.mark.parametrize(
@@ -298,7 +299,7 @@ def test_backoff_is_half_fixed_half_jitter(
     attempt: int, base_ms: int, max_ms: int, ceiling: float
 ) -> None:
     for _ in range(50):
-        assert ceiling / 2 <= backoff_delay(attempt, base_ms, max_ms) <= ceiling
+        assert ceiling / 2 <= retry_backoff(base_ms, max_ms).delay(attempt) <= ceiling
 
 
 # -- the whole path, against a fake of what the database owns --------------------

@@ -10,8 +10,8 @@ import pytest
 from psycopg_pool import PoolClosed, PoolTimeout
 
 from aura_pg import ANY, AppendRetry, ConcurrencyError, EventValidationError, NewEvent
+from aura_pg._runtime import can_resend, resend_reason
 from aura_pg.store import operations as ops
-from aura_pg.store.retry import is_transient, transient_reason
 from tests.helpers.metrics import retries_counted
 
 
@@ -31,7 +31,7 @@ from tests.helpers.metrics import retries_counted
     ],
 )
 def test_failures_that_say_nothing_about_the_append_are_retried(exc: Exception) -> None:
-    assert is_transient(exc)
+    assert can_resend(exc)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_failures_that_say_nothing_about_the_append_are_retried(exc: Exception) 
     ],
 )
 def test_everything_else_is_raised_at_once(exc: Exception) -> None:
-    assert not is_transient(exc)
+    assert not can_resend(exc)
     assert AppendRetry().next_delay(exc, 1, 0.0) is None
 
 
@@ -104,7 +104,7 @@ def test_bad_policies_are_refused(changes: dict[str, Any], message: str) -> None
     ],
 )
 def test_each_retry_is_counted_by_its_reason(exc: Exception, reason: str | None) -> None:
-    assert transient_reason(exc) == reason
+    assert resend_reason(exc) == reason
 
 
 # --- the resend decision, driven without a database --------------------------
