@@ -10,7 +10,6 @@ from aura_pg.cli import exit_codes
 from aura_pg.cli._argtypes import positive_count
 from aura_pg.cli._connection import connection, connection_settings
 from aura_pg.config import ConfigurationError
-from aura_pg.devtools.demo import run_demo
 from aura_pg.observability.tracing import configure_tracing
 
 MINIMUM_AGENTS = 3
@@ -38,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     if args.agents < MINIMUM_AGENTS:
         raise ConfigurationError(f"--agents must be at least {MINIMUM_AGENTS}, not {args.agents}")
+    # Imported here: the simulator is not needed by the other commands, and
+    # the daemons start (and install their signal handlers) sooner without it.
+    from aura_pg.devtools.demo import run_demo
+
     # No DSN from the flag or AURA_PG_DSN: a throw-away local cluster.
     given = "dsn" in connection_settings(args).model_fields_set
     dsn = connection(args).conninfo if given else None
