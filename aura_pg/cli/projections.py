@@ -134,8 +134,9 @@ def _rebuild(args: argparse.Namespace, dsn: str) -> int:
         print(f"{args.name}: {projection_rebuild.abort_rebuild(dsn, args.name)}")
         return exit_codes.OK
     settings = project_settings(args)
-    configure_quiet_logging()
     spec = load_catalog(settings.catalog).get(args.name)
+    # Logs only once there is a rebuild to log (an unknown name logs nothing).
+    configure_quiet_logging()
     interactive = sys.stderr.isatty()
 
     async def main() -> projection_rebuild.RebuildResult | None:

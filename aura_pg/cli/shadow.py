@@ -95,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _begin(args: argparse.Namespace, dsn: str) -> int:
     settings = project_settings(args)
-    configure_quiet_logging()
     catalog = load_catalog(settings.catalog)
     # The catalog's entry marked `shadow_of: NAME`, else NAME's own entry
     # (with the definition SQL of --sql).
@@ -110,6 +109,7 @@ def _begin(args: argparse.Namespace, dsn: str) -> int:
             spec = spec.model_copy(update={"definition_sql": args.sql.read_text(encoding="utf-8")})
         except OSError as exc:
             raise CatalogError(f"cannot read {args.sql}: {exc.strerror or exc}") from None
+    configure_quiet_logging()
     outcome = shadows.begin(dsn, args.name, spec)
     print(f"{args.name}: shadow {shadows.shadow_name(args.name)} {outcome}")
     if args.no_run:
