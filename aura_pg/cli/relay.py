@@ -1,4 +1,4 @@
-"""``aura-pg relay``: publish the transactional outbox (aura_pg.relay) to
+"""``aura-pg relay``: publish the transactional outbox (aura_pg.outbox) to
 NATS JetStream and webhooks; docs/outbox.md."""
 
 from __future__ import annotations

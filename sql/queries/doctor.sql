@@ -1,4 +1,4 @@
--- Statements `aura-pg doctor` (aura_pg/doctor.py) sends, each starting at a
+-- Statements `aura-pg doctor` (aura_pg/doctor/) sends, each starting at a
 -- "-- name:" line. They only read: catalogs, settings, statistics and the
 -- aura operator views. Each check runs on its own (autocommit), so one that
 -- fails (a permission, a missing view) does not stop the others.

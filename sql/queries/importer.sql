@@ -1,4 +1,4 @@
--- Statements `aura-pg import` (aura_pg/importer.py) sends besides the
+-- Statements `aura-pg import` (aura_pg/importer/) sends besides the
 -- appends, which go through aura.append_events like every append. Each
 -- starts at a "-- name:" line; the importer loads this file once at import.
 

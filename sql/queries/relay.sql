@@ -1,4 +1,4 @@
--- Statements `aura-pg relay` (aura_pg/relay.py) sends. Each starts at a
+-- Statements `aura-pg relay` (aura_pg/outbox/relay.py) sends. Each starts at a
 -- "-- name:" line; the relay loads this file once at import. They run in one
 -- transaction per batch: claim, publish (outside the database), mark, commit.
 

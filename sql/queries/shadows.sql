@@ -1,4 +1,4 @@
--- Statements of `aura-pg projections shadow|diff|promote` (aura_pg.shadows)
+-- Statements of `aura-pg projections shadow|diff|promote` (aura_pg.projection.shadows)
 -- over the functions of functions/shadows.sql. Each starts at a "-- name:"
 -- line.
 
