@@ -12,6 +12,10 @@ block) cleans up after an experiment that failed half-way.
 The injector connects as the given DSN's user, who must be able to create
 triggers on read models, terminate sessions and create tablespaces: a
 superuser, in practice. Nothing here runs in normal operation.
+
+Over 500 lines as one class on purpose: each fault is a short method with
+its undo beside it, and the injector's bookkeeping (``undo_all``) must see
+them all.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ the steady-state tolerances check it. So every function here:
 Faults are injected through ``FailureInjector``. A probe that only looks
 returns what it saw; a ``wait_*`` probe waits for a condition and raises
 (which the journal records as a failed activity) when it does not come.
+
+One module, over 500 lines, because the experiments name their activities
+by this module's path (``aura_pg.chaos.toolkit``): splitting it would
+rename every activity in ``deploy/chaos/``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -17,12 +17,14 @@ from aura_pg.cli import build_parser, exit_codes, main
 from aura_pg.cli.project import project_settings
 from aura_pg.cli.settings import (
     ImportSettings,
+    LogFormat,
     LoggingSettings,
     ProjectSettings,
     RelaySettings,
     flags_given,
 )
 from aura_pg.config import CommandSettings, Settings
+from aura_pg.observability.command import LOG_FORMATS
 
 PACKAGE = Path(aura_pg.__file__).parent
 ROOT = PACKAGE.parent
@@ -97,6 +99,10 @@ def test_every_daemon_takes_the_same_logging_flags() -> None:
     for path in DAEMONS:
         assert logging_flags <= set(_options(_command(*path))), path
         assert "-v" in _command(*path)._option_string_actions
+
+
+def test_the_log_format_setting_offers_what_logging_configures() -> None:
+    assert get_args(LogFormat) == LOG_FORMATS
 
 
 def test_exit_codes_are_distinct_and_documented() -> None:
