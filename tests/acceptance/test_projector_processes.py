@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from aura_pg.projection.rebuild import rebuild
+from tests.helpers.daemons import FIXTURE_PROJECTIONS, ROOT, Daemons, start_writer
 from tests.helpers.projections import (
-    FIXTURE_CATALOG,
     assert_exact_fold,
     caught_up,
     fixture_catalog,
@@ -27,68 +27,9 @@ from tests.helpers.projections import (
     wait_for_sync,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-AURA_PG = str(Path(sys.executable).with_name("aura-pg"))
-PROJECTIONS = ("tally_set", "tally_each")
+PROJECTIONS = FIXTURE_PROJECTIONS
 # The advisory lock class of aura.append_events' per-stream lock.
 STREAM_APPEND_LOCK_CLASS = 1635087475
-
-
-class Daemons:
-    """Starts `aura-pg project` processes and cleans up after the test."""
-
-    def __init__(self, dsn: str, log_dir: Path) -> None:
-        self.dsn = dsn
-        self.log_dir = log_dir
-        self.processes: dict[str, subprocess.Popen[str]] = {}
-        # Every process started for the test (daemons and writers).
-        self.started: list[subprocess.Popen[str]] = []
-
-    def start(self, owner: str, *extra: str) -> subprocess.Popen[str]:
-        log_path = self.log_dir / f"daemon-{owner}-{len(self.started)}.log"
-        with log_path.open("w") as log:
-            process = subprocess.Popen(
-                [
-                    AURA_PG,
-                    "project",
-                    *PROJECTIONS,
-                    "--dsn",
-                    self.dsn,
-                    "--catalog",
-                    str(FIXTURE_CATALOG),
-                    "--owner",
-                    owner,
-                    "--poll-interval",
-                    "0.2",
-                    "--shutdown-timeout",
-                    "10",
-                    *extra,
-                ],
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                text=True,
-            )
-        self.processes[owner] = process
-        self.started.append(process)
-        return process
-
-    def kill(self, owner: str) -> None:
-        process = self.processes[owner]
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-
-    def owners(self) -> set[str | None]:
-        """The owners of the projections ("unregistered" before the first
-        daemon has installed them)."""
-        rows = dict(query(self.dsn, "SELECT name, owner FROM aura.projection_checkpoints"))
-        return {rows.get(name, "unregistered") for name in PROJECTIONS}
-
-    def close(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
 
 
 @pytest.fixture
@@ -100,31 +41,6 @@ def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
         yield running
     finally:
         running.close()
-
-
-def start_writer(
-    dsn: str,
-    daemons: Daemons,
-    seconds: float,
-    rate: float,
-    seed: int,
-    poison_at: int | None = None,
-) -> subprocess.Popen[str]:
-    """A steady writer process; `daemons` reaps it if the test fails first."""
-    args = [
-        sys.executable,
-        "-m",
-        "tests.helpers.steady_writer",
-        dsn,
-        str(seconds),
-        str(rate),
-        str(seed),
-    ]
-    if poison_at is not None:
-        args.append(str(poison_at))
-    writer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, text=True)
-    daemons.started.append(writer)
-    return writer
 
 
 def wait_caught_up(dsn: str) -> None:
