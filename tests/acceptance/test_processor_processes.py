@@ -1,0 +1,482 @@
+"""Python processors in real `aura-pg project` processes under real faults:
+kill -9 of the owner under a steady append load with poison events, two
+daemons sharing four partitions while one of them is killed over and over,
+and a handler that hangs.
+
+The handlers (tests/helpers/processor_handlers.py) insert every event they
+are given into a table whose primary key on event_id refuses a second
+application outright, in insertion order (a bigserial) and with the
+transaction that inserted it. Afterwards each table must hold exactly the
+events of the processor's types in the log, but the poison ones, which
+must be exactly the processor's pending dead letters; per stream in the
+order of its versions; per partition in the log's commit order."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, LiteralString
+
+import pytest
+import yaml
+from psycopg import sql
+
+from aura_pg import EventStore, NewEvent
+from tests.helpers.daemons import ROOT, Daemons, start_writer
+from tests.helpers.projections import (
+    FIXTURE_CATALOG,
+    assert_exact_fold,
+    caught_up,
+    query,
+    wait_for_sync,
+)
+
+HANDLERS = "tests.helpers.processor_handlers"
+# `python -m aura_pg` from the repository: the daemons import the handlers
+# from the tests' package.
+PYTHON_M_AURA_PG = (sys.executable, "-m", "aura_pg")
+HANDLER_TABLE = (
+    "CREATE TABLE {} (seq bigserial NOT NULL UNIQUE, event_id uuid PRIMARY KEY,"
+    " stream_id text NOT NULL, version bigint NOT NULL,"
+    " tx xid8 NOT NULL DEFAULT pg_current_xact_id())"
+)
+# The ids of the events the steady processor and the SQL projection applied.
+STEADY_APPLIED = "SELECT event_id FROM processed"
+TALLY_APPLIED = (
+    "SELECT e.event_id FROM tally_set.applied_events JOIN aura.events e USING (global_position)"
+)
+MakeDaemons = Callable[[Sequence[dict[str, Any]], Sequence[str]], Daemons]
+
+
+def processor(
+    name: str,
+    handler: str,
+    *,
+    source_events: Sequence[str] | None,
+    batch_size: int,
+    partitions: int = 1,
+    batch_timeout_seconds: float | None = None,
+    max_retries: int = 2,
+    retry_base_ms: int = 10,
+    retry_max_ms: int = 50,
+) -> dict[str, Any]:
+    """A catalog entry of a Python processor whose handler is one of
+    tests/helpers/processor_handlers.py (``source_events`` None: all)."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "kind": "python",
+        "handler": f"{HANDLERS}:{handler}",
+        "source_events": list(source_events) if source_events is not None else "all",
+        "batch_size": batch_size,
+        "partitions": partitions,
+        "error_handling": {
+            "max_retries": max_retries,
+            "retry_base_ms": retry_base_ms,
+            "retry_max_ms": retry_max_ms,
+            "dead_letter_queue": True,
+            # Poison events in a row must be dead-lettered, not pause the
+            # processor behind an open circuit.
+            "circuit_breaker": {"failure_threshold": 50, "recovery_timeout_seconds": 1},
+        },
+    }
+    if batch_timeout_seconds is not None:
+        entry["batch_timeout_seconds"] = batch_timeout_seconds
+    return entry
+
+
+@pytest.fixture
+def make_daemons(dsn: str, tmp_path: Path) -> Iterator[MakeDaemons]:
+    """``make_daemons(entries, rows)``: writes a catalog of ``entries`` into
+    the test's directory and returns the Daemons that run it (``rows``: the
+    checkpoint rows whose owners it watches). Every process is killed at the
+    end; the daemons' logs stay in the test's directory."""
+    made: list[Daemons] = []
+
+    def make(entries: Sequence[dict[str, Any]], rows: Sequence[str]) -> Daemons:
+        catalog = tmp_path / "catalog.yaml"
+        catalog.write_text(yaml.safe_dump({"projections": list(entries)}, sort_keys=False))
+        daemons = Daemons(
+            dsn,
+            tmp_path,
+            catalog=catalog,
+            projections=[entry["name"] for entry in entries],
+            rows=rows,
+            command=PYTHON_M_AURA_PG,
+        )
+        made.append(daemons)
+        return daemons
+
+    try:
+        yield make
+    finally:
+        for daemons in made:
+            daemons.close()
+
+
+def create_handler_tables(dsn: str, *tables: str) -> None:
+    for table in tables:
+        query(dsn, sql.SQL(HANDLER_TABLE).format(sql.Identifier(table)))
+
+
+def start_batch_writer(daemons: Daemons, count: int, seed: int) -> subprocess.Popen[str]:
+    """tests/helpers/append_writer.py: batches of 1-5 WRITTEN events, some
+    transactions held open a little, so that commits land out of position
+    order."""
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.append_writer", daemons.dsn, str(count), str(seed)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    daemons.started.append(writer)
+    return writer
+
+
+def table_ids(dsn: str, table: str) -> set[uuid.UUID]:
+    rows = query(dsn, sql.SQL("SELECT event_id FROM {}").format(sql.Identifier(table)))
+    return {row[0] for row in rows}
+
+
+def log_ids(dsn: str, types: Sequence[str] | None = None) -> set[uuid.UUID]:
+    """The ids of the events of ``types`` (None: all) in the log."""
+    rows = query(
+        dsn,
+        "SELECT event_id FROM aura.events WHERE %s::text[] IS NULL OR type = ANY(%s::text[])",
+        (list(types) if types is not None else None,) * 2,
+    )
+    return {row[0] for row in rows}
+
+
+def marked_ids(dsn: str, key: str) -> set[uuid.UUID]:
+    """The ids of the events whose data has ``key`` (poison, hang)."""
+    rows = query(dsn, "SELECT event_id FROM aura.events WHERE data ? %s", (key,))
+    return {row[0] for row in rows}
+
+
+def dead_letters(dsn: str, projection: str) -> list[tuple[uuid.UUID, str]]:
+    """Every dead letter of a processor's row: (event id, status)."""
+    return query(
+        dsn,
+        "SELECT event_id, status FROM aura.dead_letters WHERE projection = %s ORDER BY id",
+        (projection,),
+    )
+
+
+def applied_after(dsn: str, applied: LiteralString, event_id: uuid.UUID) -> int:
+    """How many events after ``event_id`` in commit order are among those
+    ``applied`` (a query of event ids) selects."""
+    rows = query(
+        dsn,
+        sql.SQL(
+            "SELECT count(*) FROM ({}) AS a JOIN aura.events e USING (event_id)"
+            " JOIN aura.events h ON h.event_id = %s"
+            " WHERE (e.transaction_id, e.global_position) > (h.transaction_id, h.global_position)"
+        ).format(sql.SQL(applied)),
+        (event_id,),
+    )
+    return int(rows[0][0])
+
+
+def owned_only_by(daemons: Daemons, owner: str) -> Callable[[], bool]:
+    return lambda: daemons.owners() == {owner}
+
+
+def wait_caught_up(dsn: str, rows: Sequence[str], timeout: float = 60) -> None:
+    wait_for_sync(lambda: all(caught_up(dsn, row) for row in rows), timeout, f"catch-up of {rows}")
+
+
+def assert_exactly_once(
+    dsn: str, table: str, row: str, types: Sequence[str] | None, poison: set[uuid.UUID]
+) -> None:
+    """The handler's table holds every event of ``types`` in the log once,
+    but the ``poison`` ones, which are exactly the row's dead letters, all
+    pending."""
+    applied = table_ids(dsn, table)
+    expected = log_ids(dsn, types) - poison
+    assert not applied - expected, f"{table}: applied events that it should not have"
+    assert not expected - applied, f"{table}: {len(expected - applied)} events never applied"
+    letters = dead_letters(dsn, row)
+    assert sorted(letters) == sorted((event_id, "pending") for event_id in poison), (
+        f"{row}: dead letters {letters}, poison {poison}"
+    )
+
+
+def test_kill_minus_nine_under_load_with_poison_applies_each_event_once(
+    dsn: str, store: EventStore, make_daemons: MakeDaemons
+) -> None:
+    """Two processors (a thread-run handler and a coroutine), two daemons
+    competing for them, the owner killed four times under three writers,
+    a poison event appended before each kill."""
+    types = ["A", "WRITTEN"]  # not the steady writers' B events
+    rows = ["audit_sync", "audit_async"]
+    tables = {"audit_sync": "processed", "audit_async": "processed_async"}
+    create_handler_tables(dsn, *tables.values())
+    policy: dict[str, Any] = {"max_retries": 2, "retry_base_ms": 50, "retry_max_ms": 200}
+    daemons = make_daemons(
+        [
+            processor("audit_sync", "record", source_events=types, batch_size=20, **policy),
+            processor("audit_async", "record_async", source_events=types, batch_size=20, **policy),
+        ],
+        rows,
+    )
+    writers = [start_writer(dsn, daemons, 10.0, 120, seed=seed) for seed in (1, 2)]
+    writers.append(start_batch_writer(daemons, 500, seed=9))
+    daemons.start("a")
+    wait_for_sync(lambda: daemons.owners() == {"a"}, 90, "first ownership")
+    daemons.start("b")
+    takeovers: list[float] = []
+    for round_, pause in enumerate((0.3, 0.6, 0.4, 0.8)):
+        owners = daemons.owners()
+        assert len(owners) == 1, f"one daemon owns both processors, not {owners}"
+        owner = owners.pop()
+        assert owner in ("a", "b")
+        other = "b" if owner == "a" else "a"
+        # Each poison event is being isolated, retried or dead-lettered
+        # when its owner dies.
+        store.append(f"steady-1-{round_}", [NewEvent("A", {"poison": True, "round": round_})])
+        time.sleep(pause)
+        killed_at = time.monotonic()
+        daemons.kill(owner)
+        wait_for_sync(owned_only_by(daemons, other), 30, f"takeover by {other}")
+        takeovers.append(time.monotonic() - killed_at)
+        daemons.start(owner)  # back as the stand-by
+    for writer in writers:
+        assert writer.wait(60) == 0
+    wait_caught_up(dsn, rows)
+
+    poison = marked_ids(dsn, "poison")
+    assert len(poison) == 4
+    assert query(
+        dsn, "SELECT name, kind FROM aura.projection_checkpoints WHERE kind = 'python' ORDER BY 1"
+    ) == [("audit_async", "python"), ("audit_sync", "python")]
+    for row in rows:
+        assert_exactly_once(dsn, tables[row], row, types, poison)
+    print(f"takeover after kill -9: {', '.join(f'{t:.2f}s' for t in takeovers)}")
+    assert max(takeovers) < 15
+
+
+class OwnerSampler:
+    """Records the owner of each watched row every 50 ms, in a thread."""
+
+    def __init__(self, daemons: Daemons) -> None:
+        self.daemons = daemons
+        self.samples: list[dict[str, str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self.daemons.owner_of())
+
+    def __enter__(self) -> OwnerSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_partitions_over_two_daemons_with_kills_apply_each_event_once_in_order(
+    dsn: str, make_daemons: MakeDaemons
+) -> None:
+    """Four partitions over daemons a and b, started together; four times
+    the daemon owning the most partitions is killed (the other takes them
+    over) and restarted, under three writers. Each event applied once, each
+    stream's events in version order, each partition's in the log's commit
+    order, each batch of one partition's streams."""
+    partitions = 4
+    rows = [f"parts/{i}" for i in range(partitions)]
+    create_handler_tables(dsn, "processed")
+    daemons = make_daemons(
+        [processor("parts", "record", source_events=None, batch_size=10, partitions=partitions)],
+        rows,
+    )
+    writers = [start_writer(dsn, daemons, 10.0, 120, seed=seed) for seed in (3, 4)]
+    writers.append(start_batch_writer(daemons, 500, seed=8))
+    daemons.start("a")
+    daemons.start("b")
+    killed: list[tuple[str, int]] = []
+    with OwnerSampler(daemons) as sampler:
+        wait_for_sync(lambda: daemons.owners() <= {"a", "b"}, 90, "every partition owned")
+        for pause in (0.6, 0.9, 0.5, 0.8):
+            time.sleep(pause)
+            owners = list(daemons.owner_of().values())
+            victim = max(("a", "b"), key=owners.count)
+            other = "b" if victim == "a" else "a"
+            killed.append((victim, owners.count(victim)))
+            daemons.kill(victim)
+            wait_for_sync(owned_only_by(daemons, other), 30, f"{other} owns every partition")
+            daemons.start(victim)
+        for writer in writers:
+            assert writer.wait(60) == 0
+        wait_caught_up(dsn, rows)
+    print(f"killed (daemon, partitions it owned): {killed}")
+    split = [sample for sample in sampler.samples if set(sample.values()) == {"a", "b"}]
+    print(f"owner samples: {len(sampler.samples)}, with the partitions split: {len(split)}")
+
+    # The rows, one per partition, all caught up.
+    assert query(
+        dsn,
+        "SELECT name, kind, partition_index, partition_count FROM aura.projection_checkpoints"
+        " WHERE kind = 'python' ORDER BY partition_index",
+    ) == [(row, "python", i, partitions) for i, row in enumerate(rows)]
+    behind = query(
+        dsn,
+        "SELECT name, events_behind FROM aura.projection_status"
+        " WHERE name LIKE 'parts/%%' ORDER BY 1",
+    )
+    assert behind == [(row, 0) for row in rows]
+    # Every partition had streams (the test means something for each).
+    assert query(
+        dsn,
+        "SELECT count(DISTINCT aura.stream_partition(stream_id, %s)) FROM aura.events",
+        (partitions,),
+    ) == [(partitions,)]
+
+    # Each event once; nothing dead-lettered.
+    assert table_ids(dsn, "processed") == log_ids(dsn)
+    for row in rows:
+        assert dead_letters(dsn, row) == []
+    # Per stream, the insertion order is the order of versions.
+    inversions = query(
+        dsn,
+        "SELECT stream_id, version, previous FROM ("
+        "  SELECT stream_id, version, lag(version) OVER (PARTITION BY stream_id ORDER BY seq)"
+        "         AS previous FROM processed) AS p"
+        " WHERE previous >= version",
+    )
+    assert inversions == []
+    # Per partition, the insertion order is the log's commit order.
+    inversions = query(
+        dsn,
+        "SELECT part, transaction_id, global_position FROM ("
+        "  SELECT aura.stream_partition(p.stream_id, %s) AS part, e.transaction_id,"
+        "         e.global_position,"
+        "         lag(e.transaction_id) OVER w AS previous_tx,"
+        "         lag(e.global_position) OVER w AS previous_position"
+        "    FROM processed p JOIN aura.events e USING (event_id)"
+        "  WINDOW w AS (PARTITION BY aura.stream_partition(p.stream_id, %s) ORDER BY p.seq)"
+        ") AS o WHERE (previous_tx, previous_position) >= (transaction_id, global_position)",
+        (partitions, partitions),
+    )
+    assert inversions == []
+    # A batch (one transaction) holds the events of one partition's streams.
+    mixed = query(
+        dsn,
+        "SELECT tx::text FROM processed GROUP BY tx"
+        " HAVING count(DISTINCT aura.stream_partition(stream_id, %s)) > 1",
+        (partitions,),
+    )
+    assert mixed == []
+
+    # Both daemons owned partitions during the run.
+    seen = {owner for sample in sampler.samples for owner in sample.values()}
+    assert {"a", "b"} <= seen, seen
+
+
+def test_a_hanging_handler_is_bounded_and_the_rest_goes_on(
+    dsn: str, tmp_path: Path, store: EventStore, make_daemons: MakeDaemons
+) -> None:
+    """Two processors whose handler hangs (a blocked thread, a sleeping
+    coroutine) on one event, far longer than their batch timeout, beside a
+    processor and a SQL projection in the same daemon. The hang counts as a
+    failure: the event is dead-lettered after its retries, well before the
+    handler would have finished even once, and never applied, even when the
+    abandoned thread wakes up and writes through its connection; the other
+    processor and the projection go on meanwhile."""
+    hang_seconds = 8.0
+    timeout = 0.8
+    types = ["A", "B", "H"]
+    create_handler_tables(dsn, "processed", "hang_processed", "hang_async_processed")
+    shutil.copy(FIXTURE_CATALOG.parent / "tally.sql", tmp_path / "tally.sql")
+    tally = {
+        "name": "tally_set",
+        "sql": "tally.sql",
+        "source_events": "all",
+        "handler": "apply_batch",
+        "handler_kind": "set_based",
+        "batch_size": 50,
+    }
+    hanging = {"hanging": "hang_processed", "hanging_async": "hang_async_processed"}
+    daemons = make_daemons(
+        [
+            processor("steady", "record", source_events=["A", "B"], batch_size=20),
+            processor(
+                "hanging", "hang", source_events=types, batch_size=20,
+                batch_timeout_seconds=timeout,
+            ),
+            processor(
+                "hanging_async", "hang_async", source_events=types, batch_size=20,
+                batch_timeout_seconds=timeout,
+            ),
+            tally,
+        ],
+        ["steady", *hanging, "tally_set"],
+    )  # fmt: skip
+    writer = start_writer(dsn, daemons, hang_seconds * 2 + 2, 100, seed=5)
+    daemons.start("solo")
+    wait_for_sync(lambda: daemons.owners() == {"solo"}, 90, "ownership")
+    wait_for_sync(lambda: caught_up(dsn, "hanging"), 30, "the hanging processor caught up")
+
+    hung = store.append("steady-5-0", [NewEvent("H", {"hang": hang_seconds})]).events[0]
+    appended_at = time.monotonic()
+    # While both hang, the events appended after the hanging one reach the
+    # steady processor and the projection.
+    wait_for_sync(
+        lambda: (
+            applied_after(dsn, STEADY_APPLIED, hung.event_id) >= 20
+            and applied_after(dsn, TALLY_APPLIED, hung.event_id) >= 20
+        ),
+        10,
+        "the steady processor and the projection past the hanging event",
+    )
+    stuck = query(
+        dsn,
+        "SELECT c.name FROM aura.projection_checkpoints c, aura.events e"
+        " WHERE c.name = ANY(%s) AND e.event_id = %s"
+        "   AND (c.transaction_id, c.global_position) < (e.transaction_id, e.global_position)"
+        " ORDER BY 1",
+        (list(hanging), hung.event_id),
+    )
+    assert stuck == [(name,) for name in sorted(hanging)], "not held up by the hanging event"
+    assert all(dead_letters(dsn, name) == [] for name in hanging)
+
+    # Bounded: dead-lettered before a single attempt could have finished
+    # twice, whatever the halving of its batch and the retries took.
+    wait_for_sync(
+        lambda: all(dead_letters(dsn, name) for name in hanging),
+        2 * hang_seconds,
+        "the hanging event dead-lettered",
+    )
+    took = time.monotonic() - appended_at
+    assert took < 2 * hang_seconds, f"dead-lettered after {took:.1f}s"
+    for name in hanging:
+        attempts, error = query(
+            dsn,
+            "SELECT attempts, error FROM aura.dead_letters WHERE projection = %s",
+            (name,),
+        )[0]
+        print(f"{name}: dead-lettered after {took:.1f}s, {attempts} attempts: {error}")
+        assert attempts == 3  # max_retries 2: the first try and two retries
+
+    # The abandoned handler threads wake up (hang_seconds after each
+    # attempt) and write through the connection they were given: none of
+    # it may land, while the load goes on.
+    time.sleep(hang_seconds + 1)
+    assert writer.wait(60) == 0
+    rows = ["steady", *hanging, "tally_set"]
+    wait_caught_up(dsn, rows)
+    hang_events = marked_ids(dsn, "hang")
+    assert hang_events == {hung.event_id}
+    assert_exactly_once(dsn, "processed", "steady", ["A", "B"], set())
+    for name, table in hanging.items():
+        assert_exactly_once(dsn, table, name, types, hang_events)
+    assert_exact_fold(dsn, "tally_set")
+    assert daemons.processes["solo"].poll() is None
