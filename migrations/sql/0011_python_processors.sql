@@ -919,6 +919,7 @@ DO $$
 DECLARE
     v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
+    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
     r record;
 BEGIN
     FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
@@ -933,5 +934,8 @@ BEGIN
         EXECUTE format('REVOKE EXECUTE ON ROUTINE %s FROM PUBLIC', r.fn);
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %I', r.fn, v_projector);
     END LOOP;
+    -- aura.projection_status counts a partition's backlog with these.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.stream_partition(text, integer), '
+                   'aura.handed_over(jsonb, text, xid8, bigint) TO %I', v_reader);
 END
 $$;
