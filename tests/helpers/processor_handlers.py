@@ -16,7 +16,8 @@ column defaulting to pg_current_xact_id() the transaction (the batch):
     );
 
 (``record_async``, ``hang`` and ``hang_async`` write to tables of the same
-shape named ``processed_async``, ``hang_processed`` and ``hang_async_processed``.)
+shape named ``processed_async``, ``hang_processed`` and ``hang_async_processed``;
+``hang`` also notes its hangs in ``hang_notes (event_id uuid, note text)``.)
 
 What an event's data asks for:
   "sleep_ms": N    the handler sleeps N ms on it (the steady writer's events
@@ -25,7 +26,8 @@ What an event's data asks for:
                    events before it in the batch were inserted (the
                    rollback must take those back too);
   "hang": SECONDS  ``hang`` and ``hang_async`` sleep that long on it, then
-                   insert it as if nothing happened.
+                   insert it as if nothing happened (``hang`` blocks its
+                   thread, ``hang_async`` awaits).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ INSERT_PROCESSED_ASYNC: Final = (
     "INSERT INTO processed_async (event_id, stream_id, version) VALUES (%s, %s, %s)"
 )
 INSERT_HANG: Final = "INSERT INTO hang_processed (event_id, stream_id, version) VALUES (%s, %s, %s)"
+INSERT_NOTE: Final = "INSERT INTO hang_notes (event_id, note) VALUES (%s, %s)"
 INSERT_HANG_ASYNC: Final = (
     "INSERT INTO hang_async_processed (event_id, stream_id, version) VALUES (%s, %s, %s)"
 )
@@ -82,13 +85,32 @@ async def record_async(events: list[RecordedEvent], conn: psycopg.AsyncConnectio
         await conn.execute(INSERT_PROCESSED_ASYNC, _row(event))
 
 
+def _note(dsn: str, event: RecordedEvent, note: str) -> None:
+    """Records what a hanging handler does in ``hang_notes``, outside the
+    batch's transaction (which may be gone by then)."""
+    with psycopg.connect(dsn, autocommit=True) as side:
+        side.execute(INSERT_NOTE, (event.event_id, note))
+
+
 def hang(events: list[RecordedEvent], conn: psycopg.Connection[Any]) -> None:
     """Inserts each event into ``hang_processed``, blocking its thread for
     data["hang"] seconds first where it says so; then goes on inserting
-    through ``conn`` as if the batch were still its own."""
+    through ``conn`` as if the batch were still its own. Notes "started"
+    before such a hang and "woke" after that insert (or its failure) in
+    ``hang_notes``."""
+    dsn = conn.info.dsn
     for event in events:
-        time.sleep(float(event.data.get("hang", 0)) + _sleep_seconds(event))
-        conn.execute(INSERT_HANG, _row(event))
+        seconds = float(event.data.get("hang", 0))
+        if not seconds:
+            time.sleep(_sleep_seconds(event))
+            conn.execute(INSERT_HANG, _row(event))
+            continue
+        _note(dsn, event, "started")
+        time.sleep(seconds)
+        try:
+            conn.execute(INSERT_HANG, _row(event))
+        finally:
+            _note(dsn, event, "woke")
 
 
 async def hang_async(events: list[RecordedEvent], conn: psycopg.AsyncConnection[Any]) -> None:
