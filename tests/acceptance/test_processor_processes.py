@@ -14,6 +14,7 @@ order of its versions; per partition in the log's commit order."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -51,6 +52,8 @@ STEADY_APPLIED = "SELECT event_id FROM processed"
 TALLY_APPLIED = (
     "SELECT e.event_id FROM tally_set.applied_events JOIN aura.events e USING (global_position)"
 )
+# Longer than any test here: steady writers append until stop_writers.
+WRITER_SECONDS = 300.0
 MakeDaemons = Callable[[Sequence[dict[str, Any]], Sequence[str]], Daemons]
 
 
@@ -202,9 +205,25 @@ def both_running(daemons: Daemons) -> bool:
     return len(rows) == len(daemons.rows) and all(count >= 2 for (count,) in rows)
 
 
+def start_steady_writers(daemons: Daemons, rate: float, *seeds: int) -> list[subprocess.Popen[str]]:
+    """Steady writers (tests/helpers/steady_writer.py) at ``rate`` events/s
+    each, appending until ``stop_writers``."""
+    return [start_writer(daemons.dsn, daemons, WRITER_SECONDS, rate, seed) for seed in seeds]
+
+
 def under_load(writers: Sequence[subprocess.Popen[str]]) -> bool:
-    """Whether a steady writer still appends."""
-    return any(writer.poll() is None for writer in writers)
+    """Whether all the writers still append."""
+    return all(writer.poll() is None for writer in writers)
+
+
+def stop_writers(writers: Sequence[subprocess.Popen[str]]) -> None:
+    """Stops the steady writers; each must have appended without an error
+    until then."""
+    for writer in writers:
+        if writer.poll() is None:
+            writer.send_signal(signal.SIGTERM)
+    for writer in writers:
+        assert writer.wait(30) in (0, -signal.SIGTERM)
 
 
 def hangs_over(dsn: str) -> dict[str, int] | None:
@@ -239,8 +258,9 @@ def test_kill_minus_nine_under_load_with_poison_applies_each_event_once(
     dsn: str, store: EventStore, make_daemons: MakeDaemons
 ) -> None:
     """Two processors (a thread-run handler and a coroutine), two daemons
-    competing for them, the owner killed four times under three writers,
-    a poison event appended before each kill."""
+    competing for them, the owner killed four times under two steady
+    writers, each kill after a poison event and a burst of batches whose
+    transactions commit out of position order."""
     types = ["A", "WRITTEN"]  # not the steady writers' B events
     rows = ["audit_sync", "audit_async"]
     tables = {"audit_sync": "processed", "audit_async": "processed_async"}
@@ -253,14 +273,15 @@ def test_kill_minus_nine_under_load_with_poison_applies_each_event_once(
         ],
         rows,
     )
-    steady = [start_writer(dsn, daemons, 20.0, 80, seed=seed) for seed in (1, 2)]
-    writers = [*steady, start_batch_writer(daemons, 2000, seed=9)]
+    steady = start_steady_writers(daemons, 80, 1, 2)
+    bursts = []
     daemons.start("a")
     wait_for_sync(lambda: daemons.owners() == {"a"}, 90, "first ownership")
     daemons.start("b")
     takeovers: list[float] = []
     for round_, pause in enumerate((0.3, 0.6, 0.4, 0.8)):
         wait_for_sync(lambda: both_running(daemons), 60, "the stand-by running")
+        bursts.append(start_batch_writer(daemons, 300, seed=10 + round_))
         owners = daemons.owners()
         assert len(owners) == 1, f"one daemon owns both processors, not {owners}"
         owner = owners.pop()
@@ -276,8 +297,9 @@ def test_kill_minus_nine_under_load_with_poison_applies_each_event_once(
         wait_for_sync(owned_only_by(daemons, other), 30, f"takeover by {other}")
         takeovers.append(time.monotonic() - killed_at)
         daemons.start(owner)  # back as the stand-by
-    for writer in writers:
-        assert writer.wait(60) == 0
+    stop_writers(steady)
+    for burst in bursts:
+        assert burst.wait(60) == 0
     wait_caught_up(dsn, rows)
 
     poison = marked_ids(dsn, "poison")
@@ -318,11 +340,12 @@ def test_partitions_over_two_daemons_with_kills_apply_each_event_once_in_order(
 ) -> None:
     """Four partitions over daemons a and b, started together; four times
     the daemon owning the most partitions is killed (the other takes them
-    over) and restarted, under three writers, with a poison event before
-    every other kill. Each event applied once but the poison ones, which
-    are dead letters of their stream's partition; each stream's events in
-    version order, each partition's in the log's commit order, each batch
-    of one partition's streams."""
+    over) and restarted, under two steady writers and a burst of batches
+    before each kill, with a poison event before every other kill. Each
+    event applied once but the poison ones, which are dead letters of their
+    stream's partition; each stream's events in version order, each
+    partition's in the log's commit order, each batch of one partition's
+    streams."""
     partitions = 4
     rows = [f"parts/{i}" for i in range(partitions)]
     create_handler_tables(dsn, "processed")
@@ -330,8 +353,8 @@ def test_partitions_over_two_daemons_with_kills_apply_each_event_once_in_order(
         [processor("parts", "record", source_events=None, batch_size=10, partitions=partitions)],
         rows,
     )
-    steady = [start_writer(dsn, daemons, 20.0, 80, seed=seed) for seed in (3, 4)]
-    writers = [*steady, start_batch_writer(daemons, 2000, seed=8)]
+    steady = start_steady_writers(daemons, 80, 3, 4)
+    bursts = []
     daemons.start("a")
     daemons.start("b")
     killed: list[tuple[str, int]] = []
@@ -339,6 +362,7 @@ def test_partitions_over_two_daemons_with_kills_apply_each_event_once_in_order(
         wait_for_sync(lambda: daemons.owners() <= {"a", "b"}, 90, "every partition owned")
         for round_, pause in enumerate((0.6, 0.9, 0.5, 0.8)):
             wait_for_sync(lambda: both_running(daemons), 60, "both daemons running")
+            bursts.append(start_batch_writer(daemons, 300, seed=20 + round_))
             if round_ % 2:
                 stream = f"steady-{round_}-{round_}"
                 store.append(stream, [NewEvent("A", {"poison": True, "round": round_})])
@@ -351,8 +375,9 @@ def test_partitions_over_two_daemons_with_kills_apply_each_event_once_in_order(
             daemons.kill(victim)
             wait_for_sync(owned_only_by(daemons, other), 30, f"{other} owns every partition")
             daemons.start(victim)
-        for writer in writers:
-            assert writer.wait(60) == 0
+        stop_writers(steady)
+        for burst in bursts:
+            assert burst.wait(60) == 0
         wait_caught_up(dsn, rows)
     print(f"killed (daemon, partitions it owned): {killed}")
     split = [sample for sample in sampler.samples if set(sample.values()) == {"a", "b"}]
@@ -440,7 +465,7 @@ def test_a_hanging_handler_is_bounded_and_the_rest_goes_on(
     the event is dead-lettered after its retries and never applied, even
     when the abandoned thread wakes up and writes through its connection;
     the other processor and the projection go on meanwhile."""
-    hang_seconds = 10.0
+    hang_seconds = 8.0
     timeout = 0.5
     types = ["A", "B", "H"]
     create_handler_tables(dsn, "processed", "hang_processed", "hang_async_processed")
@@ -472,8 +497,7 @@ def test_a_hanging_handler_is_bounded_and_the_rest_goes_on(
         ],
         ["steady", *hanging, "tally_set"],
     )  # fmt: skip
-    # Until after the abandoned threads wake up.
-    writer = start_writer(dsn, daemons, hang_seconds * 3, 100, seed=5)
+    writers = start_steady_writers(daemons, 100, 5)
     daemons.start("solo")
     wait_for_sync(lambda: daemons.owners() == {"solo"}, 90, "ownership")
     wait_for_sync(lambda: caught_up(dsn, "hanging"), 30, "the hanging processor caught up")
@@ -534,8 +558,8 @@ def test_a_hanging_handler_is_bounded_and_the_rest_goes_on(
         "the abandoned handler threads awake",
     )
     assert notes["started"] >= 3, notes
-    assert under_load([writer]), "the writer stopped before the threads woke"
-    assert writer.wait(60) == 0
+    assert under_load(writers), "the writer stopped before the threads woke"
+    stop_writers(writers)
     rows = ["steady", *hanging, "tally_set"]
     wait_caught_up(dsn, rows)
     hang_events = marked_ids(dsn, "hang")
@@ -545,3 +569,58 @@ def test_a_hanging_handler_is_bounded_and_the_rest_goes_on(
         assert_exactly_once(dsn, table, name, types, hang_events)
     assert_exact_fold(dsn, "tally_set")
     assert daemons.processes["solo"].poll() is None
+
+
+def test_terminated_ownership_sessions_under_load_apply_each_event_once(
+    dsn: str, tmp_path: Path, make_daemons: MakeDaemons
+) -> None:
+    """The session holding a processor's ownership lock is terminated every
+    0.3 s under load, with a stand-by daemon waiting. Its daemon runs
+    batches on another connection and may go on with one or more while the
+    stand-by takes over: the compare-and-set on the checkpoint, and the
+    rollback of the loser's writes with it, must keep each event applied
+    once."""
+    types = ["A", "B", "WRITTEN"]
+    rows = ["audit_sync", "audit_async"]
+    tables = {"audit_sync": "processed", "audit_async": "processed_async"}
+    create_handler_tables(dsn, *tables.values())
+    daemons = make_daemons(
+        [
+            processor("audit_sync", "record", source_events=types, batch_size=20),
+            processor("audit_async", "record_async", source_events=types, batch_size=20),
+        ],
+        rows,
+    )
+    steady = start_steady_writers(daemons, 150, 1, 2)
+    burst = start_batch_writer(daemons, 1000, seed=9)
+    daemons.start("a")
+    wait_for_sync(lambda: daemons.owners() == {"a"}, 90, "first ownership")
+    daemons.start("b")
+    wait_for_sync(lambda: both_running(daemons), 60, "the stand-by running")
+    terminated = 0
+    for _ in range(20):
+        time.sleep(0.3)
+        assert under_load(steady)
+        terminated += len(
+            query(
+                dsn,
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a"
+                " JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory' AND l.granted"
+                " WHERE a.datname = current_database()"
+                "   AND a.application_name IN ('aura-pg projector audit_sync',"
+                "                              'aura-pg projector audit_async')",
+            )
+        )
+    stop_writers(steady)
+    assert burst.wait(60) == 0
+    wait_caught_up(dsn, rows)
+    assert terminated >= 10
+    for row in rows:
+        assert_exactly_once(dsn, tables[row], row, types, set())
+    # Both daemons survived; how often a handler ran into the other
+    # daemon's insert of the same event (two owners at once, briefly).
+    assert all(process.poll() is None for process in daemons.processes.values())
+    collisions = sum(
+        log.read_text().count("UniqueViolation") for log in tmp_path.glob("daemon-*.log")
+    )
+    print(f"terminated {terminated} ownership sessions; {collisions} batches collided")
