@@ -1,7 +1,7 @@
 """Python processors in real `aura-pg project` processes under real faults:
 kill -9 of the owner under a steady append load with poison events, two
-daemons sharing four partitions while one of them is killed over and over,
-and a handler that hangs.
+daemons sharing four partitions while the owner is killed over and over,
+a handler that hangs, and terminated sessions (ownership and batch).
 
 The handlers (tests/helpers/processor_handlers.py) insert every event they
 are given into a table whose primary key on event_id refuses a second
