@@ -399,8 +399,7 @@ class PythonProcessorRunner(ProjectionRunner):
         """The batch overran: end its session (its transaction rolls back),
         leave its worker behind, and fail the batch, unless it committed
         just before."""
-        self.timeouts += 1
-        metrics.record_projection_error(self.name, "timeout")
+        self.timeouts += 1  # counted with the handler's errors by the runner
         if backend_pid is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.execute(queries()["terminate"], {"pid": backend_pid})
