@@ -35,7 +35,7 @@ from typing import Any, LiteralString, TypeVar
 import psycopg
 
 from aura_pg._resources import named_queries
-from aura_pg.errors import CatalogError
+from aura_pg.errors import CatalogError, ConcurrencyError
 from aura_pg.models import Checkpoint, RecordedEvent
 from aura_pg.observability import metrics, tracing
 from aura_pg.projection.catalog import ProjectionSpec
@@ -56,6 +56,8 @@ AsyncHandler = Callable[[list[RecordedEvent], psycopg.AsyncConnection[Any]], Awa
 Handler = SyncHandler | AsyncHandler
 
 T = TypeVar("T")
+
+SERIALIZATION_FAILURE = "40001"
 
 # How long a timed-out batch may still take to report, once its session
 # is ended: it may have committed just before.
@@ -294,11 +296,24 @@ def _connection_failed(
 
 
 def _describe(error: BaseException) -> tuple[str, str | None]:
-    """A handler's exception as (message, SQLSTATE)."""
+    """A handler's exception as (message, SQLSTATE). The SQLSTATE is that
+    of the database error behind it, if any (the store raises its own
+    errors from psycopg's), so a serialization failure or a deadlock is
+    retried as a failure of the moment. A ConcurrencyError is one too: the
+    batch runs again on the stream's new state, like a command retried
+    after a conflict."""
     if isinstance(error, psycopg.Error):
         message = (error.diag.message_primary if error.diag else None) or str(error)
         return f"{type(error).__name__}: {message}", error.sqlstate
-    return f"{type(error).__name__}: {error}", None
+    message = f"{type(error).__name__}: {error}"
+    if isinstance(error, ConcurrencyError):
+        return message, SERIALIZATION_FAILURE
+    cause = error.__cause__
+    while cause is not None:
+        if isinstance(cause, psycopg.Error):
+            return message, cause.sqlstate
+        cause = cause.__cause__
+    return message, None
 
 
 class PythonProcessorRunner(ProjectionRunner):
