@@ -37,7 +37,7 @@ import psycopg
 from aura_pg._resources import named_queries
 from aura_pg.errors import CatalogError
 from aura_pg.models import Checkpoint, RecordedEvent
-from aura_pg.observability import metrics
+from aura_pg.observability import metrics, tracing
 from aura_pg.projection.catalog import ProjectionSpec
 from aura_pg.projection.connection import (
     ConnectionLost,
@@ -162,17 +162,21 @@ def _advance_params(params: dict[str, Any], batch: _Batch) -> dict[str, Any]:
 def _run_sync_batch(
     conn: psycopg.Connection[Any], handler: SyncHandler, params: dict[str, Any]
 ) -> _Outcome:
-    """One batch in one transaction on a sync connection."""
+    """One batch in one transaction on a sync connection. Our own
+    statements leave no spans (an idle poll no trace); the handler's do."""
     with conn.transaction():
-        batch = _Batch.from_rows(conn.execute(queries()["batch"], params).fetchall())
+        with tracing.suppress_instrumentation():
+            batch = _Batch.from_rows(conn.execute(queries()["batch"], params).fetchall())
         if batch.idle:
             return _Outcome(batch, batch.status, None)
         if batch.events:
             try:
-                handler(batch.events, conn)
+                with tracing.handler_span(params["name"], len(batch.events)):
+                    handler(batch.events, conn)
             except Exception as exc:
                 raise _HandlerRaised(exc) from exc
-        row = conn.execute(queries()["advance"], _advance_params(params, batch)).fetchone()
+        with tracing.suppress_instrumentation():
+            row = conn.execute(queries()["advance"], _advance_params(params, batch)).fetchone()
     assert row is not None
     return _Outcome(batch, row[0], row[1])
 
@@ -182,17 +186,20 @@ async def _run_async_batch(
 ) -> _Outcome:
     """One batch in one transaction on an async connection."""
     async with conn.transaction():
-        cur = await conn.execute(queries()["batch"], params)
-        batch = _Batch.from_rows(await cur.fetchall())
+        with tracing.suppress_instrumentation():
+            cur = await conn.execute(queries()["batch"], params)
+            batch = _Batch.from_rows(await cur.fetchall())
         if batch.idle:
             return _Outcome(batch, batch.status, None)
         if batch.events:
             try:
-                await handler(batch.events, conn)
+                with tracing.handler_span(params["name"], len(batch.events)):
+                    await handler(batch.events, conn)
             except Exception as exc:
                 raise _HandlerRaised(exc) from exc
-        cur = await conn.execute(queries()["advance"], _advance_params(params, batch))
-        row = await cur.fetchone()
+        with tracing.suppress_instrumentation():
+            cur = await conn.execute(queries()["advance"], _advance_params(params, batch))
+            row = await cur.fetchone()
     assert row is not None
     return _Outcome(batch, row[0], row[1])
 
@@ -399,8 +406,7 @@ class PythonProcessorRunner(ProjectionRunner):
         """The batch overran: end its session (its transaction rolls back),
         leave its worker behind, and fail the batch, unless it committed
         just before."""
-        self.timeouts += 1
-        metrics.record_projection_error(self.name, "timeout")
+        self.timeouts += 1  # counted with the handler's errors by the runner
         if backend_pid is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.execute(queries()["terminate"], {"pid": backend_pid})
