@@ -9,7 +9,8 @@ transaction that advances its checkpoint. So each command checks the
 aggregate's invariants against the exact expected version, and a reaction
 commits with the checkpoint that consumed its cause or not at all: an
 agent whose daemon is killed part-way hears the cause again and reacts
-once, never twice, never not at all.
+once, never twice, never not at all. What an agent says and votes is
+``aura_pg.domain.agent_mind``.
 
 **One processor per agent**, not one per role: an agent is what has a
 memory and a pace of its own. Its checkpoint is what it has heard; its
@@ -34,17 +35,17 @@ letters and digits in words joined by single underscores.
 
 from __future__ import annotations
 
-import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from functools import cache
 from typing import Any, Final
 
 import psycopg
 
-from aura_pg.domain.debate import Debate, Stance
+from aura_pg.domain.agent_mind import argument_for, vote_for
+from aura_pg.domain.debate import Debate
 from aura_pg.domain.decision import Decision, DecisionStatus
 from aura_pg.domain.events import (
     AgentJoined,
@@ -53,7 +54,6 @@ from aura_pg.domain.events import (
     DebateStarted,
     DebateVoteCast,
     DecisionProposed,
-    Vote,
     debate_stream,
     decode,
 )
@@ -130,97 +130,6 @@ def check_agent_id(agent_id: str) -> str:
 def processor_name(agent_id: str) -> str:
     """The processor of agent ``agent_id``: ``agent_<id>``."""
     return PROCESSOR_PREFIX + check_agent_id(agent_id)
-
-
-# -- the mind: what an agent says and votes --------------------------------------
-
-_STANCE_VALUE: Final[Mapping[Stance, float]] = {"for": 1.0, "neutral": 0.5, "against": 0.0}
-_REASONS: Final = (
-    "the evidence from production points this way",
-    "the operational cost is the deciding factor",
-    "the failure modes are better understood",
-    "it keeps the system simpler to reason about",
-    "the migration risk is acceptable",
-    "the team has the experience for it",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Character:
-    """An agent's temperament, the same in every debate (drawn from its id)."""
-
-    lean: float
-    """Towards approving, -0.25 to 0.25."""
-    confidence: float
-    """Base confidence, 0.5 to 0.9."""
-    openness: float
-    """How far a round of the others' arguments moves its opinion, 0.1 to 0.4."""
-
-
-@cache
-def character(agent_id: str) -> Character:
-    # random.Random seeded with a str hashes it with SHA-512: the same
-    # numbers in every process (Python's hash() of a str is not).
-    rng = random.Random(f"aura-agent:{agent_id}")
-    return Character(rng.uniform(-0.25, 0.25), rng.uniform(0.5, 0.9), rng.uniform(0.1, 0.4))
-
-
-def _clamp(value: float) -> float:
-    return min(1.0, max(0.0, value))
-
-
-def opinion(debate: Debate, agent_id: str, heard_rounds: int) -> float:
-    """How much ``agent_id`` favours the proposal, 0 to 1, once it has heard
-    the others' arguments of rounds 1 to ``heard_rounds``: a pure function
-    of the topic, the agent and those arguments, so an agent decides the
-    same whenever it decides, whatever order the events landed in."""
-    temper = character(agent_id)
-    merit = random.Random(f"aura-topic:{debate.topic}").random()
-    impression = random.Random(f"aura-topic:{debate.topic}:{agent_id}").uniform(-0.2, 0.2)
-    value = _clamp(merit + temper.lean + impression)
-    for round_ in range(1, heard_rounds + 1):
-        heard = sorted(
-            (agent, argument)
-            for agent, argument in debate.arguments.get(round_, {}).items()
-            if agent != agent_id
-        )
-        weight = sum(argument.confidence for _, argument in heard)
-        if weight > 0:
-            others = sum(_STANCE_VALUE[a.stance] * a.confidence for _, a in heard) / weight
-            value += temper.openness * (others - value)
-    return value
-
-
-def _confidence(agent_id: str, value: float) -> float:
-    """Surer the further its opinion is from undecided."""
-    return round(_clamp(character(agent_id).confidence + 0.4 * (abs(value - 0.5) - 0.25)), 3)
-
-
-def argument_for(debate: Debate, agent_id: str, round_: int) -> tuple[Stance, str, float]:
-    """What ``agent_id`` argues in ``round_``: stance, text and confidence,
-    from what it heard in the rounds before."""
-    value = opinion(debate, agent_id, round_ - 1)
-    stance: Stance = "for" if value > 0.6 else "against" if value < 0.4 else "neutral"
-    rng = random.Random(f"aura-topic:{debate.topic}:{agent_id}:{round_}")
-    text = f"{stance}: {_REASONS[rng.randrange(len(_REASONS))]}"
-    if round_ > 1:
-        previous = [
-            a for agent, a in debate.arguments.get(round_ - 1, {}).items() if agent != agent_id
-        ]
-        swayed = (
-            sum(a.stance == "for" for a in previous),
-            sum(a.stance == "against" for a in previous),
-        )
-        text += f" (after round {round_ - 1}: {swayed[0]} for, {swayed[1]} against)"
-    return stance, text, _confidence(agent_id, value)
-
-
-def vote_for(debate: Debate, agent_id: str) -> tuple[Vote, float]:
-    """How ``agent_id`` votes once it has heard every round: its opinion,
-    and second thoughts of its own in the booth."""
-    booth = random.Random(f"aura-topic:{debate.topic}:{agent_id}:vote").uniform(-0.15, 0.15)
-    value = _clamp(opinion(debate, agent_id, debate.rules.max_rounds) + booth)
-    return ("approve" if value >= 0.5 else "reject"), _confidence(agent_id, value)
 
 
 # -- the store as a reaction writes to it ------------------------------------------
@@ -567,15 +476,3 @@ def agent_ids(count: int) -> tuple[str, ...]:
     return tuple(
         pioneers[index] if index < len(pioneers) else f"agent_{index + 1}" for index in range(count)
     )
-
-
-def reactions(events: Sequence[RecordedEvent]) -> dict[str, int]:
-    """How many of ``events`` each agent's processor wrote (from the
-    ``processor`` its reactions name in their metadata)."""
-    counts: dict[str, int] = {}
-    for event in events:
-        processor = event.metadata.get("processor")
-        if isinstance(processor, str) and processor.startswith(PROCESSOR_PREFIX):
-            agent_id = processor.removeprefix(PROCESSOR_PREFIX)
-            counts[agent_id] = counts.get(agent_id, 0) + 1
-    return counts

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aura_pg.domain import reactive
+from aura_pg.domain import agent_mind, reactive
 from aura_pg.domain.debate import Debate, DebateRules
 from aura_pg.models import NewEvent, RecordedEvent
 from aura_pg.projection.catalog import load_catalog
@@ -78,11 +78,11 @@ def _rehearse(agents: tuple[str, ...], order: list[int]) -> list[tuple[object, .
     for round_ in (1, 2):
         for index in order:
             agent = agents[index]
-            stance, text, confidence = reactive.argument_for(debate, agent, round_)
+            stance, text, confidence = agent_mind.argument_for(debate, agent, round_)
             said.append((agent, round_, stance, text, confidence))
             _fold(debate, debate.add_argument(agent, round_, stance, text, confidence))
         _fold(debate, debate.complete_round(round_))
-    said += [(agent, *reactive.vote_for(debate, agent)) for agent in agents]
+    said += [(agent, *agent_mind.vote_for(debate, agent)) for agent in agents]
     return sorted(said, key=str)
 
 
@@ -95,9 +95,9 @@ def test_an_agent_decides_the_same_in_every_process() -> None:
     """The daemon that reacts may be another process than the last one:
     the mind must not hang on Python's per-process str hashing."""
     script = (
-        "import json; from aura_pg.domain import reactive;"
+        "import json; from aura_pg.domain import agent_mind;"
         "from tests.unit.test_reactive_agents import _rehearse;"
-        "print(json.dumps([reactive.character('ada').openness,"
+        "print(json.dumps([agent_mind.character('ada').openness,"
         " _rehearse(('ada', 'grace', 'linus'), [0, 1, 2])]))"
     )
     outputs = {
@@ -112,5 +112,5 @@ def test_an_agent_decides_the_same_in_every_process() -> None:
         for seed in ("1", "2")
     }
     assert len(outputs) == 1
-    here = [reactive.character("ada").openness, _rehearse(("ada", "grace", "linus"), [0, 1, 2])]
+    here = [agent_mind.character("ada").openness, _rehearse(("ada", "grace", "linus"), [0, 1, 2])]
     assert json.loads(outputs.pop()) == json.loads(json.dumps(here))
