@@ -20,6 +20,7 @@ from aura_pg._resources import named_queries
 from aura_pg._runtime import can_resend, wait
 from aura_pg.errors import CatalogError, UnknownProjection
 from aura_pg.models import Checkpoint
+from aura_pg.projection.balance import PartitionShare
 from aura_pg.projection.catalog import ProjectionSpec
 from aura_pg.projection.connection import connect
 from aura_pg.projection.processor import PythonProcessorRunner, handler_of
@@ -56,13 +57,15 @@ class ProjectorDaemon:
         self.dsn = dsn
         self.settings = settings or ProjectorSettings()
         self.runners: dict[str, ProjectionRunner] = {}
+        # Partitioned processors' shares among the daemons running them.
+        self.shares: list[PartitionShare] = []
         for spec in self.specs:
             if spec.shadow_of is not None:
                 continue  # shadow entries run as NAME__shadow (found below)
             if spec.is_python:
                 handler = handler_of(spec)
-                for row in spec.row_names:
-                    self.runners[row] = PythonProcessorRunner(
+                partitions = [
+                    PythonProcessorRunner(
                         dsn,
                         row,
                         self.settings,
@@ -70,6 +73,13 @@ class ProjectorDaemon:
                         batch_timeout=spec.batch_timeout_seconds,
                         dead_letter_queue=spec.error_handling.dead_letter_queue,
                     )
+                    for row in spec.row_names
+                ]
+                self.runners.update((runner.name, runner) for runner in partitions)
+                if spec.partitions > 1:
+                    share = PartitionShare(dsn, spec.name, spec.partitions, self.settings)
+                    share.attach(partitions)
+                    self.shares.append(share)
             else:
                 self.runners[spec.name] = ProjectionRunner(
                     dsn,
@@ -216,6 +226,10 @@ class ProjectorDaemon:
             for name, runner in self.runners.items()
         ]
         shadow_finder = asyncio.create_task(self._find_new_shadows(stop, tasks), name="shadows")
+        share_keepers = [
+            asyncio.create_task(share.run(stop), name=f"members {share.processor}")
+            for share in self.shares
+        ]
         waker = self.listener or self.watcher
         listener_task = (
             asyncio.create_task(waker.run(stop), name=f"{self.settings.wake}er")
@@ -249,10 +263,13 @@ class ProjectorDaemon:
             if listener_task is not None:
                 listener_task.cancel()
             shadow_finder.cancel()
+            for keeper in share_keepers:
+                keeper.cancel()
             await asyncio.gather(
                 *pending,
                 *([listener_task] if listener_task else []),
                 shadow_finder,
+                *share_keepers,
                 return_exceptions=True,
             )
             for watcher in watched:

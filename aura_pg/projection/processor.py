@@ -61,7 +61,7 @@ SERIALIZATION_FAILURE = "40001"
 
 # How long a timed-out batch may still take to report, once its session
 # is ended: it may have committed just before.
-_TIMEOUT_GRACE_SECONDS = 2.0
+_TIMEOUT_GRACE_SECONDS = 0.5
 
 
 def queries() -> dict[str, LiteralString]:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -34,6 +34,9 @@ from aura_pg.observability.logging import bind
 from aura_pg.projection.connection import ConnectionLost, connect, fetch_one, queries
 from aura_pg.projection.isolation import BatchFailure, DeadLetter, Isolation, RetryPolicy, Suspect
 from aura_pg.projection.settings import ProjectorSettings
+
+if TYPE_CHECKING:
+    from aura_pg.projection.balance import PartitionShare
 
 log = logging.getLogger("aura_pg.projector")
 
@@ -113,6 +116,11 @@ class BatchFailed(Exception):
         self.sqlstate = sqlstate
 
 
+def _reason(error: str, sqlstate: str | None) -> str:
+    """A failure for the log: the error, after its SQLSTATE when it has one."""
+    return f"{sqlstate}: {error}" if sqlstate else error
+
+
 def retry_backoff(base_ms: int, max_ms: int) -> Backoff:
     """The wait before a failed event is tried again, from the catalog's
     ``retry_base_ms`` and ``retry_max_ms``: half fixed, half random, and
@@ -163,6 +171,9 @@ class ProjectionRunner:
         self.isolation = Isolation()
         self._settings_loaded_at = 0.0
         self._stop = asyncio.Event()
+        # A partition's share among the daemons running its processor
+        # (aura_pg.projection.balance); None: take it whenever it is free.
+        self.share: PartitionShare | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Own and run the projection until ``stop`` is set; survives
@@ -229,6 +240,9 @@ class ProjectionRunner:
     async def _acquire(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
         waiting_logged = False
         while not stop.is_set():
+            if self.share is not None and not self.share.may_take():
+                await wait(stop, self.settings.poll_interval)
+                continue
             row = await fetch_one(conn, queries()["try_lock"], {"name": self.name})
             if row and row[0]:
                 claimed = await fetch_one(
@@ -301,6 +315,13 @@ class ProjectionRunner:
             outcome = await self.step(conn)
             if outcome is StepOutcome.FINISHED:
                 self.finished = True
+                return
+            if self.share is not None and self.share.should_yield(self):
+                log.info(
+                    "projection %s: handed back to spread %s's partitions over its daemons",
+                    self.name,
+                    self.share.processor,
+                )
                 return
             if outcome is StepOutcome.IDLE:
                 if time.monotonic() - self._settings_loaded_at > self.SETTINGS_REFRESH_SECONDS:
@@ -391,12 +412,11 @@ class ProjectionRunner:
             )
             self.isolation = self.isolation.measured(int(row[0]) if row else 1)
             log.warning(
-                "projection %s: batch after %s failed (%s: %s); "
+                "projection %s: batch after %s failed (%s); "
                 "retrying it in halves to find the failing event",
                 self.name,
                 self.checkpoint,
-                sqlstate,
-                error,
+                _reason(error, sqlstate),
             )
         metrics.record_projection_error(self.name, "transient" if transient else "handler")
         return StepOutcome.BUSY
@@ -438,14 +458,13 @@ class ProjectionRunner:
         )
         log.warning(
             "projection %s: event after %s failed (attempt %d, %d failures in a row, "
-            "circuit %s): %s: %s",
+            "circuit %s): %s",
             self.name,
             self.checkpoint,
             suspect.attempts,
             failures,
             circuit_state,
-            sqlstate,
-            error,
+            _reason(error, sqlstate),
             extra={"event_id": str(suspect.event_id), "event_type": suspect.event_type},
         )
         if isinstance(verdict, DeadLetter):

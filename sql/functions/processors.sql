@@ -61,6 +61,24 @@ LANGUAGE sql STABLE AS $$
     LIMIT p_limit
 $$;
 
+-- AU006 unless p_owner (NULL: no one in particular) is the row's owner.
+-- A processor's batch runs on a connection other than its owner's lock:
+-- once another daemon has claimed the row (the lock's session ended), the
+-- former owner's batches are refused before its handler runs, and at the
+-- advance if the claim came while it ran.
+CREATE OR REPLACE FUNCTION aura.check_owner(
+    p_row aura.projection_checkpoints, p_owner text
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_owner IS NOT NULL AND p_row.owner IS DISTINCT FROM p_owner THEN
+        RAISE EXCEPTION 'projection % is owned by %, not by %', quote_literal(p_row.name),
+            coalesce(p_row.owner, 'nobody'), p_owner
+            USING ERRCODE = 'AU006';
+    END IF;
+END;
+$$;
+
 -- The rows of processor p_name: NAME, or NAME/0 .. NAME/N-1, in order.
 CREATE OR REPLACE FUNCTION aura.processor_rows(p_name text)
 RETURNS SETOF aura.projection_checkpoints
@@ -164,7 +182,8 @@ CREATE OR REPLACE FUNCTION aura.processor_batch(
     p_expected_transaction_id xid8,
     p_expected_position       bigint,
     p_limit                   integer DEFAULT NULL,
-    p_expected_generation     bigint  DEFAULT NULL
+    p_expected_generation     bigint  DEFAULT NULL,
+    p_owner                   text    DEFAULT NULL
 ) RETURNS TABLE (next_transaction_id xid8, next_position bigint, caught_up boolean,
                  status text, idle boolean,
                  global_position bigint, transaction_id xid8, event_id uuid, stream_id text,
@@ -194,6 +213,7 @@ BEGIN
     END IF;
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
     PERFORM aura.check_generation(v_row, p_expected_generation);
+    PERFORM aura.check_owner(v_row, p_owner);
     IF v_row.status = 'paused'
        OR v_row.circuit_state = 'open' AND v_row.circuit_open_until > clock_timestamp() THEN
         RETURN QUERY SELECT v_row.transaction_id, v_row.global_position, false, v_row.status, true,
@@ -272,6 +292,7 @@ BEGIN
     v_row := aura.lock_projection(p_name);
     PERFORM aura.check_checkpoint(v_row, p_expected_transaction_id, p_expected_position);
     PERFORM aura.check_generation(v_row, p_expected_generation);
+    PERFORM aura.check_owner(v_row, p_owner);
     IF v_row.kind <> 'python' THEN
         RAISE EXCEPTION '% is a SQL projection: aura.project_batch applies it', quote_literal(p_name)
             USING ERRCODE = 'AU007';

@@ -15,7 +15,7 @@ SELECT b.next_transaction_id::text, b.next_position, b.caught_up, b.status, b.id
        b.global_position, b.transaction_id::text, b.event_id, b.stream_id, b.version, b.type,
        b.data, b.metadata, b.idempotency_key, b.recorded_at
 FROM aura.processor_batch(%(name)s, %(transaction_id)s::xid8, %(position)s, %(limit)s,
-                          %(generation)s) AS b;
+                          %(generation)s, %(owner)s) AS b;
 
 -- name: advance
 -- In the batch's transaction, after the handler: the checkpoint, and how

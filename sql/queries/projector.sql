@@ -165,3 +165,28 @@ SELECT aura.skip_dead_letter(%(id)s, %(note)s);
 -- One backward step of the (transaction_id, global_position) index, bounded
 -- by the snapshot's xmin, however many events are still in flight above it.
 SELECT h.transaction_id::text, h.global_position FROM aura.read_horizon() AS h;
+
+-- name: try_member
+-- A daemon running a partitioned processor holds one membership slot of
+-- it (aura_pg/projection/balance.py): session advisory locks keyed as
+-- try_lock's, released when the daemon's session ends.
+SELECT pg_try_advisory_lock(
+    ('x' || left(md5('aura-pg members:' || %(name)s || ':' || %(slot)s), 16))::bit(64)::bigint);
+
+-- name: members
+-- How many daemons hold a membership slot of the processor: its live
+-- members (pg_locks shows a bigint key's high half in classid, its low
+-- half in objid, with objsubid 1).
+SELECT count(*)
+FROM generate_series(0, %(slots)s - 1) AS s
+CROSS JOIN LATERAL (
+    SELECT ('x' || left(md5('aura-pg members:' || %(name)s || ':' || s), 16))::bit(64)::bigint
+        AS lock_key
+) AS k
+WHERE EXISTS (
+    SELECT 1 FROM pg_catalog.pg_locks l
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                          WHERE d.datname = current_database())
+       AND l.classid::bigint = (k.lock_key >> 32) & 4294967295
+       AND l.objid::bigint = k.lock_key & 4294967295);

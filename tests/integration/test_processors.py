@@ -259,6 +259,49 @@ async def test_partitions_split_streams_and_keep_each_in_order(dsn: str, store: 
 
 
 @pytest.mark.usefixtures("seen_table")
+async def test_daemons_share_the_partitions_and_take_over_a_stopped_ones(
+    dsn: str, store: EventStore
+) -> None:
+    append(store, 40, streams=9)
+    spec = python_processor("shared", record, partitions=4, batch_size=5)
+    first = ProjectorDaemon(dsn, processors=[spec], settings=settings(owner="first"))
+    second = ProjectorDaemon(dsn, processors=[spec], settings=settings(owner="second"))
+
+    def owners() -> dict[str, int]:
+        rows = query(
+            dsn,
+            "SELECT owner, count(*) FROM aura.projection_status"
+            " WHERE kind = 'python' AND owner_alive GROUP BY owner",
+        )
+        return {owner: count for owner, count in rows}
+
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    try:
+        await wait_for(lambda: owners() == {"first": 4}, what="the first daemon owns all")
+        running_second = asyncio.create_task(second.run(stop_second))
+        try:
+            # The second daemon's arrival halves the first one's share.
+            await wait_for(
+                lambda: owners() == {"first": 2, "second": 2}, what="two partitions each"
+            )
+            append(store, 40, streams=9)
+            await wait_for(lambda: all_caught_up(dsn, "shared"))
+        finally:
+            stop_second.set()
+            await asyncio.wait_for(running_second, 20)
+        # The one left takes the stopped daemon's partitions.
+        await wait_for(lambda: owners() == {"first": 4}, what="the first daemon owns all again")
+        append(store, 10, streams=9)
+        await wait_for(lambda: all_caught_up(dsn, "shared"))
+    finally:
+        stop_first.set()
+        await asyncio.wait_for(running_first, 20)
+    assert {row[0] for row in seen(dsn)} == log_ids(dsn, "A")
+    assert len(seen(dsn)) == 90
+
+
+@pytest.mark.usefixtures("seen_table")
 async def test_hung_handler_times_out_and_other_processors_carry_on(
     dsn: str, store: EventStore
 ) -> None:
@@ -318,7 +361,7 @@ def test_an_overtaken_batch_rolls_back_what_its_handler_wrote(dsn: str, store: E
         "position": 0,
         "limit": None,
         "generation": None,
-        "owner": "test",
+        "owner": None,
     }
     with (
         psycopg.connect(dsn, autocommit=True) as first,
