@@ -20,6 +20,7 @@ BEGIN;
 \ir triggers/notify_events.sql
 \ir functions/projections.sql
 \ir functions/project_batch.sql
+\ir functions/processors.sql
 \ir functions/outbox.sql
 \ir views/projection_status.sql
 \ir views/pending_dead_letters.sql

@@ -1,5 +1,5 @@
 """``aura-pg projections``: inspect and operate projections (list, register,
-pause, resume, reset, replay, rebuild; shadow, diff and promote are in
+pause, resume, reset, replay, rebuild, repartition; shadow, diff and promote are in
 aura_pg/cli/shadow.py). Dead letters are ``aura-pg dlq``."""
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("name")
     a.add_argument("stream_id")
     a.add_argument("--from-version", type=positive_count, default=1, metavar="N")
+    a = actions.add_parser(
+        "repartition", help="split a Python processor into another number of partitions"
+    )
+    a.add_argument("name")
+    a.add_argument("--catalog", help="the catalog whose entry gives the partitions")
+    a.add_argument(
+        "--partitions", type=positive_count, metavar="N", help="instead of the catalog's"
+    )
     for name, a in actions.choices.items():
         add_connection_options(a, bounded=name in BOUNDED_ACTIONS)
         a.set_defaults(handler=run)
@@ -105,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.name}: replayed {count} events of {args.stream_id}")
     elif action == "rebuild":
         return _rebuild(args, dsn)
+    elif action == "repartition":
+        partitions = args.partitions or load_catalog(args.catalog).get(args.name).partitions
+        outcome = projection_admin.repartition(dsn, args.name, partitions)
+        print(f"{args.name}: {outcome} ({partitions} partition{'s' * (partitions != 1)})")
     return exit_codes.OK
 
 

@@ -14,7 +14,7 @@ Streams: ``debate-<debate_id>`` holds a debate's events,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -32,6 +32,12 @@ from pydantic import (
 from aura_pg.domain.errors import InvalidCommand
 from aura_pg.errors import EventValidationError
 from aura_pg.models import NewEvent, RecordedEvent
+from aura_pg.upcasting import (
+    SCHEMA_VERSION_KEY,
+    register_upcaster,
+    schema_version,
+    upcast_data,
+)
 
 RECORDED = "recorded"
 """Validation context key set by ``decode``: the data is a recorded fact.
@@ -73,8 +79,6 @@ ArgumentText = Annotated[
     str, StringConstraints(min_length=1, max_length=10_000), AfterValidator(_storable)
 ]
 Vote = Literal["approve", "reject"]
-
-SCHEMA_VERSION_KEY = "schema_version"
 
 
 def debate_stream(debate_id: str) -> str:
@@ -225,24 +229,6 @@ PAYLOAD_TYPES: Mapping[str, type[EventPayload]] = {
 DEBATE_EVENT_TYPES = tuple(t for t in PAYLOAD_TYPES if t.startswith(("DEBATE_", "AGENT_")))
 DECISION_EVENT_TYPES = tuple(t for t in PAYLOAD_TYPES if t.startswith("DECISION_"))
 
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-
-_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
-
-
-def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
-    """Register a function turning ``event_type`` data of ``from_version``
-    into ``from_version + 1``; ``decode`` chains them up to the current."""
-
-    def register(function: Upcaster) -> Upcaster:
-        key = (event_type, from_version)
-        if key in _UPCASTERS:
-            raise ValueError(f"an upcaster for {event_type} v{from_version} is registered already")
-        _UPCASTERS[key] = function
-        return function
-
-    return register
-
 
 @register_upcaster("DEBATE_STARTED", 1)
 def upcast_debate_started_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -290,21 +276,13 @@ def decode(event: RecordedEvent) -> EventPayload:
         raise EventValidationError(
             f"event {event.event_id}: unknown domain event type {event.type!r}"
         )
-    version = event.metadata.get(SCHEMA_VERSION_KEY, 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise EventValidationError(f"event {event.event_id}: invalid schema_version {version!r}")
+    version = schema_version(event)
     if version > model.VERSION:
         raise EventValidationError(
             f"event {event.event_id}: {event.type} v{version} is newer than this code "
             f"(v{model.VERSION})"
         )
-    data = dict(event.data)
-    while version < model.VERSION:
-        upcaster = _UPCASTERS.get((event.type, version))
-        if upcaster is None:
-            raise EventValidationError(f"no upcaster for {event.type} v{version}")
-        data = upcaster(data)
-        version += 1
+    data, _ = upcast_data(event.type, dict(event.data), version, model.VERSION)
     try:
         return model.model_validate(data, context={RECORDED: True})
     except ValidationError as exc:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
 from aura_pg._resources import named_queries
 from aura_pg._runtime import Backoff, can_resend, wait
@@ -134,11 +135,16 @@ class ImportStore:
     async def close(self) -> None:
         await self.store.close()
 
+    def _pool(self) -> AsyncConnectionPool[Any]:
+        pool = self.store.pool
+        assert pool is not None  # connect() made the store with one
+        return pool
+
     async def has_plain_keys(self, stream: str, created: datetime) -> bool:
         """Record the life of ``stream`` created at ``created``; whether its
         sequence keys are the plain ones (see :func:`sequence_key`)."""
         params = {"source": SOURCE_NATS, "stream": stream, "created": created}
-        async with self.store.pool.connection() as conn:
+        async with self._pool().connection() as conn:
             await conn.execute(_QUERIES["claim_plain_keys"], params)
             await conn.execute(_QUERIES["record_stream_life"], params)
             row = await (await conn.execute(_QUERIES["stream_life_plain_keys"], params)).fetchone()
@@ -148,7 +154,7 @@ class ImportStore:
     async def dead_letter(self, message: SourceMessage, reason: str) -> bool:
         """Record a rejected message; False when it was recorded before."""
         headers = {_clean_text(k): _clean_text(v) for k, v in message.headers.items()}
-        async with self.store.pool.connection() as conn:
+        async with self._pool().connection() as conn:
             cursor = await conn.execute(
                 _QUERIES["record_dead_letter"],
                 {

@@ -37,6 +37,16 @@ def translate_projection_error(exc: psycopg.Error) -> Exception | None:
     return None
 
 
+def session_params(settings: ProjectorSettings) -> dict[str, str]:
+    """The parameters of the session_settings statement every daemon
+    connection runs first."""
+    return {
+        "statement_timeout": str(settings.statement_timeout_ms),
+        "lock_timeout": str(settings.lock_timeout_ms),
+        "synchronous_commit": "on" if settings.synchronous_commit else "off",
+    }
+
+
 async def connect(
     dsn: str, settings: ProjectorSettings, purpose: str
 ) -> psycopg.AsyncConnection[Any]:
@@ -58,14 +68,7 @@ async def connect(
     )
     conn.add_notice_handler(_log_notice)
     try:
-        await conn.execute(
-            queries()["session_settings"],
-            {
-                "statement_timeout": str(settings.statement_timeout_ms),
-                "lock_timeout": str(settings.lock_timeout_ms),
-                "synchronous_commit": "on" if settings.synchronous_commit else "off",
-            },
-        )
+        await conn.execute(queries()["session_settings"], session_params(settings))
     except BaseException:  # failed or cancelled half-way: not left open
         await conn.close()
         raise

@@ -1,6 +1,6 @@
 """The projector daemon: registers catalog projections and runs each with a
-runner of its own, beside the wake-up connection and the shadows of those
-projections, until stopped.
+runner of its own (one per partition for a Python processor), beside the
+wake-up connection and the shadows of those projections, until stopped.
 
 One asyncio process runs many projections; each is owned by one daemon at a
 time (the runner's advisory lock), so a second daemon is a stand-by.
@@ -22,6 +22,7 @@ from aura_pg.errors import CatalogError, UnknownProjection
 from aura_pg.models import Checkpoint
 from aura_pg.projection.catalog import ProjectionSpec
 from aura_pg.projection.connection import connect
+from aura_pg.projection.processor import PythonProcessorRunner, handler_of
 from aura_pg.projection.registration import check_log_origin, register_projections
 from aura_pg.projection.runner import ProjectionRunner
 from aura_pg.projection.settings import ProjectorSettings
@@ -34,23 +35,48 @@ class ProjectorDaemon:
     """Registers catalog projections and runs them until stopped."""
 
     def __init__(
-        self, dsn: str, specs: Sequence[ProjectionSpec], settings: ProjectorSettings | None = None
+        self,
+        dsn: str,
+        specs: Sequence[ProjectionSpec] = (),
+        settings: ProjectorSettings | None = None,
+        *,
+        processors: Sequence[ProjectionSpec] = (),
     ) -> None:
-        if not specs:
+        """``specs``: catalog entries of either kind; ``processors``: more
+        Python processors (``aura_pg.processors.python_processor``). Their
+        handlers are imported here, so a wrong reference fails at once."""
+        self.specs = (*specs, *processors)
+        if not self.specs:
             raise CatalogError("no projections to run")
-        self.dsn = dsn
-        self.specs = tuple(specs)
-        self.settings = settings or ProjectorSettings()
-        self.runners = {
-            spec.name: ProjectionRunner(
-                dsn,
-                spec.name,
-                self.settings,
-                dead_letter_queue=spec.error_handling.dead_letter_queue,
+        names = [spec.name for spec in self.specs]
+        if len(set(names)) != len(names):
+            raise CatalogError(
+                f"projections named twice: {sorted(n for n in set(names) if names.count(n) > 1)}"
             )
-            for spec in self.specs
-            if spec.shadow_of is None  # shadow entries run as NAME__shadow (found below)
-        }
+        self.dsn = dsn
+        self.settings = settings or ProjectorSettings()
+        self.runners: dict[str, ProjectionRunner] = {}
+        for spec in self.specs:
+            if spec.shadow_of is not None:
+                continue  # shadow entries run as NAME__shadow (found below)
+            if spec.is_python:
+                handler = handler_of(spec)
+                for row in spec.row_names:
+                    self.runners[row] = PythonProcessorRunner(
+                        dsn,
+                        row,
+                        self.settings,
+                        handler=handler,
+                        batch_timeout=spec.batch_timeout_seconds,
+                        dead_letter_queue=spec.error_handling.dead_letter_queue,
+                    )
+            else:
+                self.runners[spec.name] = ProjectionRunner(
+                    dsn,
+                    spec.name,
+                    self.settings,
+                    dead_letter_queue=spec.error_handling.dead_letter_queue,
+                )
         self.listener = (
             Listener(dsn, self.settings, self._wake_all) if self.settings.wake == "listen" else None
         )
@@ -87,7 +113,7 @@ class ProjectorDaemon:
         yet; the new ones' names."""
         cur = await conn.execute(
             named_queries("queries/shadows.sql")["shadows_of"],
-            {"names": [spec.shadow_of or spec.name for spec in self.specs]},
+            {"names": [spec.shadow_of or spec.name for spec in self.specs if not spec.is_python]},
         )
         found = []
         for (shadow,) in await cur.fetchall():

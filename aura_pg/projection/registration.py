@@ -18,6 +18,24 @@ from aura_pg.projection.shadows import shadow_name, shadow_params
 log = logging.getLogger("aura_pg.projector")
 
 
+def processor_params(spec: ProjectionSpec) -> dict[str, Any]:
+    """The parameters of aura.register_processor for a Python processor."""
+    policy = spec.error_handling
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "handler": spec.handler,
+        "event_types": list(spec.source_events) if spec.source_events is not None else None,
+        "partitions": spec.partitions,
+        "batch_size": spec.batch_size,
+        "max_retries": policy.max_retries,
+        "retry_base_ms": policy.retry_base_ms,
+        "retry_max_ms": policy.retry_max_ms,
+        "circuit_failure_threshold": policy.circuit_breaker.failure_threshold,
+        "circuit_recovery_seconds": policy.circuit_breaker.recovery_timeout_seconds,
+    }
+
+
 def spec_params(spec: ProjectionSpec) -> dict[str, Any]:
     """The parameters of aura.register_projection for ``spec``."""
     policy = spec.error_handling
@@ -59,6 +77,11 @@ async def register_projections(
                         named_queries("queries/shadows.sql")["begin_shadow"],
                         shadow_params(spec.shadow_of, spec),
                     )
+                elif spec.is_python:
+                    cur = await conn.execute(
+                        named_queries("queries/processors.sql")["register"],
+                        processor_params(spec),
+                    )
                 else:
                     cur = await conn.execute(queries()["register"], spec_params(spec))
                 row = await cur.fetchone()
@@ -66,12 +89,22 @@ async def register_projections(
             raise
         except psycopg.Error as exc:
             detail = (exc.diag.message_primary if exc.diag else None) or str(exc)
+            hint = exc.diag.message_hint if exc.diag else None
+            what = "registering the processor" if spec.is_python else f"installing {spec.sql}"
             raise CatalogError(
-                f"projection {spec.name!r}: installing {spec.sql} failed: {detail}"
+                f"projection {spec.name!r}: {what} failed: {detail}"
+                + (f" ({hint})" if hint else "")
             ) from None
         outcome = str(row[0]) if row else "unchanged"
         outcomes[spec.name if spec.shadow_of is None else shadow_name(spec.shadow_of)] = outcome
-        if outcome == "changed":
+        if outcome == "changed" and spec.is_python:
+            log.warning(
+                "processor %s: its handler or event types changed; in effect from its "
+                "checkpoint on (`aura-pg projections reset %s` delivers every event again)",
+                spec.name,
+                spec.name,
+            )
+        elif outcome == "changed":
             log.warning(
                 "projection %s: its definition changed; the live read model keeps the old one "
                 "until `aura-pg projections rebuild %s` swaps the new one in",

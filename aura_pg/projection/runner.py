@@ -103,6 +103,16 @@ class ProjectionReplaced(ProjectionError):
     applied to the new one; the runner stops."""
 
 
+class BatchFailed(Exception):
+    """A batch failed in the handler (not the connection): what the
+    isolation state machine records, with the SQLSTATE when there is one."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+
+
 def retry_backoff(base_ms: int, max_ms: int) -> Backoff:
     """The wait before a failed event is tried again, from the catalog's
     ``retry_base_ms`` and ``retry_max_ms``: half fixed, half random, and
@@ -197,8 +207,13 @@ class ProjectionRunner:
                 await wait(stop, delay)
             finally:
                 self.owning = False
+                await self._disconnect()
                 if conn is not None:
                     await conn.close()
+
+    async def _disconnect(self) -> None:
+        """Close whatever the runner opened besides its ownership
+        connection (nothing here)."""
 
     def _at_checkpoint(self) -> dict[str, Any]:
         """The parameters that name where this runner is: every write sends
@@ -305,21 +320,21 @@ class ProjectionRunner:
         start_ns = time.time_ns()
         started = time.perf_counter()
         try:
-            # Our own spans describe the batch; an idle poll leaves no trace.
-            with tracing.suppress_instrumentation():
-                row = await fetch_one(conn, queries()["project_batch"], params)
+            result = await self._apply_batch(conn, params)
         except StaleCheckpoint as exc:
             metrics.record_projection_error(self.name, "stale_checkpoint")
             tracing.record_batch_spans(self.name, start_ns, time.time_ns(), (), error=exc)
             log.warning("projection %s: %s; reloading", self.name, exc)
             await self._reload(conn)
             return StepOutcome.BUSY
+        except BatchFailed as exc:
+            tracing.record_batch_spans(self.name, start_ns, time.time_ns(), (), error=exc)
+            return await self._failed(conn, exc.message, exc.sqlstate)
         except psycopg.Error as exc:
             tracing.record_batch_spans(self.name, start_ns, time.time_ns(), (), error=exc)
-            return await self._failed(conn, exc)
+            message = (exc.diag.message_primary if exc.diag else None) or str(exc)
+            return await self._failed(conn, message, exc.sqlstate)
         duration = time.perf_counter() - started
-        assert row is not None
-        result = BatchResult.from_row(row)
         self.checkpoint = result.checkpoint
         if result.applied:
             metrics.record_applied_batch(
@@ -348,11 +363,22 @@ class ProjectionRunner:
             return StepOutcome.IDLE  # the circuit is open
         return StepOutcome.BUSY
 
-    async def _failed(self, conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> StepOutcome:
+    async def _apply_batch(
+        self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
+    ) -> BatchResult:
+        """Apply the next batch and advance the checkpoint, in one
+        transaction: here ``aura.project_batch``, one statement."""
+        # Our own spans describe the batch; an idle poll leaves no trace.
+        with tracing.suppress_instrumentation():
+            row = await fetch_one(conn, queries()["project_batch"], params)
+        assert row is not None
+        return BatchResult.from_row(row)
+
+    async def _failed(
+        self, conn: psycopg.AsyncConnection[Any], error: str, sqlstate: str | None
+    ) -> StepOutcome:
         """The batch failed: narrow it down to the failing event, or deal
         with that event's failure (the isolation state machine decides)."""
-        error = (exc.diag.message_primary if exc.diag else None) or str(exc)
-        sqlstate = exc.sqlstate
         transient = is_momentary(sqlstate)
         self.isolation, failure = self.isolation.batch_failed()
         if failure is BatchFailure.EVENT:

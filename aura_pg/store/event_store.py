@@ -14,11 +14,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from aura_pg.errors import AuraPgError
 from aura_pg.models import (
     ANY,
     FORWARDS,
@@ -34,6 +35,16 @@ from aura_pg.observability.appends import observed_append, register_append_metri
 from aura_pg.store import operations as ops
 from aura_pg.store.retry import AppendRetry
 from aura_pg.store.validation import DEFAULT_MAX_PAYLOAD_BYTES, as_batch, check_payload_limit
+
+P = TypeVar("P", ConnectionPool[Any], AsyncConnectionPool[Any])
+
+
+def _pool(pool: P | None) -> P:
+    """The store's pool; a store made without one runs only in the
+    caller's transactions (every call passes ``conn=``)."""
+    if pool is None:
+        raise AuraPgError("this store has no pool: pass conn= (the caller's connection)")
+    return pool
 
 
 def _autocommit_pool(pool_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -52,12 +63,13 @@ class EventStore:
     ``EventStore(pool)`` borrows the caller's pool and never closes it;
     ``EventStore.connect(dsn)`` creates a pool that ``close()`` closes.
     Every method takes ``conn=`` to run inside the caller's open transaction,
-    so business rows and events commit or roll back together.
+    so business rows and events commit or roll back together; ``EventStore()``
+    (no pool) runs only so, e.g. in a Python processor's handler.
     """
 
     def __init__(
         self,
-        pool: ConnectionPool[Any],
+        pool: ConnectionPool[Any] | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         owns_pool: bool = False,
@@ -88,7 +100,7 @@ class EventStore:
         return cls(pool, max_payload_bytes=max_payload_bytes, owns_pool=True)
 
     def close(self) -> None:
-        if self._owns_pool:
+        if self._owns_pool and self.pool is not None:
             self.pool.close()
 
     def __enter__(self) -> Self:
@@ -122,7 +134,7 @@ class EventStore:
     def _execute(self, statement: ops.Statement, conn: psycopg.Connection[Any] | None) -> ops.Rows:
         if conn is not None:
             return conn.execute(statement.sql, statement.params).fetchall()
-        with self.pool.connection() as pooled:
+        with _pool(self.pool).connection() as pooled:
             rows: ops.Rows = pooled.execute(statement.sql, statement.params).fetchall()
         return rows
 
@@ -222,7 +234,7 @@ class AsyncEventStore:
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Any],
+        pool: AsyncConnectionPool[Any] | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         owns_pool: bool = False,
@@ -253,7 +265,7 @@ class AsyncEventStore:
         return cls(pool, max_payload_bytes=max_payload_bytes, owns_pool=True)
 
     async def close(self) -> None:
-        if self._owns_pool:
+        if self._owns_pool and self.pool is not None:
             await self.pool.close()
 
     async def __aenter__(self) -> Self:
@@ -292,7 +304,7 @@ class AsyncEventStore:
         if conn is not None:
             cursor = await conn.execute(statement.sql, statement.params)
             return await cursor.fetchall()
-        async with self.pool.connection() as pooled:
+        async with _pool(self.pool).connection() as pooled:
             cursor = await pooled.execute(statement.sql, statement.params)
             rows: ops.Rows = await cursor.fetchall()
         return rows

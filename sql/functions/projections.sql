@@ -241,6 +241,11 @@ BEGIN
             coalesce(quote_literal(p_handler_kind), 'NULL'), p_name USING ERRCODE = 'AU007';
     END IF;
     PERFORM pg_advisory_xact_lock(1635087457, hashtext('register:' || p_name));
+    IF EXISTS (SELECT 1 FROM aura.processor_rows(p_name)) THEN
+        RAISE EXCEPTION '% is a Python processor, not a SQL projection', quote_literal(p_name)
+            USING ERRCODE = 'AU007',
+                  HINT = 'Give the projection another name, or drop the processor first.';
+    END IF;
     SELECT * INTO v_row FROM aura.projection_checkpoints c WHERE c.name = p_name FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM aura.install_projection_schema(p_schema, p_definition_sql, p_handler,
@@ -347,8 +352,7 @@ BEGIN
         RAISE EXCEPTION 'projection % is paused: nothing is dead-lettered', quote_literal(p_name)
             USING ERRCODE = 'AU006';
     END IF;
-    SELECT * INTO v_event
-    FROM aura.read_all(v_row.transaction_id, v_row.global_position, 1, v_row.event_types);
+    SELECT * INTO v_event FROM aura.read_projection(v_row, 1);
     IF NOT FOUND OR v_event.event_id IS DISTINCT FROM p_event_id THEN
         RAISE EXCEPTION 'event % is not the next event of projection %', p_event_id, quote_literal(p_name)
             USING ERRCODE = 'AU007';
@@ -435,11 +439,14 @@ DECLARE
     v_row aura.projection_checkpoints;
 BEGIN
     v_row := aura.lock_projection(p_name);
-    PERFORM aura.drop_read_model_schema(v_row.schema_name);
-    PERFORM aura.install_projection_schema(v_row.schema_name, v_row.definition_sql, v_row.handler,
-                                           v_row.handler_kind, v_row.forget_handler);
+    IF v_row.kind = 'sql' THEN
+        PERFORM aura.drop_read_model_schema(v_row.schema_name);
+        PERFORM aura.install_projection_schema(v_row.schema_name, v_row.definition_sql,
+                                               v_row.handler, v_row.handler_kind,
+                                               v_row.forget_handler);
+    END IF;
     UPDATE aura.projection_checkpoints c
-       SET transaction_id = '0', global_position = 0, events_applied = 0,
+       SET transaction_id = '0', global_position = 0, events_applied = 0, handover = NULL,
            generation = nextval('aura.projection_generation'),
            last_applied_position = NULL, last_applied_recorded_at = NULL,
            status = CASE WHEN c.rebuild_of IS NULL THEN 'running' ELSE 'rebuilding' END,
@@ -472,6 +479,11 @@ BEGIN
     -- The projection's row first, then the letter: the order reset and the
     -- rebuild swap take them in.
     v_row := aura.lock_projection(v_letter.projection);
+    IF v_row.kind = 'python' THEN
+        RAISE EXCEPTION 'dead letter % is of Python processor %: its handler is Python', p_id,
+            quote_literal(v_row.name)
+            USING ERRCODE = 'AU007', HINT = format('aura-pg dlq retry %s runs it.', p_id);
+    END IF;
     SELECT * INTO v_letter FROM aura.dead_letters d WHERE d.id = p_id FOR UPDATE;
     IF v_letter.status <> 'pending' THEN
         RAISE EXCEPTION 'dead letter % is %, not pending', p_id, v_letter.status USING ERRCODE = 'AU007';
@@ -521,6 +533,11 @@ DECLARE
     v_search_path text := current_setting('search_path');
 BEGIN
     v_row := aura.lock_projection(p_name);
+    IF v_row.kind = 'python' THEN
+        RAISE EXCEPTION '% is a Python processor: its handler is Python', quote_literal(p_name)
+            USING ERRCODE = 'AU007',
+                  HINT = format('aura-pg projections replay %s %s runs it.', p_name, p_stream_id);
+    END IF;
     IF p_from_version > 1 AND v_row.forget_handler IS NOT NULL THEN
         -- Its handler counts what it is given: events it has applied would
         -- be counted twice. From version 1 the forget handler resets the
@@ -570,6 +587,10 @@ BEGIN
     v_row := aura.lock_projection(p_name);
     IF v_row.rebuild_of IS NOT NULL THEN
         RAISE EXCEPTION '% is itself a rebuild', p_name USING ERRCODE = 'AU007';
+    END IF;
+    IF v_row.kind = 'python' THEN
+        RAISE EXCEPTION '% is a Python processor: it has no read model to rebuild', p_name
+            USING ERRCODE = 'AU007', HINT = 'aura.reset_projection replays it from the first event.';
     END IF;
     v_def := coalesce(v_row.next_definition, jsonb_build_object(
         'schema_name', v_row.schema_name, 'handler', v_row.handler,

@@ -48,6 +48,10 @@ BEGIN
     -- takes them in.
     SELECT * INTO v_existing FROM aura.projection_checkpoints c WHERE c.name = v_shadow FOR UPDATE;
     v_live := aura.lock_projection(p_name);
+    IF v_live.kind = 'python' THEN
+        RAISE EXCEPTION '% is a Python processor: it has no read model to shadow', p_name
+            USING ERRCODE = 'AU007';
+    END IF;
     IF v_live.rebuild_of IS NOT NULL OR v_live.shadow_of IS NOT NULL THEN
         RAISE EXCEPTION '% is itself a rebuild or a shadow', p_name USING ERRCODE = 'AU007';
     END IF;

@@ -93,7 +93,7 @@ FROM aura.record_projection_failure(%(name)s, %(transaction_id)s::xid8, %(positi
 -- The event the projection would apply next (the poison candidate).
 SELECT e.event_id, e.global_position, e.type
 FROM aura.projection_checkpoints c
-CROSS JOIN LATERAL aura.read_all(c.transaction_id, c.global_position, 1, c.event_types) AS e
+CROSS JOIN LATERAL aura.read_projection(c, 1) AS e
 WHERE c.name = %(name)s;
 
 -- name: pending_events
@@ -101,7 +101,7 @@ WHERE c.name = %(name)s;
 -- batch that failed, which the runner then retries in halves.
 SELECT count(*)::integer
 FROM aura.projection_checkpoints c
-CROSS JOIN LATERAL aura.read_all(c.transaction_id, c.global_position, %(limit)s, c.event_types) AS e
+CROSS JOIN LATERAL aura.read_projection(c, %(limit)s) AS e
 WHERE c.name = %(name)s;
 
 -- name: dead_letter_next

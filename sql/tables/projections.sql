@@ -15,8 +15,10 @@ CREATE TABLE aura.projection_checkpoints (
     name                      text        PRIMARY KEY,
     description               text        NOT NULL DEFAULT '',
     -- The read model: the schema the definition SQL was run in, the handler
-    -- function in it, and the events it folds (NULL: every type).
-    schema_name               text        NOT NULL UNIQUE,
+    -- function in it, and the events it folds (NULL: every type). A Python
+    -- processor (kind 'python') has no schema: its handler is the
+    -- 'module:callable' the daemon imports.
+    schema_name               text        UNIQUE,
     handler                   text        NOT NULL,
     handler_kind              text        NOT NULL,
     event_types               text[],
@@ -63,12 +65,43 @@ CREATE TABLE aura.projection_checkpoints (
                                           ON DELETE CASCADE,
     created_at                timestamptz NOT NULL DEFAULT now(),
     updated_at                timestamptz NOT NULL DEFAULT now(),
+    -- 'sql': a read model folded in SQL by aura.project_batch; 'python': a
+    -- Python processor whose handler the daemon runs (aura.processor_batch).
+    kind                      text        NOT NULL DEFAULT 'sql',
+    -- A partitioned processor has one row per partition, NAME/INDEX: it
+    -- gets the events of the streams with aura.stream_partition(stream_id,
+    -- partition_count) = partition_index.
+    partition_index           integer,
+    partition_count           integer,
+    -- After `aura-pg projections repartition`: the previous partitioning's
+    -- count and checkpoints ({"count": N, "checkpoints": [[tx, pos], ...]});
+    -- events a previous partition had applied are not delivered again.
+    handover                  jsonb,
     CONSTRAINT projection_name_valid
-        CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$' AND char_length(name) <= 48),
+        CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow|/[0-9]{1,2})?$'
+               AND char_length(name) <= 48),
+    CONSTRAINT projection_kind_valid CHECK (kind IN ('sql', 'python')),
     CONSTRAINT projection_schema_valid
-        CHECK (schema_name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$'
-               AND char_length(schema_name) <= 50),
-    CONSTRAINT projection_handler_valid CHECK (handler ~ '^[a-z_][a-z0-9_]{0,62}$'),
+        CHECK (CASE kind
+                   WHEN 'sql' THEN schema_name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*(__rebuild|__shadow)?$'
+                                   AND char_length(schema_name) <= 50
+                   ELSE schema_name IS NULL
+               END),
+    CONSTRAINT projection_handler_valid
+        CHECK (CASE kind
+                   WHEN 'sql' THEN handler ~ '^[a-z_][a-z0-9_]{0,62}$'
+                   ELSE handler ~ '^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$'
+                        AND char_length(handler) <= 300
+               END),
+    CONSTRAINT projection_partition_valid
+        CHECK (CASE WHEN partition_count IS NULL
+                    THEN partition_index IS NULL AND name !~ '/'
+                    ELSE kind = 'python' AND partition_count BETWEEN 2 AND 64
+                         AND partition_index BETWEEN 0 AND partition_count - 1
+                         AND name ~ ('/' || partition_index || '$')
+               END),
+    CONSTRAINT projection_python_row_valid
+        CHECK (kind = 'sql' OR rebuild_of IS NULL AND shadow_of IS NULL AND forget_handler IS NULL),
     CONSTRAINT projection_forget_handler_valid
         CHECK (forget_handler IS NULL OR forget_handler ~ '^[a-z_][a-z0-9_]{0,62}$'),
     CONSTRAINT projection_handler_kind_valid CHECK (handler_kind IN ('per_event', 'set_based')),

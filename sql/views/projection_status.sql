@@ -1,4 +1,5 @@
--- One row per projection (rebuild shadows included) for operators:
+-- One row per projection (rebuild shadows included) and per Python
+-- processor partition (kind 'python', NAME/INDEX) for operators:
 --   SELECT * FROM aura.projection_status;
 -- events_behind counts the events of the projection's types after its
 -- checkpoint; seconds_behind is how long the oldest of them has waited
@@ -40,7 +41,8 @@ SELECT c.name,
                                  WHERE d.datname = current_database())
               AND l.classid::bigint = (k.lock_key >> 32) & 4294967295
               AND l.objid::bigint = k.lock_key & 4294967295)
-       END                                                  AS owner_alive
+       END                                                  AS owner_alive,
+       c.kind
 FROM aura.projection_checkpoints c
 CROSS JOIN LATERAL (
     SELECT ('x' || left(md5('aura-pg projection:' || c.name), 16))::bit(64)::bigint AS lock_key
@@ -50,6 +52,10 @@ CROSS JOIN LATERAL (
     FROM aura.events e
     WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)
       AND (c.event_types IS NULL OR e.type = ANY (c.event_types))
+      AND (c.partition_count IS NULL
+           OR aura.stream_partition(e.stream_id, c.partition_count) = c.partition_index)
+      AND NOT (c.handover IS NOT NULL
+               AND aura.handed_over(c.handover, e.stream_id, e.transaction_id, e.global_position))
 ) AS behind
 ORDER BY c.name;
 
