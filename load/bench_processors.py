@@ -20,8 +20,19 @@ against a reference or target printed beside it:
    time between one call's return and the next call (the daemon's own work
    per batch: reading and decoding the next batch, advancing the checkpoint,
    committing) and the tail (the last call's return to the checkpoint seen
-   at the end: the last commit and the 10 ms poll).
-2. End-to-end latency. 4 writer processes append single-event batches,
+   at the end: the last commit and the 10 ms poll). It also reads the CPU
+   time of the daemon process and of the Postgres server (all its
+   processes, when it runs on this machine) over each catch-up.
+   Then the anatomy of a batch: the statements a daemon sends for a sync
+   processor's batch, replayed step by step in this process on a scratch
+   processor row (BEGIN, aura.processor_batch, fetching the rows with
+   psycopg's JSON decoding of data and metadata, building the
+   RecordedEvents, aura.advance_processor, COMMIT), each timed, taking
+   turns with the same steps with jsonb fetched as text (no JSON decoding).
+   With ``--py-profile DIR``, one more no-op catch-up (measured apart, as
+   cProfile slows it down) runs under cProfile in every thread of the
+   daemon, and the top functions are printed.
+2. End-to-end latency. ``--latency-writers`` processes append single-event batches,
    each to a new stream, at ``--rate`` events/s for ``--duration`` s while
    a daemon (log watcher + poll 1 s, as deployed; caught up first) runs a
    Python processor that inserts one row per event (``record_live``,
@@ -36,15 +47,19 @@ against a reference or target printed beside it:
    before the commit) instead, and the output says so.
 3. I/O-bound throughput. ``--io-events`` events of type IO_WORK are
    appended over ``--io-streams`` streams; for each ``--io-partitions`` count
-   N, a processor ``bench_py_io_N`` (source_events IO_WORK, batch
-   ``--io-batch``) with N partitions runs in N daemon processes started
-   together. Its handler sleeps ``--io-sleep-ms`` per event (or per batch,
-   ``--io-sleep-per batch``), then inserts one row per batch. Once every
-   partition has committed a batch, the events of the batches finished in
-   the next ``--io-window`` seconds (by the handler's clock_timestamp just
-   before its commit) give the throughput; it prints which daemon held
-   which partition, the daemons' CPU time and the machine's busy share in
-   the window, and checks that no partition ran out of work in the window
+   N, a processor with N partitions (source_events IO_WORK, batch
+   ``--io-batch``) runs in N daemon processes started together, each
+   running one partition (``bench_py_io_pinned_N``), and then each taking
+   whichever partitions it finds free, as deployed daemons do
+   (``bench_py_io_free_N``; ``--io-assign``). Its handler sleeps
+   ``--io-sleep-ms`` per event (or per batch, ``--io-sleep-per batch``),
+   then inserts one row per batch. Once every partition has committed a
+   batch, the events of the batches finished in the next ``--io-window``
+   seconds (by the handler's clock_timestamp just before its commit) give
+   the throughput; it prints which daemon held which partition, the CPU
+   time of the daemons and of the server and the machine's busy share
+   (everything on it) in the window, and checks that no partition ran out
+   of work in the window
    and that no event was handled twice.
 
 It ends with PASS or MISS for each target: no-op catch-up >= 20,000
@@ -66,6 +81,7 @@ import pstats
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -73,7 +89,6 @@ from typing import Any, Final
 
 import processor_handlers
 import psycopg
-from aura_pg.processors import python_processor
 from bench_projection import (
     CATALOG,
     MIB,
@@ -87,13 +102,17 @@ from bench_projection import (
     with_notify,
 )
 from psycopg import sql
+from psycopg.types.string import TextLoader
 
+from aura_pg.processors import python_processor
 from aura_pg.projection.catalog import ProjectionSpec, load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.processor import queries as processor_queries
+from aura_pg.projection.processor import recorded_event
 from aura_pg.projection.settings import ProjectorSettings
 
 SCHEMA_SQL: Final = Path(__file__).resolve().parent / "projections" / "bench_processors.sql"
-HANDLERS: Final = {
+HANDLERS: Final[dict[str, Callable[..., Any]]] = {
     "noop": processor_handlers.noop,
     "noop_async": processor_handlers.noop_async,
     "insert": processor_handlers.insert_rows,
@@ -106,6 +125,9 @@ SQL_EACH: Final = "bench_ref_each"
 SQL_SET: Final = "bench_ref_set"
 SQL_LIVE: Final = "bench_ref_live"
 PY_LIVE: Final = "bench_py_live"
+PY_PROFILED: Final = "bench_py_noop_profiled"
+ANATOMY: Final = ("bench_py_anatomy", "bench_py_anatomy_raw")
+ANATOMY_BATCHES: Final = 100
 POLL_SECONDS: Final = 0.01
 CATCH_UP_TARGET: Final = 20_000.0
 LATENCY_TARGET_MS: Final = 50.0
@@ -114,6 +136,11 @@ SCALING_TARGET: Final = 3.0
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def io_name(mode: str, partitions: int) -> str:
+    """The I/O-bound processor of a mode (pinned, free) and partition count."""
+    return f"bench_py_io_{mode}_{partitions}"
 
 
 # ---------------------------------------------------------------- specs and setup
@@ -135,10 +162,19 @@ def processor_specs(args: argparse.Namespace) -> dict[str, ProjectionSpec]:
         name = f"bench_py_{handler}"
         specs[name] = python_processor(name, HANDLERS[handler], batch_size=args.py_batch)
     specs[PY_LIVE] = python_processor(PY_LIVE, processor_handlers.record_live, batch_size=500)
-    io_handler = processor_handlers.io_bound_async if args.io_async else processor_handlers.io_bound
+    if args.py_profile is not None:
+        specs[PY_PROFILED] = python_processor(
+            PY_PROFILED, processor_handlers.noop, batch_size=args.py_batch
+        )
+    for name in ANATOMY:
+        # Never run by a daemon: the anatomy replays a batch's statements on it.
+        specs[name] = python_processor(name, processor_handlers.noop, batch_size=args.py_batch)
+    io_handler: Callable[..., Any] = (
+        processor_handlers.io_bound_async if args.io_async else processor_handlers.io_bound
+    )
     per_batch_s = args.io_sleep_ms / 1000 * (args.io_batch if args.io_sleep_per == "event" else 1)
-    for count in args.io_partitions:
-        name = f"bench_py_io_{count}"
+    for mode, count in itertools.product(args.io_assign, args.io_partitions):
+        name = io_name(mode, count)
         specs[name] = python_processor(
             name,
             io_handler,
@@ -168,13 +204,49 @@ def prepare_processors(dsn: str, specs: list[ProjectionSpec]) -> None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (children not included)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    """User + system CPU seconds of a process, all its threads."""
+    fields = _stat_fields(pid)
+    if fields is None:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat from the field after the command name on (so
+    fields[0] is the state, [1] the parent pid, [11:15] utime, stime,
+    cutime, cstime), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def server_root(conn: psycopg.Connection[Any]) -> int | None:
+    """The postmaster's pid when the server runs on this machine (the
+    parent of this connection's backend), else None."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    fields = _stat_fields(int(row[0])) if row else None
+    return int(fields[1]) if fields else None
+
+
+def tree_cpu_seconds(root: int | None) -> float | None:
+    """CPU seconds of ``root`` and its children: the live ones' own, and
+    the exited ones' (which the root's cutime and cstime hold once
+    reaped). For the Postgres server: every backend and background
+    process, the benchmark's own connections included."""
+    if root is None:
+        return None
+    fields = _stat_fields(root)
+    if fields is None:
+        return None
+    ticks = sum(int(v) for v in fields[11:15])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            child = _stat_fields(entry)
+            if child is not None and child[1] == str(root):
+                ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -194,6 +266,7 @@ def daemon_main(
     go: MpEvent,
     stop: MpEvent,
     profile: str | None,
+    only: str | None,
 ) -> None:
     """A child process: a projector daemon running ``specs``.
 
@@ -222,7 +295,7 @@ def daemon_main(
         threading.setprofile(profile_thread)
         main_profile.enable()
     try:
-        asyncio.run(_daemon(dsn, specs, settings, messages, go, stop))
+        asyncio.run(_daemon(dsn, specs, settings, messages, go, stop, only))
     finally:
         if main_profile is not None and profile is not None:
             main_profile.disable()
@@ -241,9 +314,13 @@ async def _daemon(
     messages: Any,
     go: MpEvent,
     stop: MpEvent,
+    only: str | None,
 ) -> None:
     stopping = asyncio.Event()
     daemon = ProjectorDaemon(dsn, specs, ProjectorSettings(**settings))
+    if only is not None:
+        # --io-pin: this daemon runs one partition row and leaves the others.
+        daemon.runners = {name: r for name, r in daemon.runners.items() if name == only}
     messages.put(("ready", os.getpid()))
     await asyncio.to_thread(go.wait)
 
@@ -273,6 +350,7 @@ class DaemonChild:
         settings: dict[str, Any],
         io_settings: tuple[float, bool] = (0.005, True),
         profile: Path | None = None,
+        only: str | None = None,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.messages = ctx.Queue()
@@ -289,6 +367,7 @@ class DaemonChild:
                 self.go,
                 self.stop_event,
                 str(profile) if profile else None,
+                only,
             ),
         )
         self.pid = 0
@@ -362,9 +441,10 @@ def log_head(conn: psycopg.Connection[Any], event_type: str | None = None) -> tu
     """The last event of the log in commit order (of ``event_type`` only
     when given), as (transaction_id, global_position)."""
     row = conn.execute(
-        "SELECT transaction_id::text, global_position FROM aura.events "
-        "WHERE %(type)s::text IS NULL OR type = %(type)s "
-        "ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        # Ordered by the xid8 column, not the text output column of the same name.
+        "SELECT e.transaction_id::text AS tx, e.global_position FROM aura.events e "
+        "WHERE %(type)s::text IS NULL OR e.type = %(type)s "
+        "ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1",
         {"type": event_type},
     ).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
@@ -411,10 +491,16 @@ class ProcessorCatchUp:
     handler: str
     batch_size: int
     events: int
+    applied: int  # the row's events_applied once caught up
     seconds: float
     events_per_second: float
     rss_start_mib: float
     rss_peak_mib: float
+    # CPU seconds from go to caught up: the daemon process (all its
+    # threads), and the Postgres server (all its processes, the checkpoint
+    # poll's included); None where /proc does not show them.
+    daemon_cpu_seconds: float | None
+    server_cpu_seconds: float | None
     # From the handler's own timing (Python processors only).
     handler_calls: int | None = None
     start_seconds: float | None = None  # daemon.run to the first handler call
@@ -462,9 +548,19 @@ def processor_catch_up(
         while not sampler.rss_kb:
             time.sleep(0.005)
         with psycopg.connect(dsn, autocommit=True) as conn:
+            server = server_root(conn)
+            daemon_before = cpu_seconds(child.pid)
+            server_before = tree_cpu_seconds(server)
             child.begin()
             started = child.wait_started()
             finished = wait_for_checkpoint(conn, spec.name, head, timeout, child)
+            daemon_after = cpu_seconds(child.pid)
+            server_after = tree_cpu_seconds(server)
+            row = conn.execute(
+                "SELECT events_applied FROM aura.projection_checkpoints WHERE name = %s",
+                (spec.name,),
+            ).fetchone()
+            applied = int(row[0]) if row else -1
     except BaseException:
         child.kill()
         raise
@@ -472,17 +568,28 @@ def processor_catch_up(
         sampler.stop()
     done = child.finish()
     seconds = finished - started
-    kind = getattr(spec, "kind", "sql")
+    kind = spec.kind
     result = ProcessorCatchUp(
         projection=spec.name,
         kind=kind if kind == "python" else f"sql {spec.handler_kind}",
         handler=str(spec.handler),
         batch_size=spec.batch_size,
         events=events,
+        applied=applied,
         seconds=seconds,
         events_per_second=events / seconds,
         rss_start_mib=sampler.rss_kb[0] / MIB,
         rss_peak_mib=max(sampler.rss_kb) / MIB,
+        daemon_cpu_seconds=(
+            daemon_after - daemon_before
+            if daemon_after is not None and daemon_before is not None
+            else None
+        ),
+        server_cpu_seconds=(
+            server_after - server_before
+            if server_after is not None and server_before is not None
+            else None
+        ),
     )
     if kind == "python":
         for key, value in handler_breakdown(done["calls"], started, finished).items():
@@ -492,9 +599,10 @@ def processor_catch_up(
 
 def print_catch_up_header() -> None:
     print(
-        f"{'projection':<20} {'kind':<14} {'batch':>5} {'events':>7} {'seconds':>7} "
+        f"{'projection':<22} {'kind':<14} {'batch':>5} {'events':>7} {'seconds':>7} "
         f"{'events/s':>8} {'calls':>6} {'start s':>7} {'handler s':>9} {'between s':>9} "
-        f"{'between p50/max ms':>18} {'tail s':>6}  {'RSS MiB start/peak':>18}"
+        f"{'between p50/max ms':>18} {'tail s':>6} {'daemon/server CPU s':>19}  "
+        f"{'RSS MiB start/peak':>18}"
     )
 
 
@@ -509,22 +617,27 @@ def print_catch_up(r: ProcessorCatchUp) -> None:
         else "-"
     )
     print(
-        f"{r.projection:<20} {r.kind:<14} {r.batch_size:>5} {r.events:>7} {r.seconds:>7.2f} "
+        f"{r.projection:<22} {r.kind:<14} {r.batch_size:>5} {r.events:>7} {r.seconds:>7.2f} "
         f"{r.events_per_second:>8.0f} {_opt(r.handler_calls, 'd'):>6} "
         f"{_opt(r.start_seconds, '.2f'):>7} {_opt(r.in_handler_seconds, '.2f'):>9} "
         f"{_opt(r.between_calls_seconds, '.2f'):>9} {between:>18} "
-        f"{_opt(r.tail_seconds, '.2f'):>6}  "
+        f"{_opt(r.tail_seconds, '.2f'):>6} "
+        f"{_opt(r.daemon_cpu_seconds, '.2f') + '/' + _opt(r.server_cpu_seconds, '.2f'):>19}  "
         f"{f'{r.rss_start_mib:.1f}/{r.rss_peak_mib:.1f}':>18}",
         flush=True,
     )
 
 
 def print_profile(path: Path, limit: int = 25) -> None:
-    """The functions of a profile with the most time of their own."""
+    """The functions of a profile with the most time of their own, and
+    with the most time in all (wall clock: a thread waiting counts)."""
     out = io.StringIO()
     stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("tottime").print_stats(limit)
-    print(f"\ncProfile of the no-op catch-up daemon ({path}), by time of their own:")
+    print(
+        f"\ncProfile of a no-op catch-up daemon ({PY_PROFILED}, measured apart: {path}; every "
+        "thread), by time of their own:"
+    )
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
     out = io.StringIO()
     stats = pstats.Stats(str(path), stream=out)
@@ -561,12 +674,17 @@ class ProcessorLatency:
     handler_calls: int | None = None
     events_per_call: float | None = None
     handler_p50_ms: float | None = None
+    # From one handler call's start to the next one's: a batch's whole
+    # cycle while events keep coming (read, handler, advance, commit, the
+    # wake-up), idle waits included.
+    call_interval_p50_ms: float | None = None
+    call_interval_p95_ms: float | None = None
 
 
 LIVE_PYTHON: Final = """
 SELECT l.stream_id,
        extract(epoch FROM max(e.recorded_at))::float8,
-       extract(epoch FROM max(pg_xact_commit_timestamp(e.xmin)))::float8,
+       extract(epoch FROM max({append_commit}))::float8,
        extract(epoch FROM max({end_point}))::float8
 FROM bench_py.live l JOIN aura.events e ON e.event_id = l.event_id
 WHERE l.stream_id LIKE %s
@@ -575,7 +693,7 @@ GROUP BY l.stream_id
 LIVE_SQL: Final = """
 SELECT s.stream_id,
        extract(epoch FROM max(e.recorded_at))::float8,
-       extract(epoch FROM max(pg_xact_commit_timestamp(e.xmin)))::float8,
+       extract(epoch FROM max({append_commit}))::float8,
        extract(epoch FROM max({end_point}))::float8
 FROM {schema}.streams s JOIN aura.events e ON e.stream_id = s.stream_id
 WHERE s.stream_id LIKE %s
@@ -646,18 +764,25 @@ def processor_latency(
     with psycopg.connect(dsn, autocommit=True) as conn:
         tracked = conn.execute("SHOW track_commit_timestamp").fetchone()
         committed = bool(tracked and tracked[0] == "on")
-        python = getattr(spec, "kind", "sql") == "python"
+        python = spec.is_python
         alias = "l" if python else "s"
         end_point = (
             sql.SQL("pg_xact_commit_timestamp({}.xmin)").format(sql.Identifier(alias))
             if committed
             else sql.SQL("{}.applied_at").format(sql.Identifier(alias))
         )
+        append_commit = (
+            sql.SQL("pg_xact_commit_timestamp(e.xmin)")
+            if committed
+            else sql.SQL("NULL::timestamptz")
+        )
         query = (
-            sql.SQL(LIVE_PYTHON).format(end_point=end_point)
+            sql.SQL(LIVE_PYTHON).format(end_point=end_point, append_commit=append_commit)
             if python
             else sql.SQL(LIVE_SQL).format(
-                end_point=end_point, schema=sql.Identifier(spec.read_model_schema)
+                end_point=end_point,
+                append_commit=append_commit,
+                schema=sql.Identifier(spec.read_model_schema),
             )
         )
         rows = conn.execute(query, (prefix + "-%",)).fetchall()
@@ -697,7 +822,11 @@ def processor_latency(
         from_return_min_ms=from_return[0],
     )
     if python:
-        live_calls = [c for c in done["calls"] if c[0] >= live_from]
+        live_calls = sorted(c for c in done["calls"] if c[0] >= live_from)
+        intervals = sorted(b[0] - a[0] for a, b in itertools.pairwise(live_calls))
+        if intervals:
+            result.call_interval_p50_ms = percentile(intervals, 0.5) * 1000
+            result.call_interval_p95_ms = percentile(intervals, 0.95) * 1000
         result.handler_calls = len(live_calls)
         result.events_per_call = sum(c[2] for c in live_calls) / max(len(live_calls), 1)
         result.handler_p50_ms = (
@@ -710,7 +839,8 @@ def print_latency_header() -> None:
     print(
         f"{'projection':<16} {'kind':<14} {'events/s':>8} {'events':>6} {'p50 ms':>7} "
         f"{'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}  {'from commit p50/p95/p99':>23}  "
-        f"{'from return p50/p95/min':>23} {'calls':>6} {'ev/call':>7} {'call p50 ms':>11}"
+        f"{'from return p50/p95/min':>23} {'calls':>6} {'ev/call':>7} {'call p50 ms':>11} "
+        f"{'call to call p50/p95 ms':>23}"
     )
 
 
@@ -728,7 +858,8 @@ def print_latency(r: ProcessorLatency) -> None:
         f"{r.projection:<16} {r.kind:<14} {r.achieved_rate:>8.0f} {r.events:>6} "
         f"{r.p50_ms:>7.1f} {r.p95_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f}  "
         f"{from_commit:>23}  {from_return:>23} {_opt(r.handler_calls, 'd'):>6} "
-        f"{_opt(r.events_per_call, '.1f'):>7} {_opt(r.handler_p50_ms, '.1f'):>11}",
+        f"{_opt(r.events_per_call, '.1f'):>7} {_opt(r.handler_p50_ms, '.1f'):>11} "
+        f"{_opt(r.call_interval_p50_ms, '.1f') + '/' + _opt(r.call_interval_p95_ms, '.1f'):>23}",
         flush=True,
     )
 
@@ -751,8 +882,14 @@ class IoRun:
     ran_dry: list[int]  # partitions that had nothing left before the window's end
     duplicates: int  # events handled twice (over the whole run)
     daemon_cpu_seconds: float  # all daemons, in the window
-    machine_busy: float  # share of both CPUs busy in the window (everything)
+    # The Postgres server (every process of it), in the window; None when
+    # it does not run on this machine.
+    server_cpu_seconds: float | None
+    # Share of all CPUs busy in the window: everything on the machine,
+    # other users' processes included.
+    machine_busy: float
     warmup_seconds: float  # go to every partition's first batch
+    pinned: bool  # --io-pin: each daemon ran one partition, not any it could take
     in_handler_share: float = 0.0  # of the daemons' wall time in the window, inside handlers
     batches: int = 0
     per_daemon_events: list[int] = field(default_factory=list)
@@ -781,16 +918,25 @@ def io_run(
     window: float,
     io_settings: tuple[float, bool],
     warmup_timeout: float,
+    pin: bool = False,
 ) -> IoRun:
     """``partitions`` daemon processes running ``spec`` together; the
     events of the batches they finish in ``window`` seconds once every
     partition is under way."""
     settle(dsn)
+    rows = partition_rows(spec, partitions)
     children = [
-        DaemonChild(dsn, [spec], {"poll_interval": 1.0, "wake": "watch"}, io_settings)
-        for _ in range(partitions)
+        DaemonChild(
+            dsn,
+            [spec],
+            {"poll_interval": 1.0, "wake": "watch"},
+            io_settings,
+            only=rows[index] if pin else None,
+        )
+        for index in range(partitions)
     ]
     with psycopg.connect(dsn, autocommit=True) as conn:
+        server = server_root(conn)
         conn.execute("TRUNCATE bench_py.io_batches")
         backlog = io_backlog(conn, partitions)
         try:
@@ -822,6 +968,7 @@ def io_run(
                 time.sleep(0.05)
             warmup = time.monotonic() - began
             cpu_before = [cpu_seconds(child.pid) or 0.0 for child in children]
+            server_before = tree_cpu_seconds(server)
             busy_before, total_before = machine_ticks()
             start_row = conn.execute("SELECT clock_timestamp()").fetchone()
             window_from = time.monotonic()
@@ -829,14 +976,15 @@ def io_run(
             end_row = conn.execute("SELECT clock_timestamp()").fetchone()
             window_to = time.monotonic()
             cpu_after = [cpu_seconds(child.pid) or 0.0 for child in children]
+            server_after = tree_cpu_seconds(server)
             busy_after, total_after = machine_ticks()
             owners = conn.execute(
                 "SELECT owner, count(*) FROM aura.projection_checkpoints "
                 "WHERE name = ANY(%s) GROUP BY owner ORDER BY 2 DESC",
-                (partition_rows(spec, partitions),),
+                (rows,),
             ).fetchall()
-            # Batches finished before the window's end commit right after.
-            time.sleep(1.0)
+            # A stopping daemon finishes its batch in flight: every batch
+            # finished in the window has committed once they have stopped.
             done = [child.finish() for child in children]
         except BaseException:
             for child in children:
@@ -858,7 +1006,8 @@ def io_run(
                 per_partition[int(index)] += int(events)
                 per_pid[int(pid)] = per_pid.get(int(pid), 0) + int(events)
         row = conn.execute(
-            "SELECT count(*) - count(DISTINCT id) FROM bench_py.io_batches, unnest(event_ids) id"
+            "SELECT count(*) - count(DISTINCT u.event_id) "
+            "FROM bench_py.io_batches b, unnest(b.event_ids) AS u(event_id)"
         ).fetchone()
         duplicates = int(row[0]) if row else -1
     seconds = (window_end - window_start).total_seconds()
@@ -885,8 +1034,14 @@ def io_run(
         daemon_cpu_seconds=sum(
             after - before for before, after in zip(cpu_before, cpu_after, strict=True)
         ),
+        server_cpu_seconds=(
+            server_after - server_before
+            if server_after is not None and server_before is not None
+            else None
+        ),
         machine_busy=(busy_after - busy_before) / max(total_after - total_before, 1),
         warmup_seconds=warmup,
+        pinned=pin,
         in_handler_share=in_handler / (partitions * (window_to - window_from)),
         batches=batches,
         per_daemon_events=sorted(per_pid.values(), reverse=True),
@@ -895,22 +1050,158 @@ def io_run(
 
 def print_io_header() -> None:
     print(
-        f"{'projection':<16} {'partitions':>10} {'daemons':>7} {'window s':>8} {'events':>7} "
+        f"{'projection':<22} {'partitions':>10} {'daemons':>7} {'window s':>8} {'events':>7} "
         f"{'events/s':>8} {'batches':>7} {'in handler':>10} {'daemon CPU s':>12} "
-        f"{'machine busy':>12} {'warm-up s':>9}  partitions per daemon / events per partition"
+        f"{'server CPU s':>12} {'machine busy':>12} {'warm-up s':>9}  "
+        "partitions per daemon / events per partition"
     )
 
 
 def print_io(r: IoRun) -> None:
     print(
-        f"{r.projection:<16} {r.partitions:>10} {r.daemons:>7} {r.window_seconds:>8.1f} "
+        f"{r.projection:<22} {r.partitions:>10} {r.daemons:>7} {r.window_seconds:>8.1f} "
         f"{r.events:>7} {r.events_per_second:>8.1f} {r.batches:>7} "
-        f"{r.in_handler_share:>10.0%} {r.daemon_cpu_seconds:>12.2f} {r.machine_busy:>12.0%} "
+        f"{r.in_handler_share:>10.0%} {r.daemon_cpu_seconds:>12.2f} "
+        f"{_opt(r.server_cpu_seconds, '.2f'):>12} {r.machine_busy:>12.0%} "
         f"{r.warmup_seconds:>9.1f}  {'/'.join(map(str, r.partitions_per_daemon))} / "
         f"{' '.join(map(str, r.per_partition_events))}"
         + (f"  RAN DRY: partitions {r.ran_dry}" if r.ran_dry else "")
         + (f"  DUPLICATES: {r.duplicates}" if r.duplicates else ""),
         flush=True,
+    )
+
+
+# ---------------------------------------------------------------- batch anatomy
+
+ANATOMY_STEPS: Final = ("begin", "batch", "fetch", "decode", "advance", "commit", "total")
+
+
+@dataclass
+class Anatomy:
+    """One no-op batch's statements, replayed step by step on a scratch
+    processor: median milliseconds per step; the same with data and
+    metadata fetched as text (no JSON decoding)."""
+
+    batches: int
+    events: int
+    decoded_ms: dict[str, float]
+    raw_ms: dict[str, float]
+    decoded_events_per_second: float
+    raw_events_per_second: float
+
+
+class _Replay:
+    """What the daemon does for a sync processor's batch
+    (aura_pg/projection/processor.py), on a scratch processor row: BEGIN;
+    aura.processor_batch; fetch the rows (psycopg decodes data and
+    metadata, jsonb, with json.loads); a RecordedEvent per row (upcast
+    included); aura.advance_processor; COMMIT. Each step timed; ``raw``:
+    jsonb loaded as text instead, so no JSON decoding."""
+
+    def __init__(self, conn: psycopg.Connection[Any], name: str, raw: bool) -> None:
+        self.conn = conn
+        self.raw = raw
+        if raw:
+            conn.adapters.register_loader("jsonb", TextLoader)
+        row = conn.execute(
+            "SELECT generation FROM aura.projection_checkpoints WHERE name = %s", (name,)
+        ).fetchone()
+        self.at: dict[str, Any] = {
+            "name": name,
+            "transaction_id": "0",
+            "position": 0,
+            "owner": "bench anatomy",
+            "generation": row[0] if row else None,
+            "limit": None,
+        }
+        self.steps: dict[str, list[float]] = {step: [] for step in ANATOMY_STEPS}
+        self.events = 0
+
+    def batch(self) -> int:
+        """One batch; how many events it had."""
+        conn, at = self.conn, self.at
+        t0 = time.perf_counter()
+        with conn.transaction():
+            t1 = time.perf_counter()
+            cur = conn.execute(processor_queries()["batch"], at)
+            t2 = time.perf_counter()
+            rows = cur.fetchall()
+            t3 = time.perf_counter()
+            if self.raw:
+                count = sum(1 for r in rows if r[7] is not None)
+            else:
+                count = len([recorded_event(r[5:]) for r in rows if r[7] is not None])
+            t4 = time.perf_counter()
+            next_at = {**at, "transaction_id": rows[0][0], "position": rows[0][1]}
+            conn.execute(
+                processor_queries()["advance"],
+                {
+                    **at,
+                    "next_transaction_id": next_at["transaction_id"],
+                    "next_position": next_at["position"],
+                    "applied": count,
+                    "last_position": None,
+                    "last_recorded_at": None,
+                },
+            ).fetchone()
+            t5 = time.perf_counter()
+        t6 = time.perf_counter()
+        self.at = next_at
+        if count:
+            self.events += count
+            for step, seconds in zip(
+                ANATOMY_STEPS,
+                (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0),
+                strict=True,
+            ):
+                self.steps[step].append(seconds)
+        return count
+
+
+def batch_anatomy(dsn: str, batches: int) -> Anatomy:
+    """Up to ``batches`` batches of each replay, taking turns (so that
+    whatever else the machine does weighs on both alike)."""
+    settle(dsn)
+    with (
+        psycopg.connect(dsn, autocommit=True) as decoded_conn,
+        psycopg.connect(dsn, autocommit=True) as raw_conn,
+    ):
+        decoded = _Replay(decoded_conn, ANATOMY[0], raw=False)
+        raw = _Replay(raw_conn, ANATOMY[1], raw=True)
+        for _ in range(batches):
+            if not decoded.batch() + raw.batch():
+                break
+
+    def medians(steps: dict[str, list[float]]) -> dict[str, float]:
+        return {k: percentile(sorted(v), 0.5) * 1000 for k, v in steps.items()}
+
+    return Anatomy(
+        batches=len(decoded.steps["total"]),
+        events=decoded.events,
+        decoded_ms=medians(decoded.steps),
+        raw_ms=medians(raw.steps),
+        decoded_events_per_second=decoded.events / max(sum(decoded.steps["total"]), 1e-9),
+        raw_events_per_second=raw.events / max(sum(raw.steps["total"]), 1e-9),
+    )
+
+
+def print_anatomy(a: Anatomy) -> None:
+    print(
+        f"\nanatomy of a no-op batch ({a.batches} batches, {a.events} events: the daemon's "
+        "statements for a sync processor replayed step by step in this process, median ms):"
+    )
+    print(f"{'':<34} " + " ".join(f"{step:>8}" for step in ANATOMY_STEPS) + f" {'events/s':>9}")
+    for label, ms, rate in (
+        ("as the daemon does it", a.decoded_ms, a.decoded_events_per_second),
+        ("jsonb as text (no JSON decoding)", a.raw_ms, a.raw_events_per_second),
+    ):
+        print(
+            f"{label:<34} " + " ".join(f"{ms[step]:>8.2f}" for step in ANATOMY_STEPS)
+            + f" {rate:>9.0f}"
+        )  # fmt: skip
+    print(
+        "(batch: aura.processor_batch until its result arrives; fetch: building the rows, "
+        "JSON decoding of data and metadata included; decode: RecordedEvent and upcasting)"
     )
 
 
@@ -972,15 +1263,17 @@ def run_processors(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     print_catch_up_header()
     catch_ups: list[ProcessorCatchUp] = []
     names = [SQL_EACH, SQL_SET, *(f"bench_py_{h}" for h in args.py_handlers)]
+    if args.py_profile is not None:
+        # Measured apart: cProfile slows the daemon down.
+        args.py_profile.mkdir(parents=True, exist_ok=True)
+        names.append(PY_PROFILED)
     for name in names:
-        profile = (
-            args.py_profile / f"{name}.prof"
-            if args.py_profile is not None and name == "bench_py_noop"
-            else None
-        )
+        profile = args.py_profile / f"{name}.prof" if name == PY_PROFILED else None
         result = processor_catch_up(dsn, specs[name], head, log_events, timeout, profile)
         catch_ups.append(result)
         print_catch_up(result)
+        if result.applied != log_events:
+            problems.append(f"{name}: applied {result.applied} events, the log holds {log_events}")
         if result.handled_events is not None and result.handled_events != log_events:
             problems.append(
                 f"{name}: the handler got {result.handled_events} events, the log holds "
@@ -990,6 +1283,8 @@ def run_processors(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     by_name = {r.projection: r for r in catch_ups}
     each, batched = by_name[SQL_EACH], by_name[SQL_SET]
     for r in catch_ups[2:]:
+        if r.projection == PY_PROFILED:
+            continue
         print(
             f"{r.projection}: {r.events_per_second / batched.events_per_second:.2f}x {SQL_SET} "
             f"(SQL set-based), {r.events_per_second / each.events_per_second:.2f}x {SQL_EACH} "
@@ -1003,8 +1298,10 @@ def run_processors(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                     problems.append(f"bench_py.{table}: {count} rows differ from aura.events")
                 else:
                     print(f"bench_py.{table} = the log's {log_events} events, each once")
-    if args.py_profile is not None and "noop" in args.py_handlers:
-        print_profile(args.py_profile / "bench_py_noop.prof")
+    anatomy = batch_anatomy(dsn, ANATOMY_BATCHES)
+    print_anatomy(anatomy)
+    if args.py_profile is not None:
+        print_profile(args.py_profile / f"{PY_PROFILED}.prof")
 
     print(
         f"\nPython processors: end-to-end latency at {args.rate:.0f} events/s for "
@@ -1058,32 +1355,46 @@ def run_processors(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     print(
         f"\nPython processors, I/O-bound: the handler sleeps {args.io_sleep_ms:g} ms per "
         f"{args.io_sleep_per} ({'asyncio.sleep' if args.io_async else 'time.sleep'}), batch "
-        f"{args.io_batch}, source_events {IO_TYPE}; N partitions over N daemon processes; "
+        f"{args.io_batch}, source_events {IO_TYPE}; N partitions over N daemon processes "
+        "started together, each running one partition (pinned) or taking any free one, as "
+        "deployed daemons do (free); "
         f"events of the batches finished in a {args.io_window:g} s window once every partition "
         "is under way. 'in handler': share of the partitions' wall time in the window spent "
         "inside the handler"
     )
     print_io_header()
     io_runs: list[IoRun] = []
-    for count in args.io_partitions:
-        io_result = io_run(
-            dsn, specs[f"bench_py_io_{count}"], count, args.io_window, io_settings, timeout
-        )
-        io_runs.append(io_result)
-        print_io(io_result)
-        if io_result.duplicates:
-            problems.append(f"{io_result.projection}: {io_result.duplicates} events handled twice")
-    base = io_runs[0]
-    for run in io_runs[1:]:
-        print(
-            f"{run.projection}: {run.events_per_second / base.events_per_second:.2f}x "
-            f"{base.projection} ({run.partitions}/{base.partitions} partitions)"
-        )
+    for mode in args.io_assign:
+        mode_runs: list[IoRun] = []
+        for count in args.io_partitions:
+            io_result = io_run(
+                dsn,
+                specs[io_name(mode, count)],
+                count,
+                args.io_window,
+                io_settings,
+                timeout,
+                pin=mode == "pinned",
+            )
+            mode_runs.append(io_result)
+            print_io(io_result)
+            if io_result.duplicates:
+                problems.append(
+                    f"{io_result.projection}: {io_result.duplicates} events handled twice"
+                )
+        base = mode_runs[0]
+        for run in mode_runs[1:]:
+            print(
+                f"{run.projection}: {run.events_per_second / base.events_per_second:.2f}x "
+                f"{base.projection} ({run.partitions}/{base.partitions} partitions)"
+            )
+        io_runs += mode_runs
 
-    print_targets(catch_ups, latencies, io_runs)
+    print_targets(catch_ups, latencies, io_runs, anatomy)
     return {
         "log_events": log_events,
         "catch_up": [asdict(r) for r in catch_ups],
+        "anatomy": asdict(anatomy),
         "latency": [asdict(r) for r in latencies],
         "io": [asdict(r) for r in io_runs],
         "problems": problems,
@@ -1091,7 +1402,10 @@ def run_processors(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
 
 
 def print_targets(
-    catch_ups: list[ProcessorCatchUp], latencies: list[ProcessorLatency], io_runs: list[IoRun]
+    catch_ups: list[ProcessorCatchUp],
+    latencies: list[ProcessorLatency],
+    io_runs: list[IoRun],
+    anatomy: Anatomy,
 ) -> None:
     """PASS or MISS per target; with each MISS, the figures that show where
     the time went."""
@@ -1111,7 +1425,18 @@ def print_targets(
                 f"{noop.in_handler_seconds:.2f} s, between handler calls "
                 f"{noop.between_calls_seconds:.2f} s over {noop.handler_calls} batches "
                 f"({per_batch * 1000:.1f} ms per batch: reading and decoding the next batch, "
-                f"advancing the checkpoint, committing), tail {noop.tail_seconds:.2f} s"
+                f"advancing the checkpoint, committing), tail {noop.tail_seconds:.2f} s; "
+                f"CPU: the daemon {_opt(noop.daemon_cpu_seconds, '.2f')} s, the server "
+                f"{_opt(noop.server_cpu_seconds, '.2f')} s in {noop.seconds:.2f} s"
+            )
+            dec, raw = anatomy.decoded_ms, anatomy.raw_ms
+            print(
+                f"    a batch's steps (anatomy, median): aura.processor_batch {dec['batch']:.1f} "
+                f"ms, fetching the rows {dec['fetch']:.1f} ms ({raw['fetch']:.1f} ms of it without "
+                f"JSON decoding), RecordedEvent {dec['decode']:.1f} ms, advance "
+                f"{dec['advance']:.1f} ms, commit {dec['commit']:.1f} ms: "
+                f"{anatomy.decoded_events_per_second:.0f} events/s for the statements alone, "
+                f"{anatomy.raw_events_per_second:.0f} without JSON decoding"
             )
     python, reference = latencies[0], latencies[1]
     ok = python.p95_ms < LATENCY_TARGET_MS
@@ -1122,18 +1447,27 @@ def print_targets(
         f"{reference.p95_ms:.1f} ms): {verdict(ok)}"
     )
     if not ok:
+        dec = anatomy.decoded_ms
         print(
             f"    the handler ran {python.handler_calls} times, "
             f"{_opt(python.events_per_call, '.1f')} events per call, "
-            f"{_opt(python.handler_p50_ms, '.1f')} ms per call at the median"
+            f"{_opt(python.handler_p50_ms, '.1f')} ms per call at the median; from one call "
+            f"to the next {_opt(python.call_interval_p50_ms, '.1f')} ms at the median, "
+            f"{_opt(python.call_interval_p95_ms, '.1f')} at the p95 (a batch's cycle); a "
+            f"batch's fixed statements (anatomy, median): BEGIN {dec['begin']:.1f}, "
+            f"aura.processor_batch {dec['batch']:.1f} (500 events), advance "
+            f"{dec['advance']:.1f}, commit {dec['commit']:.1f} ms, each a round trip"
         )
-    by_count = {r.partitions: r for r in io_runs}
-    one, four = by_count.get(1), by_count.get(4)
-    if one is not None and four is not None:
+    for pinned in (True, False):
+        by_count = {r.partitions: r for r in io_runs if r.pinned == pinned}
+        one, four = by_count.get(1), by_count.get(4)
+        if one is None or four is None:
+            continue
         ratio = four.events_per_second / one.events_per_second
         ok = ratio >= SCALING_TARGET and not four.ran_dry and not one.ran_dry
         print(
-            f"  I/O-bound, 4 partitions >= {SCALING_TARGET:.0f}x 1 partition: {ratio:.2f}x "
+            f"  I/O-bound, 4 partitions >= {SCALING_TARGET:.0f}x 1 partition "
+            f"({'pinned' if pinned else 'free'}): {ratio:.2f}x "
             f"({four.events_per_second:.0f} against {one.events_per_second:.0f} events/s): "
             f"{verdict(ok)}"
         )
@@ -1143,9 +1477,10 @@ def print_targets(
                     f"    {r.projection}: partitions per daemon "
                     f"{'/'.join(map(str, r.partitions_per_daemon))}, events per partition "
                     f"{r.per_partition_events}, inside the handler {r.in_handler_share:.0%} of "
-                    f"the partitions' time, daemons' CPU {r.daemon_cpu_seconds:.2f} s in "
-                    f"{r.window_seconds:.1f} s, machine busy {r.machine_busy:.0%}"
+                    f"the partitions' time, CPU: the daemons {r.daemon_cpu_seconds:.2f} s, the "
+                    f"server {_opt(r.server_cpu_seconds, '.2f')} s in {r.window_seconds:.1f} s, "
+                    f"machine busy {r.machine_busy:.0%}"
                     + (f", ran dry: {r.ran_dry}" if r.ran_dry else "")
                 )
-    else:
+    if not any(r.partitions == 1 for r in io_runs) or not any(r.partitions == 4 for r in io_runs):
         print("  I/O-bound scaling from 1 to 4 partitions: not measured (--io-partitions)")

@@ -852,7 +852,9 @@ def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         sync_commit = conn.execute("SHOW synchronous_commit").fetchone()
     print(
         f"server: fsync={fsync[0] if fsync else '?'} "
-        f"synchronous_commit={sync_commit[0] if sync_commit else '?'}"
+        f"synchronous_commit={sync_commit[0] if sync_commit else '?'}; machine: "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min) at the start "
+        "(whatever else runs on it shares them)"
     )
     figures: dict[str, Any] = {
         "settings": {
@@ -1080,6 +1082,14 @@ def main(argv: list[str] | None = None) -> int:
         "--io-async", action="store_true", help="I/O-bound: an async handler (asyncio.sleep)"
     )
     python.add_argument("--io-batch", type=int, default=50, help="I/O-bound: batch size")
+    python.add_argument(
+        "--io-assign",
+        nargs="+",
+        choices=["pinned", "free"],
+        default=["pinned", "free"],
+        help="I/O-bound: pinned, each daemon runs one partition; free, each takes any free "
+        "partition, as deployed daemons do (default both)",
+    )
     python.add_argument(
         "--io-window", type=float, help="I/O-bound: measured seconds per run (default 10)"
     )
