@@ -59,8 +59,7 @@ against a reference or target printed beside it:
    the throughput; it prints which daemon held which partition, the CPU
    time of the daemons and of the server and the machine's busy share
    (everything on it) in the window, and checks that no partition ran out
-   of work in the window
-   and that no event was handled twice.
+   of work in the window and that no event was handled twice.
 
 It ends with PASS or MISS for each target: no-op catch-up >= 20,000
 events/s, end-to-end p95 < 50 ms at 1,000 events/s, I/O-bound 4 partitions
