@@ -35,6 +35,7 @@ from aura_pg.models import (
 )
 
 if TYPE_CHECKING:
+    from aura_pg.processors import idempotency_key, partition_of, python_processor
     from aura_pg.projection.catalog import Catalog, ProjectionSpec, load_catalog
     from aura_pg.projection.daemon import ProjectorDaemon
     from aura_pg.projection.settings import ProjectorSettings
@@ -52,6 +53,9 @@ _LAZY_MODULES: Final = {
     "load_catalog": "aura_pg.projection.catalog",
     "ProjectorDaemon": "aura_pg.projection.daemon",
     "ProjectorSettings": "aura_pg.projection.settings",
+    "idempotency_key": "aura_pg.processors",
+    "partition_of": "aura_pg.processors",
+    "python_processor": "aura_pg.processors",
 }
 
 __all__ = [
@@ -87,7 +91,10 @@ __all__ = [
     "StreamOrderConflict",
     "StreamState",
     "UnknownProjection",
+    "idempotency_key",
     "load_catalog",
+    "partition_of",
+    "python_processor",
     "uuid7",
 ]
 

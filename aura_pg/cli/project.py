@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 
 from aura_pg._runtime import serve_until_signal
 from aura_pg.cli import exit_codes
@@ -109,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(logs)
     specs = load_catalog(settings.catalog).select(args.names)
     dsn = connection(args).conninfo
+    # Python processors' handlers are imported from the working directory
+    # (as `python -m` would) or PYTHONPATH.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     daemon = ProjectorDaemon(dsn, specs, projector_settings(settings))
-    with observed(dsn, logs, "projector", [spec.name for spec in specs]) as heartbeat:
+    with observed(dsn, logs, "projector", list(daemon.runners)) as heartbeat:
         asyncio.run(serve_until_signal(daemon.run, heartbeat=heartbeat))
     return exit_codes.OK

@@ -26,7 +26,7 @@ from aura_pg._resources import named_queries
 from aura_pg.devtools.localdb import temporary_cluster
 from aura_pg.domain.simulator import SimulationProgress, SimulationSummary, run_simulation
 from aura_pg.errors import AuraPgError
-from aura_pg.projection.catalog import load_catalog
+from aura_pg.projection.catalog import ProjectionSpec, load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon
 from aura_pg.projection.settings import ProjectorSettings
 from aura_pg.store import EventStore
@@ -53,10 +53,17 @@ def _step(report: DemoReport, name: str) -> Iterator[None]:
 
 
 class _DaemonThread:
-    """The projector daemon on its own event loop in a background thread."""
+    """The projector daemon on its own event loop in a background thread
+    (the demo's read models, unless given other ``specs``)."""
 
-    def __init__(self, dsn: str, settings: ProjectorSettings) -> None:
-        specs = load_catalog().select(list(DEMO_PROJECTIONS))
+    def __init__(
+        self,
+        dsn: str,
+        settings: ProjectorSettings,
+        specs: Sequence[ProjectionSpec] | None = None,
+    ) -> None:
+        if specs is None:
+            specs = load_catalog().select(list(DEMO_PROJECTIONS))
         self.daemon = ProjectorDaemon(dsn, specs, settings)
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
@@ -106,14 +113,17 @@ def _progress_printer(out: TextIO, interactive: bool) -> Any:
     return show
 
 
-def _wait_caught_up(dsn: str, daemon: _DaemonThread, timeout: float = 120.0) -> None:
+def _wait_caught_up(
+    dsn: str,
+    daemon: _DaemonThread,
+    timeout: float = 120.0,
+    names: Sequence[str] = DEMO_PROJECTIONS,
+) -> None:
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
-            rows = conn.execute(
-                _queries()["projections_behind"], {"names": list(DEMO_PROJECTIONS)}
-            ).fetchall()
-            if len(rows) == len(DEMO_PROJECTIONS) and all(row[1] == 0 for row in rows):
+            rows = conn.execute(_queries()["projections_behind"], {"names": list(names)}).fetchall()
+            if len(rows) == len(names) and all(row[1] == 0 for row in rows):
                 return
             if not daemon.alive:
                 daemon.stop()  # raises the daemon's error

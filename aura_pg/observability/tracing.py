@@ -87,6 +87,19 @@ def suppress_instrumentation() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def handler_span(processor: str, events: int) -> Iterator[None]:
+    """A live span around a Python processor's handler: the handler's own
+    statements (psycopg's spans) and spans get it as their parent. The
+    batch and per-event spans are recorded after the batch, as for SQL."""
+    with _tracer.start_as_current_span(
+        "aura.processor.handle",
+        kind=SpanKind.INTERNAL,
+        attributes={"aura.projection": processor, "aura.batch.size": events},
+    ):
+        yield
+
+
 def record_error(span: Span, exc: BaseException) -> None:
     span.record_exception(exc)
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

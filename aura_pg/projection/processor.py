@@ -35,9 +35,9 @@ from typing import Any, LiteralString, TypeVar
 import psycopg
 
 from aura_pg._resources import named_queries
-from aura_pg.errors import CatalogError
+from aura_pg.errors import CatalogError, ConcurrencyError
 from aura_pg.models import Checkpoint, RecordedEvent
-from aura_pg.observability import metrics
+from aura_pg.observability import metrics, tracing
 from aura_pg.projection.catalog import ProjectionSpec
 from aura_pg.projection.connection import (
     ConnectionLost,
@@ -56,6 +56,8 @@ AsyncHandler = Callable[[list[RecordedEvent], psycopg.AsyncConnection[Any]], Awa
 Handler = SyncHandler | AsyncHandler
 
 T = TypeVar("T")
+
+SERIALIZATION_FAILURE = "40001"
 
 # How long a timed-out batch may still take to report, once its session
 # is ended: it may have committed just before.
@@ -162,17 +164,21 @@ def _advance_params(params: dict[str, Any], batch: _Batch) -> dict[str, Any]:
 def _run_sync_batch(
     conn: psycopg.Connection[Any], handler: SyncHandler, params: dict[str, Any]
 ) -> _Outcome:
-    """One batch in one transaction on a sync connection."""
+    """One batch in one transaction on a sync connection. Our own
+    statements leave no spans (an idle poll no trace); the handler's do."""
     with conn.transaction():
-        batch = _Batch.from_rows(conn.execute(queries()["batch"], params).fetchall())
+        with tracing.suppress_instrumentation():
+            batch = _Batch.from_rows(conn.execute(queries()["batch"], params).fetchall())
         if batch.idle:
             return _Outcome(batch, batch.status, None)
         if batch.events:
             try:
-                handler(batch.events, conn)
+                with tracing.handler_span(params["name"], len(batch.events)):
+                    handler(batch.events, conn)
             except Exception as exc:
                 raise _HandlerRaised(exc) from exc
-        row = conn.execute(queries()["advance"], _advance_params(params, batch)).fetchone()
+        with tracing.suppress_instrumentation():
+            row = conn.execute(queries()["advance"], _advance_params(params, batch)).fetchone()
     assert row is not None
     return _Outcome(batch, row[0], row[1])
 
@@ -182,17 +188,20 @@ async def _run_async_batch(
 ) -> _Outcome:
     """One batch in one transaction on an async connection."""
     async with conn.transaction():
-        cur = await conn.execute(queries()["batch"], params)
-        batch = _Batch.from_rows(await cur.fetchall())
+        with tracing.suppress_instrumentation():
+            cur = await conn.execute(queries()["batch"], params)
+            batch = _Batch.from_rows(await cur.fetchall())
         if batch.idle:
             return _Outcome(batch, batch.status, None)
         if batch.events:
             try:
-                await handler(batch.events, conn)
+                with tracing.handler_span(params["name"], len(batch.events)):
+                    await handler(batch.events, conn)
             except Exception as exc:
                 raise _HandlerRaised(exc) from exc
-        cur = await conn.execute(queries()["advance"], _advance_params(params, batch))
-        row = await cur.fetchone()
+        with tracing.suppress_instrumentation():
+            cur = await conn.execute(queries()["advance"], _advance_params(params, batch))
+            row = await cur.fetchone()
     assert row is not None
     return _Outcome(batch, row[0], row[1])
 
@@ -287,11 +296,24 @@ def _connection_failed(
 
 
 def _describe(error: BaseException) -> tuple[str, str | None]:
-    """A handler's exception as (message, SQLSTATE)."""
+    """A handler's exception as (message, SQLSTATE). The SQLSTATE is that
+    of the database error behind it, if any (the store raises its own
+    errors from psycopg's), so a serialization failure or a deadlock is
+    retried as a failure of the moment. A ConcurrencyError is one too: the
+    batch runs again on the stream's new state, like a command retried
+    after a conflict."""
     if isinstance(error, psycopg.Error):
         message = (error.diag.message_primary if error.diag else None) or str(error)
         return f"{type(error).__name__}: {message}", error.sqlstate
-    return f"{type(error).__name__}: {error}", None
+    message = f"{type(error).__name__}: {error}"
+    if isinstance(error, ConcurrencyError):
+        return message, SERIALIZATION_FAILURE
+    cause = error.__cause__
+    while cause is not None:
+        if isinstance(cause, psycopg.Error):
+            return message, cause.sqlstate
+        cause = cause.__cause__
+    return message, None
 
 
 class PythonProcessorRunner(ProjectionRunner):
@@ -399,8 +421,7 @@ class PythonProcessorRunner(ProjectionRunner):
         """The batch overran: end its session (its transaction rolls back),
         leave its worker behind, and fail the batch, unless it committed
         just before."""
-        self.timeouts += 1
-        metrics.record_projection_error(self.name, "timeout")
+        self.timeouts += 1  # counted with the handler's errors by the runner
         if backend_pid is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.execute(queries()["terminate"], {"pid": backend_pid})

@@ -448,6 +448,7 @@ DECLARE
     v_handover jsonb;
     v_start    aura.projection_checkpoints;
     v_pending  text;
+    v_paused   boolean;
 BEGIN
     IF p_partitions IS NULL OR p_partitions NOT BETWEEN 1 AND 64 THEN
         RAISE EXCEPTION 'processor %: partitions must be between 1 and 64, not %', p_name,
@@ -462,6 +463,7 @@ BEGIN
         RAISE EXCEPTION 'unknown processor %', quote_literal(p_name) USING ERRCODE = 'AU005';
     END IF;
     v_first := v_rows[1];
+    v_paused := (SELECT bool_and(r.status = 'paused') FROM unnest(v_rows) AS r);
     v_old := coalesce(v_first.partition_count, 1);
     IF v_old = p_partitions THEN
         RETURN 'unchanged';
@@ -488,14 +490,16 @@ BEGIN
         name, description, schema_name, handler, handler_kind, event_types, definition_sql,
         definition_hash, batch_size, max_retries, retry_base_ms, retry_max_ms,
         circuit_failure_threshold, circuit_recovery_seconds, kind, partition_index,
-        partition_count, transaction_id, global_position, handover)
+        partition_count, transaction_id, global_position, handover, status)
     SELECT CASE WHEN p_partitions = 1 THEN p_name ELSE p_name || '/' || i END,
            v_first.description, NULL, v_first.handler, 'set_based', v_first.event_types, '',
            v_first.definition_hash, v_first.batch_size, v_first.max_retries,
            v_first.retry_base_ms, v_first.retry_max_ms, v_first.circuit_failure_threshold,
            v_first.circuit_recovery_seconds, 'python',
            CASE WHEN p_partitions > 1 THEN i END, CASE WHEN p_partitions > 1 THEN p_partitions END,
-           v_start.transaction_id, v_start.global_position, v_handover
+           v_start.transaction_id, v_start.global_position, v_handover,
+           -- A processor paused as a whole stays paused.
+           CASE WHEN v_paused THEN 'paused' ELSE 'running' END
     FROM generate_series(0, p_partitions - 1) AS i;
     UPDATE aura.dead_letters d
        SET projection = CASE WHEN p_partitions = 1 THEN p_name
@@ -919,6 +923,7 @@ DO $$
 DECLARE
     v_owner     text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'owner');
     v_projector text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'projector');
+    v_reader    text := (SELECT n.role_name FROM aura.role_names n WHERE n.kind = 'reader');
     r record;
 BEGIN
     FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
@@ -933,5 +938,8 @@ BEGIN
         EXECUTE format('REVOKE EXECUTE ON ROUTINE %s FROM PUBLIC', r.fn);
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %I', r.fn, v_projector);
     END LOOP;
+    -- aura.projection_status counts a partition's backlog with these.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.stream_partition(text, integer), '
+                   'aura.handed_over(jsonb, text, xid8, bigint) TO %I', v_reader);
 END
 $$;

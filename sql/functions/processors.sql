@@ -403,6 +403,7 @@ DECLARE
     v_handover jsonb;
     v_start    aura.projection_checkpoints;
     v_pending  text;
+    v_paused   boolean;
 BEGIN
     IF p_partitions IS NULL OR p_partitions NOT BETWEEN 1 AND 64 THEN
         RAISE EXCEPTION 'processor %: partitions must be between 1 and 64, not %', p_name,
@@ -417,6 +418,7 @@ BEGIN
         RAISE EXCEPTION 'unknown processor %', quote_literal(p_name) USING ERRCODE = 'AU005';
     END IF;
     v_first := v_rows[1];
+    v_paused := (SELECT bool_and(r.status = 'paused') FROM unnest(v_rows) AS r);
     v_old := coalesce(v_first.partition_count, 1);
     IF v_old = p_partitions THEN
         RETURN 'unchanged';
@@ -443,14 +445,16 @@ BEGIN
         name, description, schema_name, handler, handler_kind, event_types, definition_sql,
         definition_hash, batch_size, max_retries, retry_base_ms, retry_max_ms,
         circuit_failure_threshold, circuit_recovery_seconds, kind, partition_index,
-        partition_count, transaction_id, global_position, handover)
+        partition_count, transaction_id, global_position, handover, status)
     SELECT CASE WHEN p_partitions = 1 THEN p_name ELSE p_name || '/' || i END,
            v_first.description, NULL, v_first.handler, 'set_based', v_first.event_types, '',
            v_first.definition_hash, v_first.batch_size, v_first.max_retries,
            v_first.retry_base_ms, v_first.retry_max_ms, v_first.circuit_failure_threshold,
            v_first.circuit_recovery_seconds, 'python',
            CASE WHEN p_partitions > 1 THEN i END, CASE WHEN p_partitions > 1 THEN p_partitions END,
-           v_start.transaction_id, v_start.global_position, v_handover
+           v_start.transaction_id, v_start.global_position, v_handover,
+           -- A processor paused as a whole stays paused.
+           CASE WHEN v_paused THEN 'paused' ELSE 'running' END
     FROM generate_series(0, p_partitions - 1) AS i;
     UPDATE aura.dead_letters d
        SET projection = CASE WHEN p_partitions = 1 THEN p_name

@@ -96,6 +96,9 @@ BEGIN
     -- reader
     EXECUTE format('GRANT SELECT ON aura.projection_status, aura.pending_dead_letters, '
                    'aura.outbox_status, aura.read_horizon_status TO %I', v_reader);
+    -- aura.projection_status counts a partition's backlog with these.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION aura.stream_partition(text, integer), '
+                   'aura.handed_over(jsonb, text, xid8, bigint) TO %I', v_reader);
 
     -- Projector roles create rows and take generations (nextval needs USAGE).
     EXECUTE format('GRANT USAGE ON SEQUENCE aura.projection_generation TO %I', v_projector);

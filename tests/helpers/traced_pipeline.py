@@ -8,8 +8,8 @@ Scenarios:
 
     happy      installs the SDK (in-memory exporter) and instruments psycopg;
                under a user span "request" appends 3 events to one stream,
-               runs the tally_set and tally_each projections until they
-               caught up
+               runs the tally_set and tally_each projections and the Python
+               processor traced_python until they caught up
     poison     the same set-up; appends a good event and a poison event
                (each outside any span) and runs tally_set until the poison
                event is dead-lettered
@@ -35,7 +35,10 @@ from opentelemetry import trace
 from aura_pg import EventStore, NewEvent
 from aura_pg.models import RecordedEvent
 from aura_pg.observability import tracing
-from tests.helpers.projections import caught_up, running_daemon, wait_for
+from aura_pg.processors import python_processor
+from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.settings import ProjectorSettings
+from tests.helpers.projections import caught_up, fixture_catalog, wait_for
 
 RESULT_PREFIX = "RESULT "
 
@@ -105,9 +108,30 @@ def _stored_events(store: EventStore) -> list[dict[str, Any]]:
     return [event_json(event) for event in store.iter_all()]
 
 
-async def _project_until_caught_up(dsn: str, names: Sequence[str]) -> None:
-    async with running_daemon(dsn, names, poll_interval=0.1):
-        await wait_for(lambda: all(caught_up(dsn, name) for name in names), 30, "catch-up")
+def touch(events: list[RecordedEvent], conn: Any) -> None:
+    """traced_python's handler: one statement of its own, traced."""
+    conn.execute("SELECT %s::integer AS handled", (len(events),))
+
+
+async def _project_until_caught_up(
+    dsn: str, names: Sequence[str], processors: Sequence[str] = ()
+) -> None:
+    specs = fixture_catalog().select(names)
+    daemon = ProjectorDaemon(
+        dsn,
+        specs,
+        ProjectorSettings(poll_interval=0.1),
+        processors=[python_processor(name, touch) for name in processors],
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_for(
+            lambda: all(caught_up(dsn, name) for name in (*names, *processors)), 30, "catch-up"
+        )
+    finally:
+        stop.set()
+        await task
 
 
 def happy(dsn: str) -> dict[str, Any]:
@@ -116,12 +140,12 @@ def happy(dsn: str) -> dict[str, Any]:
         with trace.get_tracer("tests.traced_pipeline").start_as_current_span("request"):
             store.append("order-1", [NewEvent(t, {"n": n}) for n, t in enumerate("ABA")])
         projections = ("tally_set", "tally_each")
-        asyncio.run(_project_until_caught_up(dsn, projections))
+        asyncio.run(_project_until_caught_up(dsn, projections, ["traced_python"]))
         events = _stored_events(store)
     return {
         "spans": [span_json(span) for span in exporter.get_finished_spans()],
         "events": events,
-        "projections": list(projections),
+        "projections": [*projections, "traced_python"],
     }
 
 

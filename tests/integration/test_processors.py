@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from aura_pg import EventStore, NewEvent, RecordedEvent
+from aura_pg import NO_STREAM, EventStore, NewEvent, RecordedEvent
 from aura_pg.errors import CatalogError, ProjectionError
 from aura_pg.processors import idempotency_key, partition_of, python_processor
 from aura_pg.projection import admin
@@ -109,6 +109,20 @@ def react(events: list[RecordedEvent], conn: psycopg.Connection[Any]) -> None:
         )
 
 
+CONFLICTS_LEFT = [0]
+
+
+def conflict_at_first(events: list[RecordedEvent], conn: psycopg.Connection[Any]) -> None:
+    """Loses the race for its reaction stream a few times (a real
+    ConcurrencyError from the store), then wins."""
+    for event in events:
+        expected = 5 if CONFLICTS_LEFT[0] > 0 else NO_STREAM
+        CONFLICTS_LEFT[0] -= 1
+        REACTIONS.append(
+            f"reaction-{event.event_id}", [NewEvent("REACTED", {})], expected, conn=conn
+        )
+
+
 def settings(**overrides: Any) -> ProjectorSettings:
     options: dict[str, Any] = {"poll_interval": 0.1, "shutdown_timeout": 10.0}
     options.update(overrides)
@@ -200,6 +214,23 @@ async def test_poison_event_is_isolated_rolled_back_and_dead_lettered(
     assert {letter["event_id"] for letter in letters} == poison
     # The handler's exception is the dead letter's error.
     assert "ValueError: poison event" in letters[0]["error"]
+
+
+async def test_a_conflict_in_the_handler_is_retried_not_dead_lettered(
+    dsn: str, store: EventStore
+) -> None:
+    store.append("s-1", [NewEvent("A", {})])
+    CONFLICTS_LEFT[0] = 3
+    spec = python_processor(
+        "conflicted",
+        conflict_at_first,
+        source_events=["A"],
+        error_handling=ErrorHandling(max_retries=0, retry_base_ms=10, retry_max_ms=20),
+    )
+    daemon = ProjectorDaemon(dsn, processors=[spec], settings=settings())
+    await run_until(daemon, lambda: all_caught_up(dsn, "conflicted"))
+    assert admin.dead_letters(dsn, "conflicted") == []
+    assert len(query(dsn, "SELECT 1 FROM aura.events WHERE type = 'REACTED'")) == 1
 
 
 @pytest.mark.usefixtures("seen_table")

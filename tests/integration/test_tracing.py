@@ -143,6 +143,23 @@ def test_one_trace_runs_from_the_append_through_each_projection(dsn: str) -> Non
             assert batch in applied_batches
 
 
+def test_a_python_handlers_statements_run_under_its_handler_span(dsn: str) -> None:
+    result = run_pipeline(dsn, "happy")
+    spans: list[Span] = result["spans"]
+    handles = [
+        s
+        for s in named(spans, "aura.processor.handle")
+        if s["attributes"]["aura.projection"] == "traced_python"
+    ]
+    assert sum(s["attributes"]["aura.batch.size"] for s in handles) == 3
+    handle_ids = {s["span_id"] for s in handles}
+    handled = [s for s in spans if "handled" in statement_of(s)]
+    assert handled and all(s["parent_span_id"] in handle_ids for s in handled)
+    # The processor's own statements leave no span.
+    assert not [s for s in spans if "processor_batch" in statement_of(s)]
+    assert not [s for s in spans if "advance_processor" in statement_of(s)]
+
+
 def test_a_failing_batch_is_an_error_span_and_the_poison_event_gets_no_apply_span(
     dsn: str,
 ) -> None:
