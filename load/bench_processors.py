@@ -888,7 +888,8 @@ class IoRun:
     # other users' processes included.
     machine_busy: float
     warmup_seconds: float  # go to every partition's first batch
-    pinned: bool  # --io-pin: each daemon ran one partition, not any it could take
+    pinned: bool  # each daemon ran one partition, not any it could take
+    connections: int  # to the database at the window's end, the benchmark's own excluded
     in_handler_share: float = 0.0  # of the daemons' wall time in the window, inside handlers
     batches: int = 0
     per_daemon_events: list[int] = field(default_factory=list)
@@ -977,6 +978,11 @@ def io_run(
             cpu_after = [cpu_seconds(child.pid) or 0.0 for child in children]
             server_after = tree_cpu_seconds(server)
             busy_after, total_after = machine_ticks()
+            found = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            ).fetchone()
+            connections = int(found[0]) if found else -1
             owners = conn.execute(
                 "SELECT owner, count(*) FROM aura.projection_checkpoints "
                 "WHERE name = ANY(%s) GROUP BY owner ORDER BY 2 DESC",
@@ -1041,6 +1047,7 @@ def io_run(
         machine_busy=(busy_after - busy_before) / max(total_after - total_before, 1),
         warmup_seconds=warmup,
         pinned=pin,
+        connections=connections,
         in_handler_share=in_handler / (partitions * (window_to - window_from)),
         batches=batches,
         per_daemon_events=sorted(per_pid.values(), reverse=True),
@@ -1051,7 +1058,7 @@ def print_io_header() -> None:
     print(
         f"{'projection':<22} {'partitions':>10} {'daemons':>7} {'window s':>8} {'events':>7} "
         f"{'events/s':>8} {'batches':>7} {'in handler':>10} {'daemon CPU s':>12} "
-        f"{'server CPU s':>12} {'machine busy':>12} {'warm-up s':>9}  "
+        f"{'server CPU s':>12} {'machine busy':>12} {'warm-up s':>9} {'conns':>5}  "
         "partitions per daemon / events per partition"
     )
 
@@ -1062,7 +1069,8 @@ def print_io(r: IoRun) -> None:
         f"{r.events:>7} {r.events_per_second:>8.1f} {r.batches:>7} "
         f"{r.in_handler_share:>10.0%} {r.daemon_cpu_seconds:>12.2f} "
         f"{_opt(r.server_cpu_seconds, '.2f'):>12} {r.machine_busy:>12.0%} "
-        f"{r.warmup_seconds:>9.1f}  {'/'.join(map(str, r.partitions_per_daemon))} / "
+        f"{r.warmup_seconds:>9.1f} {r.connections:>5}  "
+        f"{'/'.join(map(str, r.partitions_per_daemon))} / "
         f"{' '.join(map(str, r.per_partition_events))}"
         + (f"  RAN DRY: partitions {r.ran_dry}" if r.ran_dry else "")
         + (f"  DUPLICATES: {r.duplicates}" if r.duplicates else ""),
