@@ -20,6 +20,13 @@
    with aura.notify = on); and poll only at each --poll-intervals.
 3. Checks that every read model equals the others and a GROUP BY over
    aura.events, and prints "verified".
+4. Python processors (``--scenarios python``, load/bench_processors.py,
+   whose docstring says how each figure is measured): catch-up of the
+   same log with no-op and inserting handlers against the SQL fold as the
+   reference, end-to-end latency at --rate (the handler's commit, against
+   the SQL fold measured the same way), and the throughput of an
+   I/O-bound handler with 1, 4 and 8 partitions over as many daemons; PASS
+   or MISS against the targets.
 
 By default it starts a throw-away local cluster with production durability
 settings (fsync on, synchronous_commit on).
@@ -28,9 +35,12 @@ settings (fsync on, synchronous_commit on).
     python load/bench_projection.py --quick          # under a minute
     python load/bench_projection.py --commit async   # synchronous_commit=off
     python load/bench_projection.py --dsn "host=... dbname=..." --json out.json
+    python load/bench_projection.py --scenarios python          # Python processors only
+    python load/bench_projection.py --scenarios python --quick --py-profile /tmp/prof
 
-With --dsn it drops and recreates the projections named bench_* (and their
-schemas) in that database, and adds events to it.
+With --dsn it drops and recreates the projections and processors named
+bench_* (and their schemas, and the schema bench_py) in that database, and
+adds events to it.
 """
 
 from __future__ import annotations
@@ -74,6 +84,9 @@ EVENT_TYPES = (
     "NOTE_ADDED",
 )
 MIB = 1024.0
+SCENARIOS = ("sql", "python")
+# The catch-up handlers of the Python processors (load/processor_handlers.py).
+PY_HANDLERS = ("noop", "noop_async", "insert", "insert_async")
 
 
 # ---------------------------------------------------------------- helpers
@@ -106,10 +119,13 @@ def proc_status_kb(pid: int, field: str) -> int | None:
     return None
 
 
-def make_events(count: int, first: int, payload: str) -> list[NewEvent]:
+def make_events(
+    count: int, first: int, payload: str, event_type: str | None = None
+) -> list[NewEvent]:
+    """Events of the benchmark's types in turn (or all of ``event_type``)."""
     return [
         NewEvent(
-            EVENT_TYPES[(first + i) % len(EVENT_TYPES)],
+            event_type or EVENT_TYPES[(first + i) % len(EVENT_TYPES)],
             {"n": first + i, "amount": (first + i) % 997, "note": payload},
             metadata={"actor": "bench"},
         )
@@ -152,19 +168,7 @@ def prepare(dsn: str, specs: list[ProjectionSpec]) -> None:
 
     migrate.upgrade(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT name, schema_name FROM aura.projection_checkpoints "
-            "WHERE name LIKE 'bench\\_%' ORDER BY rebuild_of NULLS LAST"
-        ).fetchall()
-        for name, schema in rows:
-            for suffix in ("", "__previous"):
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                        sql.Identifier(schema + suffix)
-                    )
-                )
-            conn.execute("DELETE FROM aura.dead_letters WHERE projection = %s", (name,))
-        conn.execute("DELETE FROM aura.projection_checkpoints WHERE name LIKE 'bench\\_%'")
+        drop_bench_projections(conn)
     asyncio.run(ProjectorDaemon(dsn, specs).register())
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
@@ -173,6 +177,26 @@ def prepare(dsn: str, specs: list[ProjectionSpec]) -> None:
                 " SECURITY INVOKER"
             ).format(sql.Identifier(INVOKER_REFERENCE))
         )
+
+
+def drop_bench_projections(conn: psycopg.Connection[Any]) -> None:
+    """Remove every projection and processor named bench_* (the partitions
+    of a Python processor, bench_x/N, included), with their read-model
+    schemas (a Python processor has none) and dead letters."""
+    rows = conn.execute(
+        "SELECT name, schema_name FROM aura.projection_checkpoints "
+        "WHERE name LIKE 'bench\\_%' ORDER BY rebuild_of NULLS LAST"
+    ).fetchall()
+    for name, schema in rows:
+        if schema is not None:
+            for suffix in ("", "__previous"):
+                conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                        sql.Identifier(schema + suffix)
+                    )
+                )
+        conn.execute("DELETE FROM aura.dead_letters WHERE projection = %s", (name,))
+    conn.execute("DELETE FROM aura.projection_checkpoints WHERE name LIKE 'bench\\_%'")
 
 
 # ---------------------------------------------------------------- loading
@@ -187,6 +211,7 @@ def load_writer(
     streams: int,
     barrier: Barrier,
     results: Any,
+    event_type: str | None = None,
 ) -> None:
     """Append ``events`` events in ``batch``-event appends, round robin over
     this writer's own ``streams`` streams. No projector runs yet: the
@@ -200,7 +225,7 @@ def load_writer(
             size = min(batch, events - done)
             store.append(
                 f"load{run}-w{writer}-s{n % streams}",
-                make_events(size, writer * events + done, payload),
+                make_events(size, writer * events + done, payload, event_type),
             )
             done += size
             n += 1
@@ -217,7 +242,9 @@ class Load:
     writers: int
 
 
-def load_events(dsn: str, events: int, batch: int, streams: int, writers: int) -> Load:
+def load_events(
+    dsn: str, events: int, batch: int, streams: int, writers: int, event_type: str | None = None
+) -> Load:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     barrier = ctx.Barrier(writers + 1)
@@ -227,7 +254,7 @@ def load_events(dsn: str, events: int, batch: int, streams: int, writers: int) -
     processes = [
         ctx.Process(
             target=load_writer,
-            args=(dsn, run, w, shares[w], batch, per_writer_streams, barrier, results),
+            args=(dsn, run, w, shares[w], batch, per_writer_streams, barrier, results, event_type),
         )
         for w in range(writers)
     ]
@@ -817,16 +844,46 @@ def print_latency(r: Latency) -> None:
 
 
 def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
-    poll_intervals: list[float] = args.poll_intervals
-    specs = bench_specs(args.set_batch_sizes, 2 + len(poll_intervals))
-    prepare(dsn, list(specs.values()))
+    """The scenarios of ``--scenarios``, in order; their figures (the SQL
+    scenario's at the top level, the Python processors' under "python")
+    and the problems found."""
     with psycopg.connect(dsn) as conn:
         fsync = conn.execute("SHOW fsync").fetchone()
         sync_commit = conn.execute("SHOW synchronous_commit").fetchone()
     print(
         f"server: fsync={fsync[0] if fsync else '?'} "
-        f"synchronous_commit={sync_commit[0] if sync_commit else '?'}"
+        f"synchronous_commit={sync_commit[0] if sync_commit else '?'}; machine: "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min) at the start "
+        "(whatever else runs on it shares them)"
     )
+    figures: dict[str, Any] = {
+        "settings": {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()
+            if key not in ("json", "dsn")
+        },
+        "problems": [],
+    }
+    if "sql" in args.scenarios:
+        figures.update(run_sql(args, dsn))
+    if "python" in args.scenarios:
+        # Here, not at the top: it imports this module (as "bench_projection").
+        from bench_processors import run_processors
+
+        if "sql" in args.scenarios:
+            print()
+        python = run_processors(args, dsn)
+        figures["python"] = python
+        figures["problems"] = figures["problems"] + python["problems"]
+    figures["verified"] = not figures["problems"]
+    return figures
+
+
+def run_sql(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
+    """The SQL projections: catch-up, end-to-end latency, checks."""
+    poll_intervals: list[float] = args.poll_intervals
+    specs = bench_specs(args.set_batch_sizes, 2 + len(poll_intervals))
+    prepare(dsn, list(specs.values()))
 
     load = load_events(dsn, args.events, args.load_batch, args.streams, args.load_writers)
     print(
@@ -919,14 +976,26 @@ def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         f"{deployed.achieved_rate:.0f} events/s, {'met' if deployed.p95_ms < 50 else 'NOT met'}"
     )
     return {
-        "settings": {key: value for key, value in vars(args).items() if key not in ("json", "dsn")},
         "load": asdict(load),
         "log_events": log_events,
         "catch_up": [asdict(r) for r in catch_ups],
         "latency": [asdict(r) for r in latencies],
         "problems": problems,
-        "verified": not problems,
     }
+
+
+def default_io_events(args: argparse.Namespace) -> int:
+    """IO_WORK events enough for every partition of the largest count to
+    stay busy from its start through the window, with room for the uneven
+    spread of streams over partitions: each partition handles at most
+    1000/--io-sleep-ms events/s when the wait is per event (a guess of 10 ms
+    of the daemon's own per batch when it is per batch)."""
+    if args.io_sleep_per == "event":
+        per_partition = 1000.0 / max(args.io_sleep_ms, 0.1)
+    else:
+        per_partition = args.io_batch * 1000.0 / (args.io_sleep_ms + 10.0)
+    wanted = max(args.io_partitions) * per_partition * (args.io_window + 15.0) * 1.5
+    return int(min(wanted, 500_000))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -969,13 +1038,85 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-writers", type=int, default=4, help="latency: writer processes")
     parser.add_argument("--latency-batch", type=int, default=1, help="latency: events per append")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=SCENARIOS,
+        default=list(SCENARIOS),
+        help="sql: the SQL projections; python: the Python processors (load/bench_processors.py)"
+        " (default both)",
+    )
+    python = parser.add_argument_group("Python processors (--scenarios python)")
+    python.add_argument(
+        "--py-handlers",
+        nargs="+",
+        choices=PY_HANDLERS,
+        default=list(PY_HANDLERS),
+        help="catch-up: the handlers to run (load/processor_handlers.py; default all)",
+    )
+    python.add_argument("--py-batch", type=int, default=500, help="catch-up: batch size")
+    python.add_argument(
+        "--py-profile",
+        type=Path,
+        metavar="DIR",
+        help="run the no-op catch-up's daemon under cProfile, write DIR/bench_py_noop.prof "
+        "and print its top functions",
+    )
+    python.add_argument(
+        "--io-partitions",
+        type=int,
+        nargs="+",
+        default=[1, 4, 8],
+        help="I/O-bound: partition counts, each over as many daemons (default 1 4 8)",
+    )
+    python.add_argument(
+        "--io-sleep-ms", type=float, default=5.0, help="I/O-bound: the handler's wait (ms)"
+    )
+    python.add_argument(
+        "--io-sleep-per",
+        choices=["event", "batch"],
+        default="event",
+        help="I/O-bound: wait per event (default) or once per batch",
+    )
+    python.add_argument(
+        "--io-async", action="store_true", help="I/O-bound: an async handler (asyncio.sleep)"
+    )
+    python.add_argument("--io-batch", type=int, default=50, help="I/O-bound: batch size")
+    python.add_argument(
+        "--io-assign",
+        nargs="+",
+        choices=["pinned", "free"],
+        default=["pinned", "free"],
+        help="I/O-bound: pinned, each daemon runs one partition; free, each takes any free "
+        "partition, as deployed daemons do (default both)",
+    )
+    python.add_argument(
+        "--io-window", type=float, help="I/O-bound: measured seconds per run (default 10)"
+    )
+    python.add_argument(
+        "--io-events",
+        type=int,
+        help="I/O-bound: IO_WORK events in the log (default: enough for the largest partition "
+        "count to stay busy through the window)",
+    )
+    python.add_argument(
+        "--io-streams", type=int, default=512, help="I/O-bound: streams of the IO_WORK events"
+    )
     args = parser.parse_args(argv)
     if args.events is None:
         args.events = 10_000 if args.quick else 100_000
     if args.duration is None:
         args.duration = 5.0 if args.quick else 20.0
-    if args.events < 1 or args.duration <= 0 or args.rate <= 0:
-        parser.error("--events, --duration and --rate must be positive")
+    if args.io_window is None:
+        args.io_window = 3.0 if args.quick else 10.0
+    if args.events < 1 or args.duration <= 0 or args.rate <= 0 or args.io_window <= 0:
+        parser.error("--events, --duration, --rate and --io-window must be positive")
+    if args.py_batch < 1 or args.io_batch < 1 or args.io_sleep_ms < 0:
+        parser.error("--py-batch and --io-batch must be positive, --io-sleep-ms not negative")
+    if any(not 1 <= count <= 64 for count in args.io_partitions):
+        parser.error("--io-partitions: from 1 to 64")
+    if args.io_events is None:
+        args.io_events = default_io_events(args)
 
     began = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -984,6 +1125,10 @@ def main(argv: list[str] | None = None) -> int:
             # track_commit_timestamp: for the latency measured from the
             # commit record's timestamp.
             settings = {**benchmark_settings(args.commit), "track_commit_timestamp": "on"}
+            if "python" in args.scenarios:
+                # N daemons of an N-partition processor: a connection per
+                # partition row each may hold or wait for, and a watcher.
+                settings["max_connections"] = str(max(100, 4 * max(args.io_partitions) ** 2))
             dsn = stack.enter_context(temporary_cluster(settings)).dsn()
         figures = run(args, dsn)
     if args.json:
