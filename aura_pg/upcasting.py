@@ -69,9 +69,9 @@ def upcast(event: RecordedEvent) -> RecordedEvent:
     upcaster of its type (itself when none applies); its metadata then
     names the version reached."""
     version = schema_version(event)
+    if (event.type, version) not in _UPCASTERS:
+        return event  # the common case: nothing to do, nothing copied
     data, reached = upcast_data(event.type, dict(event.data), version)
-    if reached == version:
-        return event
     return dataclasses.replace(
         event, data=data, metadata={**event.metadata, SCHEMA_VERSION_KEY: reached}
     )

@@ -101,13 +101,14 @@ from bench_projection import (
     with_notify,
 )
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 from psycopg.types.string import TextLoader
 
 from aura_pg.processors import python_processor
 from aura_pg.projection.catalog import ProjectionSpec, load_catalog
 from aura_pg.projection.daemon import ProjectorDaemon
+from aura_pg.projection.processor import json_loads, recorded_event
 from aura_pg.projection.processor import queries as processor_queries
-from aura_pg.projection.processor import recorded_event
 from aura_pg.projection.settings import ProjectorSettings
 
 SCHEMA_SQL: Final = Path(__file__).resolve().parent / "projections" / "bench_processors.sql"
@@ -1110,6 +1111,8 @@ class _Replay:
         self.raw = raw
         if raw:
             conn.adapters.register_loader("jsonb", TextLoader)
+        else:
+            set_json_loads(json_loads, conn)  # as the daemon's batch connections
         row = conn.execute(
             "SELECT generation FROM aura.projection_checkpoints WHERE name = %s", (name,)
         ).fetchone()
@@ -1117,7 +1120,7 @@ class _Replay:
             "name": name,
             "transaction_id": "0",
             "position": 0,
-            "owner": "bench anatomy",
+            "owner": None,  # the scratch row has no owner
             "generation": row[0] if row else None,
             "limit": None,
         }

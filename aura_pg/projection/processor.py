@@ -23,6 +23,7 @@ import bisect
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ from datetime import datetime
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
+from psycopg.types.json import set_json_loads
 
 from aura_pg._resources import named_queries
 from aura_pg.errors import CatalogError, ConcurrencyError
@@ -62,6 +64,17 @@ SERIALIZATION_FAILURE = "40001"
 # How long a timed-out batch may still take to report, once its session
 # is ended: it may have committed just before.
 _TIMEOUT_GRACE_SECONDS = 0.5
+
+
+_decode_json = json.JSONDecoder().decode
+
+
+def json_loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """jsonb for a batch's events: decoded as UTF-8 text straight away
+    (``json.loads`` on bytes first guesses their encoding, per value)."""
+    if isinstance(data, memoryview):
+        data = bytes(data)
+    return _decode_json(data if isinstance(data, str) else data.decode("utf-8"))
 
 
 def queries() -> dict[str, LiteralString]:
@@ -243,6 +256,7 @@ class _Worker:
             except BaseException:
                 conn.close()
                 raise
+            set_json_loads(json_loads, conn)
             self.conn = conn
             self.backend_pid = conn.info.backend_pid
         return self.conn
@@ -362,6 +376,7 @@ class PythonProcessorRunner(ProjectionRunner):
         if self.is_async:
             if self._async_conn is None or self._async_conn.closed or self._async_conn.broken:
                 self._async_conn = await connect(self.dsn, self.settings, f"processor {self.name}")
+                set_json_loads(json_loads, self._async_conn)
             batch_conn = self._async_conn
             task: asyncio.Future[_Outcome] = asyncio.ensure_future(
                 _run_async_batch(batch_conn, self.handler, batch_params)

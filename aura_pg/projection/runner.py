@@ -186,9 +186,15 @@ class ProjectionRunner:
         while not stop.is_set() and not self.finished:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
+                if self.share is not None and not self.share.may_take():
+                    # Our share is full: wait for it to grow, holding no connection.
+                    await wait(stop, self.settings.poll_interval)
+                    continue
                 conn = await connect(self.dsn, self.settings, f"projector {self.name}")
                 if not await self._acquire(conn, stop):
-                    return
+                    if stop.is_set():
+                        return
+                    continue  # our share filled up meanwhile (the connection is closed)
                 applied_before = self.events_applied
                 owned_at = time.monotonic()
                 try:
@@ -241,8 +247,7 @@ class ProjectionRunner:
         waiting_logged = False
         while not stop.is_set():
             if self.share is not None and not self.share.may_take():
-                await wait(stop, self.settings.poll_interval)
-                continue
+                return False
             row = await fetch_one(conn, queries()["try_lock"], {"name": self.name})
             if row and row[0]:
                 claimed = await fetch_one(
