@@ -205,6 +205,19 @@ def both_running(daemons: Daemons) -> bool:
     return len(rows) == len(daemons.rows) and all(count >= 2 for (count,) in rows)
 
 
+def both_members(daemons: Daemons, processor: str) -> bool:
+    """Whether two daemons run the partitioned ``processor``: each holds a
+    membership session of it (a daemon at its share of the partitions
+    holds no session for the others, so stand-by sessions do not show it)."""
+    rows = query(
+        daemons.dsn,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = %s",
+        (f"aura-pg members {processor}",),
+    )
+    return rows[0][0] >= 2
+
+
 def start_steady_writers(daemons: Daemons, rate: float, *seeds: int) -> list[subprocess.Popen[str]]:
     """Steady writers (tests/helpers/steady_writer.py) at ``rate`` events/s
     each, appending until ``stop_writers``."""
@@ -368,7 +381,7 @@ def test_partitions_over_two_daemons_with_kills_apply_each_event_once_in_order(
     with OwnerSampler(daemons) as sampler:
         wait_for_sync(lambda: daemons.owners() <= {"a", "b"}, 90, "every partition owned")
         for round_, pause in enumerate((0.6, 0.9, 0.5, 0.8)):
-            wait_for_sync(lambda: both_running(daemons), 60, "both daemons running")
+            wait_for_sync(lambda: both_members(daemons, "parts"), 60, "both daemons running")
             bursts.append(start_batch_writer(daemons, 300, seed=20 + round_))
             if round_ % 2:
                 stream = f"steady-{round_}-{round_}"
