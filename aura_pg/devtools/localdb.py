@@ -187,16 +187,30 @@ def benchmark_settings(commit: str) -> dict[str, str]:
 
 @contextmanager
 def temporary_cluster(
-    settings: Mapping[str, str] | None = None, prefix: str = "aura-pg-"
+    settings: Mapping[str, str] | None = None,
+    prefix: str = "aura-pg-",
+    *,
+    port: int | None = None,
+    bindir: Path | None = None,
+    preload_timescaledb: bool = True,
 ) -> Iterator[LocalCluster]:
-    """A throw-away cluster on a free port, started, and removed afterwards.
+    """A throw-away cluster on ``port`` (default: a free one), started, and
+    removed afterwards; ``bindir``: the server's programs (default
+    ``find_bindir()``).
 
     Its directory is readable by the server user, which may not be the
     caller (root runs the server as ``postgres``).
     """
+    bindir = bindir or find_bindir()
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     workdir.chmod(0o755)
-    cluster = LocalCluster(workdir / "data", port=free_port(), settings=dict(settings or {}))
+    cluster = LocalCluster(
+        workdir / "data",
+        port=port or free_port(),
+        bindir=bindir,
+        settings=dict(settings or {}),
+        preload_timescaledb=preload_timescaledb,
+    )
     try:
         cluster.start()
         yield cluster

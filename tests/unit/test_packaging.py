@@ -100,9 +100,9 @@ def test_installing_the_package_installs_no_dev_tool_and_no_chaos_toolkit(
     assert always & (DEV_TOOLS | CHAOS_TOOLKIT) == set()
 
 
-def test_the_extras_are_binary_nats_and_chaos(wheel: zipfile.ZipFile) -> None:
+def test_the_extras_are_binary_nats_chaos_and_testing(wheel: zipfile.ZipFile) -> None:
     required, extras = requirements(wheel)
-    assert extras == {"binary", "nats", "chaos"}
+    assert extras == {"binary", "nats", "chaos", "testing"}
     by_extra = {
         extra: {
             normalized(r.name)
@@ -111,7 +111,21 @@ def test_the_extras_are_binary_nats_and_chaos(wheel: zipfile.ZipFile) -> None:
         }
         for extra in extras
     }
-    assert by_extra == {"binary": {"psycopg"}, "nats": {"nats-py"}, "chaos": CHAOS_TOOLKIT}
+    assert by_extra == {
+        "binary": {"psycopg"},
+        "nats": {"nats-py"},
+        "chaos": CHAOS_TOOLKIT,
+        "testing": {"pytest", "pytest-postgresql", "pytest-asyncio"},
+    }
+
+
+def test_the_pytest_plugin_is_registered_as_an_entry_point(wheel: zipfile.ZipFile) -> None:
+    (path,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    text = wheel.read(path).decode()
+    section = text.split("[pytest11]", 1)[1].split("[", 1)[0]
+    assert [line.strip() for line in section.splitlines() if line.strip()] == [
+        "aura_pg = aura_pg.testing.plugin"
+    ]
 
 
 def test_dev_tools_are_dependency_groups_and_dev_includes_them_all() -> None:
@@ -128,6 +142,6 @@ def test_dev_tools_are_dependency_groups_and_dev_includes_them_all() -> None:
 
 def test_the_install_script_installs_every_extra_and_the_dev_group() -> None:
     script = (REPO_ROOT / "scripts" / "install-system.sh").read_text()
-    assert '-e "$ROOT[binary,nats,chaos]"' in script
+    assert '-e "$ROOT[binary,nats,chaos,testing]"' in script
     assert '--group "$ROOT/pyproject.toml:dev"' in script
     assert '--upgrade "pip>=25.1"' in script  # pip learnt --group in 25.1
