@@ -90,7 +90,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("aura-pg", "aura-pg: a private Postgres with the aura schema")
     for name, variable, text in _VALUE_OPTIONS:
         flag = "--aura-pg-" + name
-        group.addoption(flag, dest="aura_pg_" + name, default=None, help=f"{text} [{variable}]")
+        group.addoption(
+            flag,
+            dest="aura_pg_" + name,
+            metavar=name.upper(),
+            default=None,
+            help=f"{text} [{variable}]",
+        )
         parser.addini("aura_pg_" + name, f"{text} [{flag}, {variable}]", default=None)
     group.addoption(
         "--aura-pg-no-timescaledb",

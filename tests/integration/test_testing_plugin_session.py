@@ -1,0 +1,82 @@
+"""The plugin as a user's project meets it: a pytest session of its own
+(pytester, in a subprocess) that loads aura_pg.testing through its entry
+point, with its options pointing at this session's server."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from pytest_postgresql.executors import NoopExecutor
+
+pytest_plugins = ["pytester"]
+
+USER_TESTS = """
+import psycopg
+from aura_pg import NO_STREAM, NewEvent
+
+def test_first_gets_a_migrated_database(event_store, aura_dsn):
+    event_store.append("user-1", [NewEvent("A", {})], NO_STREAM)
+    with psycopg.connect(aura_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (1,)
+
+def test_second_gets_a_fresh_one(event_store):
+    # The first test's event is not here: the stream is new again.
+    event_store.append("user-1", [NewEvent("A", {})], NO_STREAM)
+
+async def test_async_store(async_event_store):
+    await async_event_store.append("user-2", [NewEvent("B", {})], NO_STREAM)
+
+def test_projections(event_store, run_projections):
+    event_store.append("user-3", [NewEvent("C", {})])
+    (row,) = run_projections("stream_summary")
+    assert row["events_behind"] == 0
+
+def test_a_failing_expectation_fails(event_store):
+    event_store.append("user-4", [NewEvent("D", {})], NO_STREAM)
+    assert event_store.stream_version("user-4") == 2
+"""
+
+
+def test_a_projects_session_uses_the_plugins_fixtures(
+    pytester: pytest.Pytester, aura_pg_server: NoopExecutor
+) -> None:
+    pytester.makeini(
+        "[pytest]\n"
+        "asyncio_mode = auto\n"
+        "asyncio_default_fixture_loop_scope = function\n"
+        "aura_pg_dbname = aura_user_project\n"
+    )
+    pytester.makepyfile(test_user=USER_TESTS)
+
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--aura-pg-host",
+        aura_pg_server.host,
+        "--aura-pg-port",
+        str(aura_pg_server.port),
+    )
+
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(["*test_a_failing_expectation_fails*", "*assert 1 == 2*"])
+    # The session's template (named after aura_pg_dbname) is gone with it.
+    admin = f"host={aura_pg_server.host} port={aura_pg_server.port} user={aura_pg_server.user}"
+    with psycopg.connect(f"{admin} dbname=postgres") as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'aura_user_project%'"
+        ).fetchall()
+    assert left == []
+
+
+def test_the_options_are_documented_in_pytest_help(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(
+        [
+            "aura-pg: a private Postgres*",
+            "*--aura-pg-host=HOST*",
+            "*AURA_PG_TEST_HOST*",
+            "*--aura-pg-bindir=*",
+            "*--aura-pg-no-timescaledb*",
+            "*aura_pg_server_settings*",
+        ]
+    )
