@@ -14,7 +14,7 @@ The session starts a private cluster (TimescaleDB preloaded; as the
 ``postgres`` user when run as root) on first use and removes it at the
 end; the migrations run once, into a template that each test's database
 is cloned from. Options: ``pytest --help`` under "aura-pg", or
-docs/aggregates.md, "Testing your service".
+docs/testing.md.
 """
 
 from __future__ import annotations
