@@ -6,6 +6,8 @@ Fixtures (all against a real Postgres):
 ``event_store``         an EventStore on it
 ``async_event_store``   an AsyncEventStore on it
 ``run_projections``     run catalog entries until they have caught up
+``aggregate_scenario``  given/when/then for an aggregate through a Repository
+``async_aggregate_scenario``  the same through an AsyncRepository
 ``aura_empty_dsn``      a fresh database with no schema (migration tests)
 ``aura_pg_server``      the session's server (a pytest-postgresql NoopExecutor)
 ``aura_pg_template``    the migrated template every test database is cloned from
@@ -43,7 +45,9 @@ if TYPE_CHECKING:
     from pytest_postgresql.executors import NoopExecutor
 
     from aura_pg import AsyncEventStore, EventStore
+    from aura_pg.aggregates import Aggregate
     from aura_pg.projection.catalog import Catalog, ProjectionSpec
+    from aura_pg.testing.scenarios import AggregateScenario
 
 try:
     import pytest_asyncio
@@ -238,3 +242,39 @@ def run_projections(aura_dsn: str, pytestconfig: pytest.Config) -> RunProjection
         )
 
     return run
+
+
+@pytest.fixture
+def aggregate_scenario(
+    event_store: EventStore,
+) -> Callable[..., AggregateScenario[Any]]:
+    """``aggregate_scenario(Task, "42")``: an AggregateScenario whose
+    given events are appended to this test's database and whose command
+    runs through a Repository (``.given(...).when(...).then(...)``)."""
+    from aura_pg.aggregates import Repository
+    from aura_pg.testing.scenarios import AggregateScenario
+
+    def make(aggregate: type[Aggregate], aggregate_id: str = "1") -> AggregateScenario[Any]:
+        return AggregateScenario(
+            aggregate, aggregate_id, repository=Repository(event_store, aggregate)
+        )
+
+    return make
+
+
+@pytest.fixture
+def async_aggregate_scenario(
+    async_event_store: AsyncEventStore,
+) -> Callable[..., AggregateScenario[Any]]:
+    """``async_aggregate_scenario(Task, "42")``: an AggregateScenario
+    through an AsyncRepository on this test's database
+    (``await ....then_async(...)``, ``await ....then_fails_async(code)``)."""
+    from aura_pg.aggregates import AsyncRepository
+    from aura_pg.testing.scenarios import AggregateScenario
+
+    def make(aggregate: type[Aggregate], aggregate_id: str = "1") -> AggregateScenario[Any]:
+        return AggregateScenario(
+            aggregate, aggregate_id, repository=AsyncRepository(async_event_store, aggregate)
+        )
+
+    return make

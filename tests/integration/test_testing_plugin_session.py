@@ -36,6 +36,42 @@ def test_a_failing_expectation_fails(event_store):
     assert event_store.stream_version("user-4") == 2
 """
 
+USER_SCENARIOS = """
+from typing import ClassVar
+from aura_pg.aggregates import Aggregate, DomainError, Event, EventRegistry, applies
+from aura_pg.testing import AggregateScenario
+
+EVENTS = EventRegistry()
+
+@EVENTS.register
+class Opened(Event):
+    TYPE: ClassVar[str] = "DOOR_OPENED"
+
+class Door(Aggregate):
+    events = EVENTS
+    stream_prefix = "door"
+    def __init__(self, aggregate_id):
+        super().__init__(aggregate_id)
+        self.open = False
+    @applies(Opened)
+    def _opened(self, event):
+        self.open = True
+    def push(self):
+        if self.open:
+            raise DomainError("already open", code="already_open")
+        return [self.new_event(Opened())]
+
+def test_opens_in_memory():
+    AggregateScenario(Door, "d").when(lambda door: door.push()).then(Opened())
+
+def test_refuses_through_the_database(aggregate_scenario):
+    door = aggregate_scenario(Door, "d").given(Opened())
+    door.when(lambda d: d.push()).then_fails("already_open")
+
+def test_wrong_expectation_fails(aggregate_scenario):
+    aggregate_scenario(Door, "d").given(Opened()).when(lambda d: d.push()).then(Opened())
+"""
+
 
 def test_a_projects_session_uses_the_plugins_fixtures(
     pytester: pytest.Pytester, aura_pg_server: NoopExecutor
@@ -46,7 +82,7 @@ def test_a_projects_session_uses_the_plugins_fixtures(
         "asyncio_default_fixture_loop_scope = function\n"
         "aura_pg_dbname = aura_user_project\n"
     )
-    pytester.makepyfile(test_user=USER_TESTS)
+    pytester.makepyfile(test_user=USER_TESTS, test_user_scenarios=USER_SCENARIOS)
 
     result = pytester.runpytest_subprocess(
         "-p",
@@ -57,8 +93,16 @@ def test_a_projects_session_uses_the_plugins_fixtures(
         str(aura_pg_server.port),
     )
 
-    result.assert_outcomes(passed=4, failed=1)
+    result.assert_outcomes(passed=6, failed=2)
     result.stdout.fnmatch_lines(["*test_a_failing_expectation_fails*", "*assert 1 == 2*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_wrong_expectation_fails*",
+            "*expected events:*",
+            "*DOOR_OPENED {}*",
+            "*but the command was refused: DomainError(code='already_open'): already open*",
+        ]
+    )
     # The session's template (named after aura_pg_dbname) is gone with it.
     admin = f"host={aura_pg_server.host} port={aura_pg_server.port} user={aura_pg_server.user}"
     with psycopg.connect(f"{admin} dbname=postgres") as conn:
