@@ -8,6 +8,8 @@ import psycopg
 import pytest
 from pytest_postgresql.executors import NoopExecutor
 
+from aura_pg.testing.databases import dsn_of
+
 pytest_plugins = ["pytester"]
 
 USER_TESTS = """
@@ -84,14 +86,14 @@ def test_a_projects_session_uses_the_plugins_fixtures(
     )
     pytester.makepyfile(test_user=USER_TESTS, test_user_scenarios=USER_SCENARIOS)
 
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "no:cacheprovider",
-        "--aura-pg-host",
-        aura_pg_server.host,
-        "--aura-pg-port",
-        str(aura_pg_server.port),
-    )
+    server = [
+        f"--aura-pg-host={aura_pg_server.host}",
+        f"--aura-pg-port={aura_pg_server.port}",
+        f"--aura-pg-user={aura_pg_server.user}",
+    ]
+    if aura_pg_server.password:
+        server.append(f"--aura-pg-password={aura_pg_server.password}")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *server)
 
     result.assert_outcomes(passed=6, failed=2)
     result.stdout.fnmatch_lines(["*test_a_failing_expectation_fails*", "*assert 1 == 2*"])
@@ -104,8 +106,7 @@ def test_a_projects_session_uses_the_plugins_fixtures(
         ]
     )
     # The session's template (named after aura_pg_dbname) is gone with it.
-    admin = f"host={aura_pg_server.host} port={aura_pg_server.port} user={aura_pg_server.user}"
-    with psycopg.connect(f"{admin} dbname=postgres") as conn:
+    with psycopg.connect(dsn_of(aura_pg_server, "postgres")) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE 'aura_user_project%'"
         ).fetchall()
