@@ -7,6 +7,7 @@ from aura_pg.errors import (
     AuraPgError,
     CatalogError,
     ConcurrencyError,
+    DomainError,
     EventValidationError,
     IdempotencyConflict,
     MigrationError,
@@ -35,6 +36,14 @@ from aura_pg.models import (
 )
 
 if TYPE_CHECKING:
+    from aura_pg.aggregates import (
+        Aggregate,
+        AsyncRepository,
+        Event,
+        EventRegistry,
+        Repository,
+        applies,
+    )
     from aura_pg.processors import idempotency_key, partition_of, python_processor
     from aura_pg.projection.catalog import Catalog, ProjectionSpec, load_catalog
     from aura_pg.projection.daemon import ProjectorDaemon
@@ -45,6 +54,12 @@ if TYPE_CHECKING:
 # PyYAML for the catalog, the whole daemon for the projector): each is
 # imported on first use, so a program pays only for what it uses.
 _LAZY_MODULES: Final = {
+    "Aggregate": "aura_pg.aggregates",
+    "AsyncRepository": "aura_pg.aggregates",
+    "Event": "aura_pg.aggregates",
+    "EventRegistry": "aura_pg.aggregates",
+    "Repository": "aura_pg.aggregates",
+    "applies": "aura_pg.aggregates",
     "AppendRetry": "aura_pg.store",
     "AsyncEventStore": "aura_pg.store",
     "EventStore": "aura_pg.store",
@@ -65,16 +80,21 @@ __all__ = [
     "NO_STREAM",
     "START",
     "STREAM_EXISTS",
+    "Aggregate",
     "AppendResult",
     "AppendRetry",
     "AppendedEvent",
     "AsyncEventStore",
+    "AsyncRepository",
     "AuraPgError",
     "Catalog",
     "CatalogError",
     "Checkpoint",
     "ConcurrencyError",
     "Direction",
+    "DomainError",
+    "Event",
+    "EventRegistry",
     "EventStore",
     "EventValidationError",
     "ExpectedVersion",
@@ -87,10 +107,12 @@ __all__ = [
     "ProjectorDaemon",
     "ProjectorSettings",
     "RecordedEvent",
+    "Repository",
     "StaleCheckpoint",
     "StreamOrderConflict",
     "StreamState",
     "UnknownProjection",
+    "applies",
     "idempotency_key",
     "load_catalog",
     "partition_of",

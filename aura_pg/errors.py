@@ -79,3 +79,14 @@ class UnknownProjection(ProjectionError):
 class StaleCheckpoint(ProjectionError):
     """The projection's checkpoint is not where the caller expected (AU006):
     another owner or an operator moved it. Nothing was applied."""
+
+
+class DomainError(AuraPgError):
+    """A command was refused because it would break a domain invariant;
+    nothing was written. ``code`` names the rule (``"overdrawn"``,
+    ``"already_voted"``, ...) so callers and tests tell refusals apart
+    without parsing messages."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        self.code = code
+        super().__init__(message)

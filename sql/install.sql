@@ -37,4 +37,5 @@ BEGIN;
 \ir tables/import_dead_letters.sql
 \ir tables/import_stream_lives.sql
 \ir views/stream_order_inversions.sql
+\ir tables/snapshots.sql
 COMMIT;

@@ -8,15 +8,18 @@ tell refusals apart without parsing messages.
 
 from __future__ import annotations
 
-from aura_pg.errors import AuraPgError
+from aura_pg.errors import DomainError
 
-
-class DomainError(AuraPgError):
-    """A command was refused because it would break a domain invariant."""
-
-    def __init__(self, message: str, *, code: str) -> None:
-        self.code = code
-        super().__init__(message)
+__all__ = [
+    "AlreadyExists",
+    "Closed",
+    "DomainError",
+    "InvalidCommand",
+    "NotAParticipant",
+    "NotFound",
+    "RuleViolation",
+    "UnexpectedEvent",
+]
 
 
 class InvalidCommand(DomainError, ValueError):

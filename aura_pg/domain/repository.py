@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
-from aura_pg._runtime import Backoff
+from aura_pg.aggregates.repository import CommandResult, RetryPolicy
 from aura_pg.domain.debate import Debate, DebateRules, DebateStatus, Stance
 from aura_pg.domain.decision import Decision, consensus_title, decision_id_for
 from aura_pg.domain.errors import RuleViolation
@@ -36,7 +35,14 @@ from aura_pg.domain.events import Vote, debate_stream, decision_stream, new_agen
 from aura_pg.errors import ConcurrencyError, IdempotencyConflict
 from aura_pg.models import AppendResult, NewEvent, RecordedEvent
 from aura_pg.store import EventStore
-from aura_pg.store.retry import AppendRetry
+
+__all__ = [
+    "CommandResult",
+    "ConsensusResult",
+    "DebateRepository",
+    "DecisionRepository",
+    "RetryPolicy",
+]
 
 
 class _Aggregate(Protocol):
@@ -46,89 +52,6 @@ class _Aggregate(Protocol):
 
 
 A = TypeVar("A", bound=_Aggregate)
-
-_DEFAULT_APPEND_RETRY = AppendRetry()  # 8 attempts within 30 seconds
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How often and how patiently a command is retried.
-
-    Two kinds of retry, kept apart: a version or idempotency conflict reruns
-    the command on the reloaded aggregate (``max_attempts``, ``base_delay``,
-    ``max_delay``); a transient failure of the append sends the identical
-    batch again (``append_retry``).
-    """
-
-    max_attempts: int = 30
-    """Runs of the command on conflicts, the first included."""
-    base_delay: float = 0.001
-    max_delay: float = 0.05
-    unknown_outcome_resends: int | None = None
-    """Deprecated: use ``append_retry=AppendRetry(attempts=n + 1)``. When
-    given, ``append_retry`` (``AppendRetry()`` if None) is taken with
-    ``attempts = n + 1``, and a ``DeprecationWarning`` is issued."""
-    append_retry: AppendRetry | None = field(default=_DEFAULT_APPEND_RETRY, kw_only=True)
-    """How the store sends one batch again after a transient failure (a lost
-    connection, a server shutting down or starting up, too many
-    connections, a pool timeout, a deadlock or serialization failure), each
-    resend counted in ``aura_append_retries_total{reason}``; other errors
-    are raised at once. None: never resend."""
-    _conflict_backoff: Backoff = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Full jitter: racing writers that conflicted together spread over
-        # the whole interval. The first conflict waits up to 2 * base_delay.
-        try:
-            backoff = Backoff(self.base_delay, self.max_delay, jitter=1.0)
-        except ValueError:
-            raise ValueError(
-                "RetryPolicy needs 0 < base_delay <= max_delay, "
-                f"not {self.base_delay!r} and {self.max_delay!r}"
-            ) from None
-        object.__setattr__(self, "_conflict_backoff", backoff)
-        retry = self.append_retry
-        if retry is not None and not isinstance(retry, AppendRetry):
-            raise TypeError(f"append_retry must be an AppendRetry or None, not {retry!r}")
-        resends = self.unknown_outcome_resends
-        if resends is None:
-            return
-        warnings.warn(
-            "RetryPolicy.unknown_outcome_resends is deprecated: use "
-            f"append_retry=AppendRetry(attempts={resends!r} + 1)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        if isinstance(resends, bool) or not isinstance(resends, int) or resends < 0:
-            raise ValueError(f"unknown_outcome_resends must be an int >= 0, not {resends!r}")
-        base = retry if retry is not None else AppendRetry()
-        object.__setattr__(self, "append_retry", replace(base, attempts=resends + 1))
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Full jitter: uniform in [0, min(max_delay, base_delay * 2**attempt)]."""
-        return self._conflict_backoff.delay(attempt + 1, rng)
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """What a command appended."""
-
-    stream_id: str
-    events: tuple[NewEvent, ...]
-    """The events appended; empty when the command had nothing to do."""
-    version: int
-    """The stream's version after them."""
-    duplicate: bool
-    """The batch had been recorded before, with this content: by an attempt
-    whose reply was lost (the resend found it), or by an identical command
-    racing this one."""
-    conflicts: int
-    """Concurrency conflicts retried before the command went through."""
-
-    @property
-    def appended(self) -> int:
-        """Events newly written by this command."""
-        return 0 if self.duplicate else len(self.events)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,24 @@
+"""Build your own domain on aura-pg: versioned events, aggregates, and
+repositories with conflict retries and snapshots (docs/aggregates.md)."""
+
+from aura_pg.aggregates.aggregate import Aggregate, applies
+from aura_pg.aggregates.events import Event, EventRegistry
+from aura_pg.aggregates.repository import (
+    AsyncRepository,
+    CommandResult,
+    Repository,
+    RetryPolicy,
+)
+from aura_pg.errors import DomainError
+
+__all__ = [
+    "Aggregate",
+    "AsyncRepository",
+    "CommandResult",
+    "DomainError",
+    "Event",
+    "EventRegistry",
+    "Repository",
+    "RetryPolicy",
+    "applies",
+]
