@@ -19,9 +19,8 @@ import math
 from datetime import datetime, timedelta
 from typing import Any, Literal, Self
 
-from aura_pg.aggregates import Aggregate, DomainError, applies
-
 from aura_pg import NewEvent
+from aura_pg.aggregates import Aggregate, DomainError, applies
 
 from .events import TASK_EVENTS, TaskClaimed, TaskCompleted, TaskCreated, TaskReassigned
 

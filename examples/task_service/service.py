@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from aura_pg.aggregates import CommandResult, Repository, RetryPolicy
-
 from aura_pg import EventStore
+from aura_pg.aggregates import CommandResult, Repository, RetryPolicy
 
 from .aggregate import Task
 from .events import DEFAULT_CLAIM_TIMEOUT_SECONDS

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from functools import partial
 
 import pytest
-from aura_pg.aggregates import DomainError, Repository
 
 from aura_pg import EventStore, NewEvent
+from aura_pg.aggregates import DomainError, Repository
 from task_service.aggregate import Task
 from task_service.service import TaskService
 from task_service.tests.conftest import Clock
