@@ -1,0 +1,46 @@
+"""A Python processor (catalog entry ``task_notifications``): when a task is
+completed, append a notice to its requester's inbox stream.
+
+It appends with the batch's connection, so the notice commits with the
+processor's checkpoint, and keys it by its cause (``idempotency_key``): a
+redelivered completion (a reset, a replay, a dead-letter retry) is a
+recorded duplicate, never a second notice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from aura_pg import EventStore, RecordedEvent
+from aura_pg.processors import idempotency_key
+
+from .aggregate import Task
+from .events import INBOX_EVENTS, TASK_EVENTS, TaskCompleted, TaskCompletionNoticed
+
+STORE = EventStore()  # no pool: every call passes the batch's connection
+
+
+def inbox_stream(requester: str) -> str:
+    return f"inbox-{requester}"
+
+
+def notify_requester(events: list[RecordedEvent], conn: psycopg.Connection[Any]) -> None:
+    for event in events:
+        completed = TASK_EVENTS.decode(event)
+        if not isinstance(completed, TaskCompleted):
+            continue
+        task_id = event.stream_id.removeprefix(f"{Task.stream_prefix}-")
+        task = Task.fold(task_id, STORE.read_stream(event.stream_id, conn=conn))
+        notice = TaskCompletionNoticed(
+            task_id=task_id,
+            title=task.title,
+            completed_by=completed.agent,
+            result=completed.result,
+        )
+        STORE.append(
+            inbox_stream(task.requested_by),
+            [INBOX_EVENTS.encode(notice, idempotency_key=idempotency_key(event, "notify"))],
+            conn=conn,
+        )
