@@ -1,9 +1,8 @@
-"""Fixtures for the task service's tests: a migrated database per test (the
-project's own fixtures, tests/conftest.py), the service with a clock the
-test moves, and a daemon that runs this service's catalog until caught up.
-
-When ``aura_pg.testing`` lands, its fixtures replace the imported ones and
-``run_catalog``."""
+"""Fixtures for the task service's tests: a migrated database per test
+(``aura_dsn`` and ``event_store`` of the aura-pg pytest plugin,
+``aura_pg.testing``, loaded by its entry point), the service with a clock
+the test moves, and a daemon that runs this service's catalog until
+caught up."""
 
 from __future__ import annotations
 
@@ -19,9 +18,6 @@ import pytest
 
 from aura_pg import EventStore, ProjectorDaemon, ProjectorSettings, load_catalog
 from task_service.service import TaskService
-from tests.conftest import dsn, pg_server, postgresql, postgresql_template, store
-
-__all__ = ["dsn", "pg_server", "postgresql", "postgresql_template", "store"]
 
 CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 
@@ -39,6 +35,16 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def dsn(aura_dsn: str) -> str:
+    return aura_dsn
+
+
+@pytest.fixture
+def store(event_store: EventStore) -> EventStore:
+    return event_store
 
 
 @pytest.fixture
