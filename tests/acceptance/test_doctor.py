@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from aura_pg.devtools.localdb import free_port
 from aura_pg.doctor import CHECK_NAMES
@@ -123,14 +124,12 @@ def test_a_long_open_writing_transaction_is_named(dsn: str) -> None:
     assert checks["long_transactions"]["status"] == "ok"
 
 
-def test_idle_in_transaction_timeout_set_on_the_database_is_ok(
-    dsn: str, postgresql: psycopg.Connection[Any]
-) -> None:
+def test_idle_in_transaction_timeout_set_on_the_database_is_ok(dsn: str) -> None:
     _, checks = report("--dsn", dsn)
     assert checks["idle_in_transaction_timeout"]["status"] == "warn"
     assert "ALTER DATABASE" in checks["idle_in_transaction_timeout"]["hint"]
 
-    database = postgresql.info.dbname
+    database = conninfo_to_dict(dsn)["dbname"]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             sql.SQL("ALTER DATABASE {} SET idle_in_transaction_session_timeout = '5min'").format(
