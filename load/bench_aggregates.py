@@ -95,7 +95,8 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def library_env(dsn: str, *, snapshots: bool = True) -> dict[str, str]:
     """The eventsourcing application's environment for ``dsn``: its
-    PostgreSQL persistence module, one connection."""
+    PostgreSQL persistence module, one connection, its tables created
+    beforehand (``prepare``: writers creating them at once collide)."""
     params = conninfo_to_dict(dsn)
     env = {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
@@ -106,6 +107,7 @@ def library_env(dsn: str, *, snapshots: bool = True) -> dict[str, str]:
         "POSTGRES_PASSWORD": str(params.get("password", "")),
         "POSTGRES_POOL_SIZE": "1",
         "POSTGRES_MAX_OVERFLOW": "0",
+        "CREATE_TABLE": "n",
     }
     if not snapshots:
         env["IS_SNAPSHOTTING_ENABLED"] = "n"
@@ -634,7 +636,8 @@ def prepare(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table in LIBRARY_TABLES:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
-    library_app(dsn).close()  # creates the library's tables
+    app = EsBank(env={**library_env(dsn), "CREATE_TABLE": "y"})  # the library's tables
+    app.close()
 
 
 def main(argv: list[str] | None = None) -> int:
