@@ -28,7 +28,8 @@ default) runs against the same throw-away server.
    after a jittered sleep). The library: ``repository.get``, the command,
    ``app.save``, and on its ``IntegrityError`` (a version conflict) the same
    jittered sleep (the toolkit's ``RetryPolicy`` delays) and a fresh get,
-   up to the same 30 attempts. Both take snapshots every 100 events.
+   up to the same 30 attempts. A command whose 30th attempt conflicts too
+   is counted as given up, not as done. Both take snapshots every 100 events.
    Targets interleaved in a rotating order, ``--rounds`` rounds, median kept.
 
 Targets (issue 19): the 100,000-event account with snapshots loads in under
@@ -70,6 +71,7 @@ from psycopg.conninfo import conninfo_to_dict
 from aura_pg import EventStore
 from aura_pg.aggregates import Repository, RetryPolicy
 from aura_pg.devtools.localdb import benchmark_settings, temporary_cluster
+from aura_pg.errors import ConcurrencyError
 
 SIZES = (10, 1_000, 100_000)
 QUICK_SIZES = (10, 1_000)
@@ -306,6 +308,8 @@ class CommandCell:
     commands_per_second: float
     commands: int
     conflicts: int
+    gave_up: int
+    """Commands abandoned after the 30 attempts, all conflicts (not counted in commands)."""
     p50_ms: float
     p95_ms: float
 
@@ -328,35 +332,45 @@ def library_account(app: EsBank) -> str:
 
 
 def command_loop(
-    run_one: Callable[[], int], warmup: float, duration: float
-) -> tuple[int, int, list[float]]:
+    run_one: Callable[[], tuple[int, bool]], warmup: float, duration: float
+) -> tuple[int, int, list[float], int]:
     """Commands for ``warmup`` seconds uncounted, then ``duration`` seconds:
-    (commands, conflicts retried, latencies in seconds)."""
+    (commands done, conflicts retried, their latencies in seconds, commands
+    given up after the last attempt's conflict)."""
     end_warmup = time.perf_counter() + warmup
     while time.perf_counter() < end_warmup:
         run_one()
     latencies: list[float] = []
     conflicts = 0
+    gave_up = 0
     deadline = time.perf_counter() + duration
     while True:
         began = time.perf_counter()
         if began >= deadline:
             break
-        conflicts += run_one()
-        latencies.append(time.perf_counter() - began)
-    return len(latencies), conflicts, latencies
+        retried, done = run_one()
+        conflicts += retried
+        if done:
+            latencies.append(time.perf_counter() - began)
+        else:
+            gave_up += 1
+    return len(latencies), conflicts, latencies, gave_up
 
 
-def toolkit_runner(store: EventStore, account_id: str) -> Callable[[], int]:
+def toolkit_runner(store: EventStore, account_id: str) -> Callable[[], tuple[int, bool]]:
+    """(conflicts retried, done): not done when the last attempt conflicted too."""
     repo = Repository(store, BenchAccount)
 
-    def run_one() -> int:
-        return repo.execute(account_id, lambda a: a.deposit(1)).conflicts
+    def run_one() -> tuple[int, bool]:
+        try:
+            return repo.execute(account_id, lambda a: a.deposit(1)).conflicts, True
+        except ConcurrencyError:
+            return repo.retry.max_attempts - 1, False
 
     return run_one
 
 
-def library_runner(app: EsBank, account_id: str) -> Callable[[], int]:
+def library_runner(app: EsBank, account_id: str) -> Callable[[], tuple[int, bool]]:
     """The library's command: get, decide, save; on a version conflict the
     toolkit's jittered delay and a fresh get, up to the same attempts."""
     from eventsourcing.persistence import IntegrityError
@@ -365,7 +379,7 @@ def library_runner(app: EsBank, account_id: str) -> Callable[[], int]:
     rng = random.Random()
     originator = uuid.UUID(account_id)
 
-    def run_one() -> int:
+    def run_one() -> tuple[int, bool]:
         for attempt in range(1, policy.max_attempts + 1):
             account: EsAccount = app.repository.get(originator)
             account.deposit(1)
@@ -373,10 +387,10 @@ def library_runner(app: EsBank, account_id: str) -> Callable[[], int]:
                 app.save(account)
             except IntegrityError:
                 if attempt == policy.max_attempts:
-                    raise
+                    return attempt - 1, False
                 time.sleep(policy.delay(attempt, rng))
                 continue
-            return attempt - 1
+            return attempt - 1, True
         raise AssertionError("unreachable")
 
     return run_one
@@ -435,7 +449,7 @@ def measure_commands(
     ]
     for process in processes:
         process.start()
-    outcomes: list[tuple[int, int, list[float]]] = []
+    outcomes: list[tuple[int, int, list[float], int]] = []
     give_up = time.monotonic() + warmup + duration + 180
     while len(outcomes) < writers:
         with contextlib.suppress(queue.Empty):
@@ -450,15 +464,16 @@ def measure_commands(
         process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"writer process failed ({process.exitcode})")
-    latencies = [lat * 1000 for _, _, lats in outcomes for lat in lats]
-    commands = sum(n for n, _, _ in outcomes)
+    latencies = [lat * 1000 for _, _, lats, _ in outcomes for lat in lats]
+    commands = sum(n for n, _, _, _ in outcomes)
     return CommandCell(
         implementation=implementation,
         layout=layout,
         writers=writers,
         commands_per_second=commands / duration,
         commands=commands,
-        conflicts=sum(c for _, c, _ in outcomes),
+        conflicts=sum(c for _, c, _, _ in outcomes),
+        gave_up=sum(g for _, _, _, g in outcomes),
         p50_ms=percentile(latencies, 0.50),
         p95_ms=percentile(latencies, 0.95),
     )
@@ -471,7 +486,7 @@ def run_commands(
     taking turns in a rotating order; the median round kept."""
     print(
         f"\n{'layout':>11} {'implementation':>14} {'commands/s':>10} {'commands':>8} "
-        f"{'conflicts':>9} {'p50 ms':>8} {'p95 ms':>8}   rounds commands/s",
+        f"{'conflicts':>9} {'gave up':>7} {'p50 ms':>8} {'p95 ms':>8}   rounds commands/s",
         flush=True,
     )
     cells: list[CommandCell] = []
@@ -494,7 +509,8 @@ def run_commands(
             spread = " ".join(f"{c.commands_per_second:.0f}" for c in rounds_)
             print(
                 f"{layout:>11} {implementation:>14} {cell.commands_per_second:>10.0f} "
-                f"{cell.commands:>8} {cell.conflicts:>9} {cell.p50_ms:>8.2f} {cell.p95_ms:>8.2f}"
+                f"{cell.commands:>8} {cell.conflicts:>9} {cell.gave_up:>7} {cell.p50_ms:>8.2f} "
+                f"{cell.p95_ms:>8.2f}"
                 f"   {spread}",
                 flush=True,
             )
@@ -569,7 +585,7 @@ def profile_commands(dsn: str, seconds: float) -> None:
             run_one()
             profile = cProfile.Profile()
             profile.enable()
-            commands, _, _ = command_loop(run_one, 0.0, seconds)
+            commands, _, _, _ = command_loop(run_one, 0.0, seconds)
             profile.disable()
             title = f"{implementation}: {commands} uncontended commands in {seconds:g} s, 1 writer"
             print_profile(profile, title, "cumulative")
