@@ -126,12 +126,15 @@ def _run_handler(
     handler = processor.load_handler(handler_name)
     _checked(params)
     if processor.is_async_handler(handler):
-        return asyncio.run(_run_async_handler(dsn, handler, read, params, finish))
+        return asyncio.run(_run_async_handler(dsn, handler_name, handler, read, params, finish))
     try:
         with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
             events = _events(conn.execute(read, params).fetchall())
             if events:
-                _call(handler_name, lambda: handler(events, conn))
+                try:
+                    handler(events, conn)
+                except Exception as exc:
+                    raise _handler_failed(handler_name, exc) from exc
             if finish is not None:
                 conn.execute(finish, params)
     except psycopg.Error as exc:
@@ -141,6 +144,7 @@ def _run_handler(
 
 async def _run_async_handler(
     dsn: str,
+    handler_name: str,
     handler: Any,
     read: LiteralString,
     params: dict[str, Any],
@@ -154,7 +158,7 @@ async def _run_async_handler(
                 try:
                     await handler(events, conn)
                 except Exception as exc:
-                    raise ProjectionError(f"the handler raised {exc!r}; nothing changed") from exc
+                    raise _handler_failed(handler_name, exc) from exc
             if finish is not None:
                 await conn.execute(finish, params)
     except psycopg.Error as exc:
@@ -166,11 +170,8 @@ def _events(rows: list[tuple[Any, ...]]) -> list[RecordedEvent]:
     return [processor.recorded_event(row) for row in rows]
 
 
-def _call(handler_name: str, call: Any) -> None:
-    try:
-        call()
-    except Exception as exc:
-        raise ProjectionError(f"handler {handler_name} raised {exc!r}; nothing changed") from exc
+def _handler_failed(handler_name: str, exc: Exception) -> ProjectionError:
+    return ProjectionError(f"handler {handler_name} raised {exc!r}; nothing changed")
 
 
 def dead_letters(dsn: str, projection: str | None = None) -> list[dict[str, Any]]:

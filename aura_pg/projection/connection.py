@@ -83,6 +83,13 @@ def _log_notice(diagnostic: psycopg.errors.Diagnostic) -> None:
     log.log(level, "postgres %s: %s", severity, diagnostic.message_primary)
 
 
+def is_connection_state(sqlstate: str) -> bool:
+    """Whether a SQLSTATE is of a lost connection: class 08 (connection
+    exceptions), 57P01-57P03 (admin shutdown, crash shutdown, cannot
+    connect now)."""
+    return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+
+
 async def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether ``exc`` means the connection is gone (reconnect), as opposed
     to a failure of the statement (the handler's, a timeout, a deadlock:
@@ -94,9 +101,7 @@ async def is_connection_failure(exc: psycopg.Error, conn: psycopg.AsyncConnectio
     state = exc.sqlstate
     if state is None:
         return isinstance(exc, psycopg.OperationalError)
-    # 08: connection exceptions; 57P01-57P03: admin shutdown, crash
-    # shutdown, cannot connect now.
-    if not (state.startswith("08") or state in ("57P01", "57P02", "57P03")):
+    if not is_connection_state(state):
         return False
     try:
         await conn.execute("SELECT 1")

@@ -44,6 +44,7 @@ from aura_pg.projection.catalog import ProjectionSpec
 from aura_pg.projection.connection import (
     ConnectionLost,
     connect,
+    is_connection_state,
     session_params,
     translate_projection_error,
 )
@@ -306,7 +307,7 @@ def _connection_failed(
     state = exc.sqlstate
     if state is None:
         return isinstance(exc, psycopg.OperationalError)
-    return state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return is_connection_state(state)
 
 
 def _describe(error: BaseException) -> tuple[str, str | None]:
@@ -351,7 +352,19 @@ class PythonProcessorRunner(ProjectionRunner):
         self._worker: _Worker | None = None
         self._async_conn: psycopg.AsyncConnection[Any] | None = None
 
-    async def _disconnect(self) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await super().run(stop)
+        finally:
+            await self._close_batch_connection()
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Hand the row back, and close the batch connection with it (a
+        partition handed to another daemon needs none here)."""
+        await super()._release(conn)
+        await self._close_batch_connection()
+
+    async def _close_batch_connection(self) -> None:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

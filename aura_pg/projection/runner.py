@@ -224,13 +224,8 @@ class ProjectionRunner:
                 await wait(stop, delay)
             finally:
                 self.owning = False
-                await self._disconnect()
                 if conn is not None:
                     await conn.close()
-
-    async def _disconnect(self) -> None:
-        """Close whatever the runner opened besides its ownership
-        connection (nothing here)."""
 
     def _at_checkpoint(self) -> dict[str, Any]:
         """The parameters that name where this runner is: every write sends
