@@ -2,7 +2,7 @@
 repositories with conflict retries and snapshots (docs/aggregates.md)."""
 
 from aura_pg.aggregates.aggregate import Aggregate, applies
-from aura_pg.aggregates.events import Event, EventRegistry
+from aura_pg.aggregates.events import RECORDED, Event, EventRegistry, is_recorded
 from aura_pg.aggregates.repository import (
     AsyncRepository,
     CommandResult,
@@ -12,6 +12,7 @@ from aura_pg.aggregates.repository import (
 from aura_pg.errors import DomainError
 
 __all__ = [
+    "RECORDED",
     "Aggregate",
     "AsyncRepository",
     "CommandResult",
@@ -21,4 +22,5 @@ __all__ = [
     "Repository",
     "RetryPolicy",
     "applies",
+    "is_recorded",
 ]

@@ -17,6 +17,7 @@ changes, so an older snapshot is ignored rather than misread.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Self, TypeVar
@@ -32,12 +33,24 @@ _APPLIES = "__aura_applies__"
 
 
 def applies(*models: type[Event]) -> Callable[[F], F]:
-    """Mark a method as the applier of ``models``: ``def _(self, event)``."""
+    """Mark a method as the applier of ``models``: ``def _(self, payload)``,
+    or ``def _(self, payload, event)`` to see the recorded event too (its
+    ``recorded_at``, ``metadata``...)."""
     if not models:
         raise ValueError("@applies needs at least one event model")
 
     def mark(method: F) -> F:
-        setattr(method, _APPLIES, models)
+        positional = [
+            parameter
+            for parameter in inspect.signature(method).parameters.values()
+            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(positional) not in (2, 3):
+            raise TypeError(
+                f"@applies method {method.__qualname__} takes (self, payload) "
+                "or (self, payload, event)"
+            )
+        setattr(method, _APPLIES, (models, len(positional) == 3))
         return method
 
     return mark
@@ -52,15 +65,19 @@ class Aggregate:
     """Store the state every this many events (None: never)."""
     snapshot_version: ClassVar[int] = 1
     """The shape of ``snapshot_state``: snapshots of another are ignored."""
-    _appliers: ClassVar[dict[type[Event], Callable[[Any, Any], None]]] = {}
+    snapshot_type: ClassVar[str | None] = None
+    """What snapshots are filed under (None: the class's module and name).
+    Set it to keep a class's snapshots valid when the class moves."""
+    _appliers: ClassVar[dict[type[Event], tuple[Callable[..., None], bool]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        appliers: dict[type[Event], Callable[[Any, Any], None]] = {}
+        appliers: dict[type[Event], tuple[Callable[..., None], bool]] = {}
         for klass in reversed(cls.__mro__):
             for member in vars(klass).values():
-                for model in getattr(member, _APPLIES, ()):
-                    appliers[model] = member
+                models, with_event = getattr(member, _APPLIES, ((), False))
+                for model in models:
+                    appliers[model] = (member, with_event)
         cls._appliers = appliers
         prefix = getattr(cls, "stream_prefix", None)
         if prefix is not None and not _STREAM_PREFIX.fullmatch(prefix):
@@ -87,9 +104,19 @@ class Aggregate:
         return f"{cls.stream_prefix}-{aggregate_id}"
 
     @classmethod
+    def aggregate_id(cls, stream_id: str) -> str | None:
+        """The id of the aggregate whose stream is ``stream_id``, or None for
+        another class's stream (in a processor: which aggregate an event is of)."""
+        prefix = f"{cls.stream_prefix}-"
+        if not stream_id.startswith(prefix) or len(stream_id) == len(prefix):
+            return None
+        return stream_id[len(prefix) :]
+
+    @classmethod
     def type_name(cls) -> str:
-        """What snapshots are filed under: the class's module and name."""
-        return f"{cls.__module__}.{cls.__qualname__}"
+        """What snapshots are filed under: ``snapshot_type``, or the class's
+        module and name."""
+        return cls.snapshot_type or f"{cls.__module__}.{cls.__qualname__}"
 
     @classmethod
     def fold(cls, aggregate_id: str, events: Iterable[RecordedEvent]) -> Self:
@@ -109,14 +136,23 @@ class Aggregate:
                 f"event {event.event_id} ({event.stream_id} v{event.version}) is not the next "
                 f"event of {self.stream_id(self.id)} (at v{self.version})"
             )
-        payload = self.events.decode(event)
-        applier = self._appliers.get(type(payload))
-        if applier is None:
+        self.when(self.events.decode(event), event)
+        self.version = event.version
+
+    def when(self, payload: Event, event: RecordedEvent) -> None:
+        """Run ``payload``'s applier. Override it (calling ``super().when``)
+        to check what every event must satisfy, e.g. that the first one
+        creates the aggregate."""
+        found = self._appliers.get(type(payload))
+        if found is None:
             raise EventValidationError(
                 f"{type(self).__name__} has no applier for {event.type} (@applies)"
             )
-        applier(self, payload)
-        self.version = event.version
+        applier, with_event = found
+        if with_event:
+            applier(self, payload, event)
+        else:
+            applier(self, payload)
 
     def new_event(
         self,
@@ -130,8 +166,13 @@ class Aggregate:
         id); it becomes ``<stream>:<key>``, so a resend is recorded as a
         duplicate instead of a second effect. Without it the event's id is
         the key (a resend of this very event is a duplicate)."""
-        idempotency_key = f"{self.stream_id(self.id)}:{key}" if key is not None else None
+        idempotency_key = self.idempotency_key(key) if key is not None else None
         return self.events.encode(payload, idempotency_key=idempotency_key, metadata=metadata)
+
+    def idempotency_key(self, key: str) -> str:
+        """The stored idempotency key of a command's ``key``:
+        ``<stream>:<key>``, unique in the whole log."""
+        return f"{self.stream_id(self.id)}:{key}"
 
     def snapshot_state(self) -> dict[str, Any]:
         """The state as JSON (with ``snapshot_every``)."""

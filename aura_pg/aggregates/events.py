@@ -8,14 +8,18 @@ decoding carries an older event up through the upcasters registered with
 ``aura_pg.upcasting.register_upcaster`` (or ``EventRegistry.upcaster``)
 and validates it with the current model, so the append-only log is never
 rewritten to change a payload's shape.
+
+Decoding validates with the context ``{RECORDED: True}``: a model can hold
+recorded facts to the rules of the day they were written and new events
+to today's (``is_recorded(info)`` in a validator).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 from aura_pg.errors import EventValidationError
 from aura_pg.models import NewEvent, RecordedEvent
@@ -28,6 +32,16 @@ from aura_pg.upcasting import (
 )
 
 E = TypeVar("E", bound="type[Event]")
+P = TypeVar("P", bound="Event")
+
+RECORDED: Final = "recorded"
+"""The validation context key ``decode`` sets: the data is a recorded fact."""
+
+
+def is_recorded(info: ValidationInfo) -> bool:
+    """In a pydantic validator: is this a recorded event being decoded
+    (rather than a new one being made)?"""
+    return bool(info.context and info.context.get(RECORDED))
 
 
 class Event(BaseModel):
@@ -44,8 +58,10 @@ class Event(BaseModel):
 class EventRegistry:
     """The event types an aggregate (or a service) reads and writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *models: type[Event]) -> None:
         self._models: dict[str, type[Event]] = {}
+        for model in models:
+            self.register(model)
 
     def register(self, model: E) -> E:
         """Register ``model`` (usable as a class decorator). ValueError for
@@ -73,6 +89,14 @@ class EventRegistry:
     @property
     def types(self) -> tuple[str, ...]:
         return tuple(self._models)
+
+    @property
+    def models(self) -> tuple[type[Event], ...]:
+        return tuple(self._models.values())
+
+    def __or__(self, other: EventRegistry) -> EventRegistry:
+        """The types of both (a service reading two aggregates' streams)."""
+        return EventRegistry(*self.models, *other.models)
 
     def encode(
         self,
@@ -109,6 +133,17 @@ class EventRegistry:
             )
         data, _ = upcast_data(event.type, dict(event.data), version, model.VERSION)
         try:
-            return model.model_validate(data)
+            return model.model_validate(data, context={RECORDED: True})
         except ValidationError as exc:
             raise EventValidationError(f"event {event.event_id} ({event.type}): {exc}") from None
+
+    def decode_as(self, event: RecordedEvent, model: type[P]) -> P:
+        """``decode`` for an event known to be a ``model``: typed, and
+        EventValidationError when it is of another type."""
+        if event.type != model.TYPE:
+            raise EventValidationError(
+                f"event {event.event_id} is a {event.type}, not a {model.TYPE}"
+            )
+        payload = self.decode(event)
+        assert isinstance(payload, model), f"{model.TYPE} is registered as {type(payload)}"
+        return payload

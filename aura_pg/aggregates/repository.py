@@ -21,6 +21,16 @@ another class or ``snapshot_version``, or one that cannot be restored, is
 ignored (with a warning for the latter) and replaced by the next one;
 writing one never fails or blocks a command (a failure costs only speed).
 
+A repository given ``conn=`` works inside that connection's open
+transaction (a Python processor's handler, a unit of work of the
+caller's): reads, appends and snapshots all run there and commit or roll
+back with it. Each append runs in a savepoint, so a conflict that the
+repository retries leaves the transaction usable; nothing is resent (the
+transaction's owner decides what happens after a failure), and a
+``StreamOrderConflict`` (this transaction wrote before, and a later one
+appended to the stream since) is raised, for the owner to run the
+transaction again.
+
 The logic is written once, as a generator of steps (read, append, sleep,
 snapshot) that ``Repository`` runs with an ``EventStore`` and
 ``AsyncRepository`` with an ``AsyncEventStore``.
@@ -33,7 +43,8 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -43,7 +54,7 @@ from psycopg.types.json import Jsonb
 from aura_pg._resources import named_queries
 from aura_pg._runtime import Backoff
 from aura_pg.aggregates.aggregate import Aggregate
-from aura_pg.errors import ConcurrencyError, IdempotencyConflict
+from aura_pg.errors import ConcurrencyError, IdempotencyConflict, StreamOrderConflict
 from aura_pg.models import AppendResult, NewEvent, RecordedEvent
 from aura_pg.store import AsyncEventStore, EventStore
 from aura_pg.store.retry import AppendRetry
@@ -229,6 +240,8 @@ def _execute(
             return CommandResult(stream_id, (), aggregate.version, False, conflicts)
         try:
             appended: AppendResult = yield _Append(stream_id, events, aggregate.version)
+        except StreamOrderConflict:
+            raise  # a rerun in this transaction cannot cure it
         except (ConcurrencyError, IdempotencyConflict) as exc:
             # An idempotency conflict means another writer recorded an event
             # under one of these keys with other content: the reload shows
@@ -290,13 +303,16 @@ class Repository(Generic[A]):
         snapshots: bool = True,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        conn: psycopg.Connection[Any] | None = None,
     ) -> None:
         """``snapshots=False``: neither read nor write them (for a class
-        with ``snapshot_every``)."""
+        with ``snapshot_every``). ``conn``: work in its open transaction
+        (the store then needs no pool)."""
         self.store = store
         self.aggregate = aggregate
         self.retry = retry or RetryPolicy()
         self.snapshots = snapshots
+        self.conn = conn
         self._rng = rng or random.Random()
         self._sleep = sleep
 
@@ -335,23 +351,45 @@ class Repository(Generic[A]):
         if isinstance(step, _Read):
             return self._read(step)
         if isinstance(step, _Append):
-            return self.store.append(
-                step.stream_id, step.events, step.expected_version, retry=self.retry.append_retry
-            )
+            return self._append(step)
         if isinstance(step, _Sleep):
             self._sleep(step.seconds)
             return None
-        pool = self.store.pool
-        assert pool is not None, "a repository's store has a pool"
-        with pool.connection() as conn:
+        with self._connection() as conn:
             if isinstance(step, _LoadSnapshot):
                 return conn.execute(
                     _snapshot_queries()["load"], {"stream_id": step.stream_id}
                 ).fetchone()
-            conn.execute(_snapshot_queries()["save"], step.params)
+            with conn.transaction():  # a savepoint in a caller's transaction
+                conn.execute(_snapshot_queries()["save"], step.params)
             return None
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if self.conn is not None:
+            yield self.conn
+            return
+        pool = self.store.pool
+        if pool is None:
+            raise ValueError("a repository needs a store with a pool, or conn=")
+        with pool.connection() as conn:
+            yield conn
+
+    def _append(self, step: _Append) -> AppendResult:
+        if self.conn is None:
+            return self.store.append(
+                step.stream_id, step.events, step.expected_version, retry=self.retry.append_retry
+            )
+        with self.conn.transaction():
+            return self.store.append(
+                step.stream_id, step.events, step.expected_version, conn=self.conn
+            )
+
     def _read(self, step: _Read) -> list[RecordedEvent]:
+        if self.conn is not None:
+            return self.store.read_stream(
+                step.stream_id, from_version=step.from_version, conn=self.conn
+            )
         started = time.monotonic()
         attempt = 0
         while True:
@@ -378,11 +416,13 @@ class AsyncRepository(Generic[A]):
         snapshots: bool = True,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> None:
         self.store = store
         self.aggregate = aggregate
         self.retry = retry or RetryPolicy()
         self.snapshots = snapshots
+        self.conn = conn
         self._rng = rng or random.Random()
         self._sleep = sleep
 
@@ -414,22 +454,44 @@ class AsyncRepository(Generic[A]):
         if isinstance(step, _Read):
             return await self._read(step)
         if isinstance(step, _Append):
-            return await self.store.append(
-                step.stream_id, step.events, step.expected_version, retry=self.retry.append_retry
-            )
+            return await self._append(step)
         if isinstance(step, _Sleep):
             await self._sleep(step.seconds)
             return None
-        pool = self.store.pool
-        assert pool is not None, "a repository's store has a pool"
-        async with pool.connection() as conn:
+        async with self._connection() as conn:
             if isinstance(step, _LoadSnapshot):
                 cur = await conn.execute(_snapshot_queries()["load"], {"stream_id": step.stream_id})
                 return await cur.fetchone()
-            await conn.execute(_snapshot_queries()["save"], step.params)
+            async with conn.transaction():  # a savepoint in a caller's transaction
+                await conn.execute(_snapshot_queries()["save"], step.params)
             return None
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self.conn is not None:
+            yield self.conn
+            return
+        pool = self.store.pool
+        if pool is None:
+            raise ValueError("a repository needs a store with a pool, or conn=")
+        async with pool.connection() as conn:
+            yield conn
+
+    async def _append(self, step: _Append) -> AppendResult:
+        if self.conn is None:
+            return await self.store.append(
+                step.stream_id, step.events, step.expected_version, retry=self.retry.append_retry
+            )
+        async with self.conn.transaction():
+            return await self.store.append(
+                step.stream_id, step.events, step.expected_version, conn=self.conn
+            )
+
     async def _read(self, step: _Read) -> list[RecordedEvent]:
+        if self.conn is not None:
+            return await self.store.read_stream(
+                step.stream_id, from_version=step.from_version, conn=self.conn
+            )
         started = time.monotonic()
         attempt = 0
         while True:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
 from numbers import Real
 from typing import Literal
 
+from aura_pg.aggregates import Aggregate, Event, applies
 from aura_pg.domain.errors import (
     AlreadyExists,
     Closed,
@@ -28,6 +29,8 @@ from aura_pg.domain.errors import (
     UnexpectedEvent,
 )
 from aura_pg.domain.events import (
+    DEBATE_EVENTS,
+    PAYLOAD_TYPES,
     AgentJoined,
     DebateArgumentAdded,
     DebateConsensusReached,
@@ -36,10 +39,7 @@ from aura_pg.domain.events import (
     DebateStarted,
     DebateTimedOut,
     DebateVoteCast,
-    EventPayload,
     Vote,
-    decode,
-    encode,
     new_payload,
 )
 from aura_pg.models import NewEvent, RecordedEvent
@@ -115,86 +115,99 @@ def votes_needed(quorum: float | Fraction, participants: int) -> int:
     return max(1, math.ceil(quorum_fraction(quorum) * participants))
 
 
-@dataclass(slots=True)
-class Debate:
-    """A debate as its events left it. ``Debate.fold(events)`` builds one;
-    ``Debate(debate_id)`` is the state before any event (status NEW)."""
+class Debate(Aggregate):
+    """A debate as its events left it. ``Debate.fold(debate_id, events)``
+    builds one; ``Debate(debate_id)`` is the state before any event (status
+    NEW)."""
 
-    debate_id: str
-    topic: str = ""
-    status: DebateStatus = DebateStatus.NEW
-    participants: tuple[str, ...] = ()
-    started_by: str | None = None
-    rules: DebateRules = field(default_factory=DebateRules)
-    rounds_completed: int = 0
-    arguments: dict[int, dict[str, DebateArgumentAdded]] = field(default_factory=dict)
-    """Per round, per agent: the argument it made."""
-    votes: dict[str, DebateVoteCast] = field(default_factory=dict)
-    started_at: datetime | None = None
-    """recorded_at of DEBATE_STARTED (database time)."""
-    outcome: Vote | None = None
-    decision_id: str | None = None
-    end_reason: str | None = None
-    version: int = 0
+    events = DEBATE_EVENTS
+    stream_prefix = "debate"
+
+    def __init__(self, debate_id: str) -> None:
+        super().__init__(debate_id)
+        self.topic = ""
+        self.status = DebateStatus.NEW
+        self.participants: tuple[str, ...] = ()
+        self.started_by: str | None = None
+        self.rules = DebateRules()
+        self.rounds_completed = 0
+        self.arguments: dict[int, dict[str, DebateArgumentAdded]] = {}
+        """Per round, per agent: the argument it made."""
+        self.votes: dict[str, DebateVoteCast] = {}
+        self.started_at: datetime | None = None
+        """recorded_at of DEBATE_STARTED (database time)."""
+        self.outcome: Vote | None = None
+        self.decision_id: str | None = None
+        self.end_reason: str | None = None
+
+    @property
+    def debate_id(self) -> str:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"Debate({self.id!r}, status={self.status.value}, version={self.version})"
 
     # -- folding -----------------------------------------------------------
-
-    @classmethod
-    def fold(cls, debate_id: str, events: Iterable[RecordedEvent]) -> Debate:
-        debate = cls(debate_id)
-        debate.apply_all(events)
-        return debate
-
-    def apply_all(self, events: Iterable[RecordedEvent]) -> None:
-        for event in events:
-            self.apply(event)
 
     def apply(self, event: RecordedEvent) -> None:
         """Apply one recorded event (decoded and upcast). Events are facts:
         only what would make the state meaningless is refused."""
-        payload = decode(event)
+        if event.type in PAYLOAD_TYPES and event.type not in DEBATE_EVENTS:
+            raise UnexpectedEvent(
+                f"debate {self.id}: {event.type} does not belong in a debate stream",
+                code="foreign_event",
+            )
+        super().apply(event)
+
+    def when(self, payload: Event, event: RecordedEvent) -> None:
         if self.status is DebateStatus.NEW and not isinstance(payload, DebateStarted):
             raise UnexpectedEvent(
-                f"debate {self.debate_id}: {event.type} before DEBATE_STARTED", code="not_started"
+                f"debate {self.id}: {event.type} before DEBATE_STARTED", code="not_started"
             )
-        match payload:
-            case DebateStarted():
-                if self.status is not DebateStatus.NEW:
-                    raise UnexpectedEvent(
-                        f"debate {self.debate_id}: a second DEBATE_STARTED", code="restarted"
-                    )
-                self.topic = payload.topic
-                self.participants = payload.participants
-                self.started_by = payload.started_by
-                self.rules = DebateRules(
-                    payload.max_rounds, payload.quorum, payload.timeout_seconds
-                )
-                self.started_at = event.recorded_at
-                self.status = DebateStatus.OPEN
-            case AgentJoined():
-                self.participants = (*self.participants, payload.agent_id)
-            case DebateArgumentAdded():
-                self.arguments.setdefault(payload.round, {})[payload.agent_id] = payload
-            case DebateRoundCompleted():
-                self.rounds_completed = max(self.rounds_completed, payload.round)
-            case DebateVoteCast():
-                self.votes[payload.agent_id] = payload
-            case DebateConsensusReached():
-                self.status = DebateStatus.CONSENSUS
-                self.outcome = payload.outcome
-                self.decision_id = payload.decision_id
-            case DebateFailed():
-                self.status = DebateStatus.FAILED
-                self.end_reason = payload.reason
-            case DebateTimedOut():
-                self.status = DebateStatus.TIMED_OUT
-                self.end_reason = "timed out"
-            case _:
-                raise UnexpectedEvent(
-                    f"debate {self.debate_id}: {event.type} does not belong in a debate stream",
-                    code="foreign_event",
-                )
-        self.version = event.version
+        super().when(payload, event)
+
+    @applies(DebateStarted)
+    def _started(self, payload: DebateStarted, event: RecordedEvent) -> None:
+        if self.status is not DebateStatus.NEW:
+            raise UnexpectedEvent(f"debate {self.id}: a second DEBATE_STARTED", code="restarted")
+        self.topic = payload.topic
+        self.participants = payload.participants
+        self.started_by = payload.started_by
+        self.rules = DebateRules(payload.max_rounds, payload.quorum, payload.timeout_seconds)
+        self.started_at = event.recorded_at
+        self.status = DebateStatus.OPEN
+
+    @applies(AgentJoined)
+    def _joined(self, payload: AgentJoined) -> None:
+        self.participants = (*self.participants, payload.agent_id)
+
+    @applies(DebateArgumentAdded)
+    def _argued(self, payload: DebateArgumentAdded) -> None:
+        self.arguments.setdefault(payload.round, {})[payload.agent_id] = payload
+
+    @applies(DebateRoundCompleted)
+    def _round_completed(self, payload: DebateRoundCompleted) -> None:
+        self.rounds_completed = max(self.rounds_completed, payload.round)
+
+    @applies(DebateVoteCast)
+    def _voted(self, payload: DebateVoteCast) -> None:
+        self.votes[payload.agent_id] = payload
+
+    @applies(DebateConsensusReached)
+    def _consensus(self, payload: DebateConsensusReached) -> None:
+        self.status = DebateStatus.CONSENSUS
+        self.outcome = payload.outcome
+        self.decision_id = payload.decision_id
+
+    @applies(DebateFailed)
+    def _failed(self, payload: DebateFailed) -> None:
+        self.status = DebateStatus.FAILED
+        self.end_reason = payload.reason
+
+    @applies(DebateTimedOut)
+    def _timed_out(self, payload: DebateTimedOut) -> None:
+        self.status = DebateStatus.TIMED_OUT
+        self.end_reason = "timed out"
 
     # -- derived state -----------------------------------------------------
 
@@ -274,8 +287,13 @@ class Debate:
                 code="not_a_participant",
             )
 
-    def _event(self, payload: EventPayload, key: str) -> NewEvent:
-        return encode(payload, idempotency_key=f"{self.debate_id}:{key}")
+    def idempotency_key(self, key: str) -> str:
+        # "<debate id>:<key>", not the toolkit's "<stream>:<key>": the keys
+        # already recorded in debate streams are of this form.
+        return f"{self.id}:{key}"
+
+    def _event(self, payload: Event, key: str) -> NewEvent:
+        return self.new_event(payload, key=key)
 
     # -- commands ----------------------------------------------------------
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
 
+from aura_pg.aggregates import Aggregate, Event, applies
 from aura_pg.domain.debate import Debate, DebateStatus
 from aura_pg.domain.errors import AlreadyExists, Closed, NotFound, RuleViolation, UnexpectedEvent
 from aura_pg.domain.events import (
+    DECISION_EVENTS,
+    PAYLOAD_TYPES,
     DecisionApproved,
     DecisionProposed,
     DecisionRejected,
-    EventPayload,
-    decode,
-    encode,
     new_payload,
 )
 from aura_pg.models import NewEvent, RecordedEvent
@@ -45,55 +43,71 @@ class DecisionStatus(enum.StrEnum):
     REJECTED = "rejected"
 
 
-@dataclass(slots=True)
-class Decision:
+class Decision(Aggregate):
     """A decision as its events left it; ``Decision(decision_id)`` is the
     state before any event."""
 
-    decision_id: str
-    status: DecisionStatus = DecisionStatus.NEW
-    debate_id: str | None = None
-    title: str = ""
-    proposed_by: str | None = None
-    resolved_by: str | None = None
-    reason: str | None = None
-    version: int = 0
+    events = DECISION_EVENTS
+    stream_prefix = "decision"
 
-    @classmethod
-    def fold(cls, decision_id: str, events: Iterable[RecordedEvent]) -> Decision:
-        decision = cls(decision_id)
-        decision.apply_all(events)
-        return decision
+    def __init__(self, decision_id: str) -> None:
+        super().__init__(decision_id)
+        self.status = DecisionStatus.NEW
+        self.debate_id: str | None = None
+        self.title = ""
+        self.proposed_by: str | None = None
+        self.resolved_by: str | None = None
+        self.reason: str | None = None
 
-    def apply_all(self, events: Iterable[RecordedEvent]) -> None:
-        for event in events:
-            self.apply(event)
+    @property
+    def decision_id(self) -> str:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"Decision({self.id!r}, status={self.status.value}, version={self.version})"
 
     def apply(self, event: RecordedEvent) -> None:
-        payload = decode(event)
-        match payload:
-            case DecisionProposed() if self.status is DecisionStatus.NEW:
-                self.status = DecisionStatus.PROPOSED
-                self.debate_id = payload.debate_id
-                self.title = payload.title
-                self.proposed_by = payload.proposed_by
-            case DecisionApproved() if self.status is DecisionStatus.PROPOSED:
-                self.status = DecisionStatus.APPROVED
-                self.resolved_by = payload.approved_by
-            case DecisionRejected() if self.status is DecisionStatus.PROPOSED:
-                self.status = DecisionStatus.REJECTED
-                self.resolved_by = payload.rejected_by
-                self.reason = payload.reason
-            case _:
-                raise UnexpectedEvent(
-                    f"decision {self.decision_id}: {event.type} cannot follow status "
-                    f"{self.status.value}",
-                    code="unexpected_event",
-                )
-        self.version = event.version
+        """Apply one recorded event: a proposal first, then one resolution."""
+        if event.type in PAYLOAD_TYPES and event.type not in DECISION_EVENTS:
+            raise self._unexpected(event.type)
+        super().apply(event)
 
-    def _event(self, payload: EventPayload, key: str) -> NewEvent:
-        return encode(payload, idempotency_key=f"{self.decision_id}:{key}")
+    def _unexpected(self, event_type: str) -> UnexpectedEvent:
+        return UnexpectedEvent(
+            f"decision {self.id}: {event_type} cannot follow status {self.status.value}",
+            code="unexpected_event",
+        )
+
+    @applies(DecisionProposed)
+    def _proposed(self, payload: DecisionProposed) -> None:
+        if self.status is not DecisionStatus.NEW:
+            raise self._unexpected(payload.TYPE)
+        self.status = DecisionStatus.PROPOSED
+        self.debate_id = payload.debate_id
+        self.title = payload.title
+        self.proposed_by = payload.proposed_by
+
+    @applies(DecisionApproved)
+    def _approved(self, payload: DecisionApproved) -> None:
+        if self.status is not DecisionStatus.PROPOSED:
+            raise self._unexpected(payload.TYPE)
+        self.status = DecisionStatus.APPROVED
+        self.resolved_by = payload.approved_by
+
+    @applies(DecisionRejected)
+    def _rejected(self, payload: DecisionRejected) -> None:
+        if self.status is not DecisionStatus.PROPOSED:
+            raise self._unexpected(payload.TYPE)
+        self.status = DecisionStatus.REJECTED
+        self.resolved_by = payload.rejected_by
+        self.reason = payload.reason
+
+    def idempotency_key(self, key: str) -> str:
+        # "<decision id>:<key>": the form of the keys already recorded.
+        return f"{self.id}:{key}"
+
+    def _event(self, payload: Event, key: str) -> NewEvent:
+        return self.new_event(payload, key=key)
 
     def _require_proposed(self) -> None:
         if self.status is DecisionStatus.NEW:

@@ -1,4 +1,6 @@
-"""The AURA debate domain's events: one pydantic model per event type.
+"""The AURA debate domain's events: one versioned payload model per event
+type (``aura_pg.aggregates.Event``), in two registries: ``DEBATE_EVENTS``
+and ``DECISION_EVENTS``.
 
 Each payload model has a ``TYPE`` (the event type stored in
 ``aura.events.type``) and a ``VERSION``. ``encode`` turns a payload into a
@@ -6,7 +8,8 @@ Each payload model has a ``TYPE`` (the event type stored in
 recorded event back through the current model, first running the upcasters
 registered for older versions (schema evolution: an event recorded as
 version 1 is read as version 2 without rewriting the log, which is
-append-only).
+append-only). Recorded facts are held to the rules of the day they were
+written (``is_recorded``), new events to today's.
 
 Streams: ``debate-<debate_id>`` holds a debate's events,
 ``decision-<decision_id>`` a decision's.
@@ -19,8 +22,6 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     TypeAdapter,
@@ -29,30 +30,19 @@ from pydantic import (
     model_validator,
 )
 
+from aura_pg.aggregates.events import Event, EventRegistry, is_recorded
 from aura_pg.domain.errors import InvalidCommand
-from aura_pg.errors import EventValidationError
 from aura_pg.models import NewEvent, RecordedEvent
-from aura_pg.upcasting import (
-    SCHEMA_VERSION_KEY,
-    register_upcaster,
-    schema_version,
-    upcast_data,
-)
+from aura_pg.upcasting import register_upcaster
 
-RECORDED = "recorded"
-"""Validation context key set by ``decode``: the data is a recorded fact.
-Facts are held to what was valid when they were written (ids with ':',
-version 1 starts with fewer than 3 agents); new events to today's rules."""
-
-
-def _recorded(info: ValidationInfo) -> bool:
-    return bool(info.context and info.context.get(RECORDED))
+EventPayload = Event
+"""Base of every domain event payload (the toolkit's ``Event``)."""
 
 
 def _new_id(value: str, info: ValidationInfo) -> str:
     # No ':' in new ids: idempotency keys are built as "<id>:<command>..."
     # and must not be ambiguous. Ids recorded before that rule had them.
-    if ":" in value and not _recorded(info):
+    if ":" in value and not is_recorded(info):
         raise ValueError("must not contain ':'")
     return value
 
@@ -89,15 +79,6 @@ def decision_stream(decision_id: str) -> str:
     return f"decision-{decision_id}"
 
 
-class EventPayload(BaseModel):
-    """Base of every domain event payload."""
-
-    TYPE: ClassVar[str]
-    VERSION: ClassVar[int] = 1
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class DebateStarted(EventPayload):
     """Version 2. Version 1 had ``agents`` instead of ``participants`` and
     no rules; ``upcast_debate_started_v1`` reads it as version 2."""
@@ -121,7 +102,7 @@ class DebateStarted(EventPayload):
     def _valid_start(self, info: ValidationInfo) -> DebateStarted:
         if len(set(self.participants)) != len(self.participants):
             raise ValueError("participants must be distinct")
-        if not _recorded(info):
+        if not is_recorded(info):
             if len(self.participants) < 3:
                 raise ValueError("a debate needs at least 3 participants")
             if self.started_by is None:
@@ -208,26 +189,28 @@ class DecisionRejected(EventPayload):
     reason: Reason
 
 
-PAYLOAD_TYPES: Mapping[str, type[EventPayload]] = {
-    model.TYPE: model
-    for model in (
-        DebateStarted,
-        AgentJoined,
-        DebateArgumentAdded,
-        DebateRoundCompleted,
-        DebateVoteCast,
-        DebateConsensusReached,
-        DebateFailed,
-        DebateTimedOut,
-        DecisionProposed,
-        DecisionApproved,
-        DecisionRejected,
-    )
-}
+DEBATE_EVENTS = EventRegistry(
+    DebateStarted,
+    AgentJoined,
+    DebateArgumentAdded,
+    DebateRoundCompleted,
+    DebateVoteCast,
+    DebateConsensusReached,
+    DebateFailed,
+    DebateTimedOut,
+)
+"""What a debate stream holds."""
+
+DECISION_EVENTS = EventRegistry(DecisionProposed, DecisionApproved, DecisionRejected)
+"""What a decision stream holds."""
+
+DOMAIN_EVENTS = DEBATE_EVENTS | DECISION_EVENTS
+
+PAYLOAD_TYPES: Mapping[str, type[Event]] = {model.TYPE: model for model in DOMAIN_EVENTS.models}
 """Every domain event type, by its stored name."""
 
-DEBATE_EVENT_TYPES = tuple(t for t in PAYLOAD_TYPES if t.startswith(("DEBATE_", "AGENT_")))
-DECISION_EVENT_TYPES = tuple(t for t in PAYLOAD_TYPES if t.startswith("DECISION_"))
+DEBATE_EVENT_TYPES = DEBATE_EVENTS.types
+DECISION_EVENT_TYPES = DECISION_EVENTS.types
 
 
 @register_upcaster("DEBATE_STARTED", 1)
@@ -251,45 +234,25 @@ def upcast_debate_started_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode(
-    payload: EventPayload,
+    payload: Event,
     *,
     idempotency_key: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> NewEvent:
     """The event to append for ``payload`` (its version in the metadata)."""
-    return NewEvent(
-        payload.TYPE,
-        payload.model_dump(mode="json"),
-        {**(metadata or {}), SCHEMA_VERSION_KEY: payload.VERSION},
-        idempotency_key=idempotency_key,
-    )
+    return DOMAIN_EVENTS.encode(payload, idempotency_key=idempotency_key, metadata=metadata)
 
 
-def decode(event: RecordedEvent) -> EventPayload:
+def decode(event: RecordedEvent) -> Event:
     """A recorded domain event read through its current payload model.
 
     Raises EventValidationError for an unknown type, a version newer than
     this code knows, or data the model refuses.
     """
-    model = PAYLOAD_TYPES.get(event.type)
-    if model is None:
-        raise EventValidationError(
-            f"event {event.event_id}: unknown domain event type {event.type!r}"
-        )
-    version = schema_version(event)
-    if version > model.VERSION:
-        raise EventValidationError(
-            f"event {event.event_id}: {event.type} v{version} is newer than this code "
-            f"(v{model.VERSION})"
-        )
-    data, _ = upcast_data(event.type, dict(event.data), version, model.VERSION)
-    try:
-        return model.model_validate(data, context={RECORDED: True})
-    except ValidationError as exc:
-        raise EventValidationError(f"event {event.event_id} ({event.type}): {exc}") from None
+    return DOMAIN_EVENTS.decode(event)
 
 
-P = TypeVar("P", bound=EventPayload)
+P = TypeVar("P", bound=Event)
 
 
 def new_payload(model: type[P], **fields: object) -> P:

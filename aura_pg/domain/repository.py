@@ -1,39 +1,27 @@
-"""Repositories: load an aggregate, run a command on it, append its events.
+"""The debate domain's repositories: ``DebateRepository`` and
+``DecisionRepository``, the toolkit's ``Repository`` (``aura_pg.aggregates``)
+with the debate commands named.
 
-A command runs against the aggregate as loaded; its events are appended with
-the loaded version as the expected version. When another writer got there
-first (``ConcurrencyError``) the repository reads the events it missed and
-runs the command again, so the invariants are always checked against the
-latest state and no update is lost. Attempts are bounded; between them it
-sleeps a small jittered, growing delay (a ``Backoff`` with full jitter) so
-racing writers spread out.
-
-An append that fails transiently (a lost connection, a restarting server:
-its outcome is unknown) is sent again unchanged by the store
-(``append(..., retry=RetryPolicy.append_retry)``, see ``aura_pg.store.retry``):
-the very same events, so the same ids and idempotency keys, and a batch that
-did commit comes back as a duplicate instead of a second vote. Permanent
-errors are raised at once. Resending the identical batch and rerunning the
-command after a conflict are separate: a resend never re-decides.
+A command runs on the latest state and is rerun on the reloaded aggregate
+after a concurrency conflict (bounded, jittered); an append whose outcome
+is unknown is sent again unchanged, so a batch that did commit comes back
+as a duplicate instead of a second vote. See ``aura_pg.aggregates.repository``.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, Protocol, TypeVar
 
-from aura_pg.aggregates.repository import CommandResult, RetryPolicy
+from aura_pg.aggregates.repository import CommandResult, Repository, RetryPolicy
 from aura_pg.domain.debate import Debate, DebateRules, DebateStatus, Stance
 from aura_pg.domain.decision import Decision, consensus_title, decision_id_for
 from aura_pg.domain.errors import RuleViolation
-from aura_pg.domain.events import Vote, debate_stream, decision_stream, new_agent_id
-from aura_pg.errors import ConcurrencyError, IdempotencyConflict
-from aura_pg.models import AppendResult, NewEvent, RecordedEvent
+from aura_pg.domain.events import Vote, debate_stream, new_agent_id
+from aura_pg.models import NewEvent
 from aura_pg.store import EventStore
 
 __all__ = [
@@ -43,15 +31,6 @@ __all__ = [
     "DecisionRepository",
     "RetryPolicy",
 ]
-
-
-class _Aggregate(Protocol):
-    version: int
-
-    def apply_all(self, events: Iterable[RecordedEvent]) -> None: ...
-
-
-A = TypeVar("A", bound=_Aggregate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +51,9 @@ class ConsensusResult:
         return self.debate.conflicts + self.decision.conflicts
 
 
-class _Repository(ABC, Generic[A]):
+class DecisionRepository(Repository[Decision]):
+    """Decisions in ``decision-<id>`` streams."""
+
     def __init__(
         self,
         store: EventStore,
@@ -81,83 +62,7 @@ class _Repository(ABC, Generic[A]):
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.store = store
-        self.retry = retry or RetryPolicy()
-        self._rng = rng or random.Random()
-        self._sleep = sleep
-
-    @abstractmethod
-    def _new(self, entity_id: str) -> A:
-        """The aggregate before any event."""
-
-    @abstractmethod
-    def _stream(self, entity_id: str) -> str:
-        """The stream holding the aggregate's events."""
-
-    def load(self, entity_id: str) -> A:
-        """The aggregate as its stream now stands (version 0 if it has no events)."""
-        aggregate = self._new(entity_id)
-        self._catch_up(entity_id, aggregate)
-        return aggregate
-
-    def _catch_up(self, entity_id: str, aggregate: A) -> None:
-        aggregate.apply_all(
-            self.store.read_stream(self._stream(entity_id), from_version=aggregate.version + 1)
-        )
-
-    def execute(self, entity_id: str, command: Callable[[A], Sequence[NewEvent]]) -> CommandResult:
-        """Run ``command`` on the latest state and append what it returns.
-
-        ``command`` may run several times (once per conflict) and must
-        depend on nothing but the aggregate and its own arguments. It raises
-        ``DomainError`` to refuse; that is never retried.
-        """
-        stream_id = self._stream(entity_id)
-        aggregate = self._new(entity_id)
-        conflicts = 0
-        attempt = 0
-        idempotency_conflict_at: int | None = None
-        while True:
-            attempt += 1
-            self._catch_up(entity_id, aggregate)
-            events = tuple(command(aggregate))
-            if not events:
-                return CommandResult(stream_id, (), aggregate.version, False, conflicts)
-            try:
-                appended = self._append(stream_id, events, aggregate.version)
-            except (ConcurrencyError, IdempotencyConflict) as exc:
-                # An idempotency conflict means another writer recorded an event
-                # under one of these keys with other content: the reload shows
-                # it, so retry as for a version conflict, unless the state had
-                # not moved since the last such conflict.
-                if isinstance(exc, IdempotencyConflict):
-                    if idempotency_conflict_at == aggregate.version:
-                        raise
-                    idempotency_conflict_at = aggregate.version
-                if attempt >= self.retry.max_attempts:
-                    raise
-                conflicts += 1
-                self._sleep(self.retry.delay(attempt, self._rng))
-                continue
-            return CommandResult(stream_id, events, appended.version, appended.duplicate, conflicts)
-
-    def _append(
-        self, stream_id: str, events: Sequence[NewEvent], expected_version: int
-    ) -> AppendResult:
-        """Append through the store's pool (never in a caller's transaction,
-        so ``retry=`` is allowed); a transient failure sends the same batch
-        again, per ``RetryPolicy.append_retry``."""
-        return self.store.append(stream_id, events, expected_version, retry=self.retry.append_retry)
-
-
-class DecisionRepository(_Repository[Decision]):
-    """Decisions in ``decision-<id>`` streams."""
-
-    def _new(self, entity_id: str) -> Decision:
-        return Decision(entity_id)
-
-    def _stream(self, entity_id: str) -> str:
-        return decision_stream(entity_id)
+        super().__init__(store, Decision, retry=retry, rng=rng, sleep=sleep)
 
     def propose(
         self, decision_id: str, debate_id: str, proposed_by: str, title: str
@@ -176,7 +81,7 @@ class DecisionRepository(_Repository[Decision]):
         return self.execute(decision_id, lambda d: d.reject(rejected_by, reason))
 
 
-class DebateRepository(_Repository[Debate]):
+class DebateRepository(Repository[Debate]):
     """Debates in ``debate-<id>`` streams; ``decisions`` for their decisions."""
 
     def __init__(
@@ -187,14 +92,8 @@ class DebateRepository(_Repository[Debate]):
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        super().__init__(store, retry=retry, rng=rng, sleep=sleep)
+        super().__init__(store, Debate, retry=retry, rng=rng, sleep=sleep)
         self.decisions = DecisionRepository(store, retry=retry, rng=rng, sleep=sleep)
-
-    def _new(self, entity_id: str) -> Debate:
-        return Debate(entity_id)
-
-    def _stream(self, entity_id: str) -> str:
-        return debate_stream(entity_id)
 
     def start(
         self,

@@ -32,6 +32,7 @@ class Task(Aggregate):
     stream_prefix = "task"  # task "42" lives in stream "task-42"
     snapshot_every = 5  # reassignments pile up on a task nobody finishes
     snapshot_version = 1
+    snapshot_type = "task"  # the same whether imported as task_service or examples.task_service
 
     def __init__(self, aggregate_id: str) -> None:
         super().__init__(aggregate_id)

@@ -353,3 +353,110 @@ def test_reads_are_retried_through_a_dropped_connection(dsn: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         assert accounts.load("r").owner == "ada"
+
+
+def test_a_repository_works_in_its_callers_transaction(dsn: str, store: EventStore) -> None:
+    bare = EventStore()  # no pool: everything runs on the caller's connection
+    with psycopg.connect(dsn) as conn:
+        accounts = Repository(bare, SnapshottedAccount, conn=conn)
+        accounts.execute("t", lambda a: a.open("ada"))
+        for _ in range(5):
+            accounts.execute("t", lambda a: a.deposit(1))
+        assert accounts.load("t").balance == 5
+        assert store.stream_version("account-t") == 0  # nothing visible before commit
+        conn.rollback()
+    assert store.stream_version("account-t") == 0
+    assert _snapshot_row(dsn, "account-t") is None  # the snapshot went with it
+
+    with psycopg.connect(dsn) as conn:
+        accounts = Repository(bare, SnapshottedAccount, conn=conn)
+        accounts.execute("t", lambda a: a.open("ada"))
+        raced = False
+
+        def deposit_after_a_rival(account: SnapshottedAccount) -> list[NewEvent]:
+            nonlocal raced
+            if not raced:  # another writer commits first: this append conflicts
+                raced = True
+                Repository(store, Account).execute("t", lambda a: a.deposit(100))
+            return account.deposit(1)
+
+        # The rival waits for the open to commit: commit it first.
+        conn.commit()
+        result = accounts.execute("t", deposit_after_a_rival)
+        assert (result.conflicts, result.version) == (1, 3)  # rerun in a savepoint
+        conn.commit()
+    assert Repository(store, Account).load("t").balance == 101
+
+
+async def test_an_async_repository_works_in_its_callers_transaction(
+    dsn: str, async_store: AsyncEventStore
+) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        accounts = AsyncRepository(AsyncEventStore(), Account, conn=conn)
+        await accounts.execute("at", lambda a: a.open("ada"))
+        await accounts.execute("at", lambda a: a.deposit(2))
+        await conn.rollback()
+        assert (await accounts.load("at")).version == 0
+        await accounts.execute("at", lambda a: a.open("ada"))
+        await conn.commit()
+    assert (await AsyncRepository(async_store, Account).load("at")).owner == "ada"
+
+
+def test_a_repository_without_a_pool_or_a_connection_says_so() -> None:
+    with pytest.raises(ValueError, match="pool, or conn="):
+        Repository(EventStore(), SnapshottedAccount).load("x")
+
+
+def test_typed_decoding_and_stream_ids(store: EventStore) -> None:
+    store.append("account-s1", [ACCOUNT_EVENTS.encode(Opened(owner="ada", limit=1))])
+    (event,) = store.read_stream("account-s1")
+    assert ACCOUNT_EVENTS.decode_as(event, Opened) == Opened(owner="ada", limit=1)
+    with pytest.raises(EventValidationError, match="not a ACCOUNT_DEPOSITED"):
+        ACCOUNT_EVENTS.decode_as(event, Deposited)
+    assert Account.aggregate_id(event.stream_id) == "s1"
+    assert Account.aggregate_id("account-") is None
+    assert Account.aggregate_id("task-s1") is None
+    assert Account.aggregate_id(Account.stream_id("a-b-c")) == "a-b-c"
+
+
+def test_appliers_may_read_the_recorded_event_and_when_checks_every_event(
+    store: EventStore,
+) -> None:
+    class Dated(Account):
+        stream_prefix = "dated"
+
+        @applies(Opened)
+        def _opened_at(self, payload: Opened, event: Any) -> None:
+            self.owner, self.limit = payload.owner, payload.limit
+            self.opened_at = event.recorded_at
+
+        def when(self, payload: Event, event: Any) -> None:
+            if self.owner is None and not isinstance(payload, Opened):
+                raise DomainError(f"{event.type} before ACCOUNT_OPENED", code="not_opened")
+            super().when(payload, event)
+
+    store.append("dated-d", [ACCOUNT_EVENTS.encode(Deposited(amount=1))])
+    with pytest.raises(DomainError, match="before ACCOUNT_OPENED"):
+        Repository(store, Dated).load("d")
+    store.append("dated-e", [ACCOUNT_EVENTS.encode(Opened(owner="o", limit=0))])
+    (opened,) = store.read_stream("dated-e")
+    assert Repository(store, Dated).load("e").opened_at == opened.recorded_at
+
+    with pytest.raises(TypeError, match=r"\(self, payload\) or \(self, payload, event\)"):
+
+        class TooMany(Account):
+            @applies(Opened)
+            def _opened(self, payload: Opened, event: Any, extra: Any) -> None: ...
+
+
+def test_snapshot_type_names_snapshots_whatever_the_module(dsn: str, store: EventStore) -> None:
+    class Renamed(SnapshottedAccount):
+        snapshot_type = "accounts.v1"
+
+    accounts = Repository(store, Renamed)
+    accounts.execute("n", lambda a: a.open("ada"))
+    for _ in range(4):
+        accounts.execute("n", lambda a: a.deposit(1))
+    assert query(
+        dsn, "SELECT aggregate_type FROM aura.snapshots WHERE stream_id = 'account-n'"
+    ) == [("accounts.v1",)]

@@ -52,7 +52,7 @@ def recorded(event: NewEvent, version: int, stream: str = "debate-d1") -> Record
 
 def apply(aggregate: Debate | Decision, events: Iterable[NewEvent]) -> None:
     for event in events:
-        aggregate.apply(recorded(event, aggregate.version + 1))
+        aggregate.apply(recorded(event, aggregate.version + 1, aggregate.stream_id(aggregate.id)))
 
 
 def debate_with_votes(rules: DebateRules, approve: int, reject: int) -> Debate:

@@ -546,7 +546,7 @@ def test_v1_with_invalid_agents_is_a_typed_error() -> None:
 @pytest.mark.parametrize(
     ("event", "message"),
     [
-        (NewEvent("DEBATE_RENAMED", {"name": "x"}), "unknown domain event type"),
+        (NewEvent("DEBATE_RENAMED", {"name": "x"}), "unknown event type"),
         (NewEvent("AGENT_JOINED", {"agent_id": "a"}, {"schema_version": 2}), "newer"),
         (NewEvent("AGENT_JOINED", {"agent_id": "a"}, {"schema_version": 0}), "invalid"),
         (NewEvent("AGENT_JOINED", {"agent_id": "a"}, {"schema_version": "1"}), "invalid"),
