@@ -9,8 +9,8 @@
 \set ON_ERROR_STOP on
 BEGIN;
 \ir schema.sql
-\ir tables/streams.sql
 \ir tables/events.sql
+\ir views/streams.sql
 \ir triggers/append_only.sql
 \ir functions/append_events.sql
 \ir functions/read.sql

@@ -264,8 +264,4 @@ def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | N
         # deeper than the server's stack (only reachable from raw JSON, or
         # with Python's int digit limit lifted).
         return EventValidationError(diag.message_primary or str(exc))
-    if state == "23505" and diag.constraint_name == "events_event_id_key":
-        return IdempotencyConflict(
-            stream_id, f"an event with this id was recorded before: {diag.message_detail}"
-        )
     return None

@@ -24,6 +24,13 @@
 --          Nothing written; retry the whole transaction (a serialization
 --          failure, which retry loops already treat as transient).
 --
+-- Versions: the stream's version is that of its last event, read through
+-- the (stream_id, version) unique index under the per-stream lock below;
+-- nothing else is written per append. That index is also the last guard:
+-- a transaction whose snapshot predates the stream's last append (REPEATABLE
+-- READ or SERIALIZABLE) collides with it and gets 40001, as a concurrent
+-- update would.
+--
 -- Per-stream order: global readers order events by (transaction_id,
 -- global_position). A per-stream advisory lock is taken before the
 -- transaction writes anything here, so a transaction that had no id yet
@@ -94,6 +101,12 @@ AS $$
          WHERE aura.batch_key(e) IS NOT NULL
          GROUP BY aura.batch_key(e)
          HAVING count(*) > 1
+         LIMIT 1),
+        (SELECT 'event ids repeat within the batch'
+         FROM jsonb_array_elements(p_events) AS t(e)
+         WHERE e->>'event_id' IS NOT NULL
+         GROUP BY (e->>'event_id')::uuid
+         HAVING count(*) > 1
          LIMIT 1))
 $$;
 
@@ -127,25 +140,36 @@ AS $$
         'UTF8'))
 $$;
 
--- The rows already recorded for a batch's idempotency keys, in batch order,
--- and whether each has the batch's type and data. One index probe per
--- element: with a plain join the planner, which expects 100 elements from
--- jsonb_array_elements, hashed the batch and scanned the events table
--- whenever that looked cheaper (a log of thousands of events), several
--- times the cost of an append for each resend. LIMIT 1, true of a unique
--- key, keeps the LATERAL subquery from being flattened back into that join.
+-- The rows already recorded for a batch's elements, in batch order, and
+-- whether each is the same event: same stream, key, type and data. An
+-- element with a key of its own is looked up by its key's hash, then, like
+-- one without, by its event id (an element with neither is new). One index
+-- probe per element: with a plain join the planner, which expects 100
+-- elements from jsonb_array_elements, hashed the batch and scanned the
+-- events table whenever that looked cheaper (a log of thousands of events),
+-- several times the cost of an append for each resend. The LIMITs keep each
+-- LATERAL subquery from being flattened back into such a join.
 CREATE OR REPLACE FUNCTION aura.recorded_for_batch(p_stream_id text, p_events jsonb)
 RETURNS TABLE (event_id uuid, version bigint, global_position bigint, same_content boolean)
 LANGUAGE sql STABLE
 AS $$
     SELECT e.event_id, e.version, e.global_position,
-           e.type = b.el->>'type' AND e.data = b.el->'data'
+           e.stream_id = p_stream_id AND e.idempotency_key = aura.batch_key(b.el)
+           AND e.type = b.el->>'type' AND e.data = b.el->'data'
     FROM jsonb_array_elements(p_events) WITH ORDINALITY AS b(el, ord)
     CROSS JOIN LATERAL (
-        SELECT r.event_id, r.version, r.global_position, r.type, r.data
-        FROM aura.events r
-        WHERE r.idempotency_hash = aura.idempotency_hash(
-                  p_stream_id, aura.batch_key(b.el))
+        (SELECT r.event_id, r.version, r.global_position, r.stream_id, r.idempotency_key,
+                r.type, r.data
+         FROM aura.events r
+         WHERE b.el->>'idempotency_key' IS NOT NULL
+           AND r.idempotency_hash = aura.idempotency_hash(p_stream_id, b.el->>'idempotency_key')
+         LIMIT 1)
+        UNION ALL
+        (SELECT r.event_id, r.version, r.global_position, r.stream_id, r.idempotency_key,
+                r.type, r.data
+         FROM aura.events r
+         WHERE r.event_id = (b.el->>'event_id')::uuid
+         LIMIT 1)
         LIMIT 1
     ) AS e
     ORDER BY b.ord
@@ -239,32 +263,23 @@ BEGIN
     v_own_xid := pg_current_xact_id_if_assigned();
     PERFORM pg_advisory_xact_lock(1635087475, hashtext(p_stream_id));
 
-    LOOP
-        -- Bump the version first. The append lock already serialises
-        -- appends to this stream (the row lock would too), so every check
-        -- below sees all earlier appends to it. Any error raised later
-        -- undoes this update with the rest.
-        UPDATE aura.streams s SET version = s.version + v_count
-         WHERE s.stream_id = p_stream_id
-        RETURNING s.version - v_count INTO v_current;
-        EXIT WHEN FOUND;
+    -- The stream's head. The lock above serialises appends to the stream,
+    -- and this statement's snapshot (READ COMMITTED) is taken after it was
+    -- granted, so it sees every earlier append.
+    SELECT e.version, e.transaction_id INTO v_current, v_head_xid
+      FROM aura.events e
+     WHERE e.stream_id = p_stream_id
+     ORDER BY e.version DESC
+     LIMIT 1;
+    v_current := coalesce(v_current, 0);
+    IF v_current = 0 AND (v_expected > 0 OR p_expected_version = 'stream_exists') THEN
         -- A new stream holds no events, so nothing in the batch is a retry.
-        IF v_expected > 0 OR p_expected_version = 'stream_exists' THEN
-            RAISE EXCEPTION 'stream % does not exist, expected version %',
-                quote_literal(p_stream_id), p_expected_version
-                USING ERRCODE = 'AU001',
-                      DETAIL = json_build_object('stream_id', p_stream_id,
-                                                 'expected', p_expected_version, 'actual', 0)::text;
-        END IF;
-        INSERT INTO aura.streams (stream_id, version) VALUES (p_stream_id, v_count)
-            ON CONFLICT (stream_id) DO NOTHING;
-        IF FOUND THEN
-            v_current := 0;
-            EXIT;
-        END IF;
-        -- Another transaction created the stream meanwhile and has committed
-        -- (ON CONFLICT waited for it): go round and lock its row.
-    END LOOP;
+        RAISE EXCEPTION 'stream % does not exist, expected version %',
+            quote_literal(p_stream_id), p_expected_version
+            USING ERRCODE = 'AU001',
+                  DETAIL = json_build_object('stream_id', p_stream_id,
+                                             'expected', p_expected_version, 'actual', 0)::text;
+    END IF;
 
     IF v_current <> v_expected OR p_expected_version = 'stream_exists' AND v_current = 0 THEN
         v_inserted := 0;  -- not at the expected version, unless this is a retry
@@ -276,7 +291,8 @@ BEGIN
                 SELECT ids.event_id, p_stream_id, v_current + b.ord, b.el->>'type', b.el->'data',
                        coalesce(nullif(b.el->'metadata', 'null'::jsonb), '{}'::jsonb),
                        ids.idempotency_key,
-                       aura.idempotency_hash(p_stream_id, ids.idempotency_key)
+                       CASE WHEN b.el->>'idempotency_key' IS NOT NULL
+                            THEN aura.idempotency_hash(p_stream_id, ids.idempotency_key) END
                 FROM jsonb_array_elements(p_events) WITH ORDINALITY AS b(el, ord)
                 CROSS JOIN LATERAL (
                     SELECT coalesce((b.el->>'event_id')::uuid, gen_random_uuid()) AS event_id) AS id
@@ -289,15 +305,15 @@ BEGIN
                 WHERE CASE WHEN aura.event_problem(b.el, v_max_bytes) IS NULL THEN true
                            ELSE aura.invalid_event(p_stream_id, b.ord,
                                                    aura.event_problem(b.el, v_max_bytes)) END
-                ON CONFLICT (idempotency_hash) DO NOTHING
+                -- A recorded key or event id (a resend), or, from a stale
+                -- snapshot, a taken version: skipped here, sorted out below.
+                ON CONFLICT DO NOTHING
                 RETURNING e.event_id, e.version, e.global_position
             )
             SELECT i.event_id, i.version, i.global_position, false FROM inserted i ORDER BY i.version;
         GET DIAGNOSTICS v_inserted = ROW_COUNT;
         -- Only new events can be out of order; a resend is answered below.
         IF v_inserted > 0 AND v_own_xid IS NOT NULL AND v_current > 0 THEN
-            SELECT e.transaction_id INTO v_head_xid
-            FROM aura.events e WHERE e.stream_id = p_stream_id AND e.version = v_current;
             IF v_head_xid > v_own_xid THEN
                 RAISE EXCEPTION 'stream % moved on to version % in a transaction that began writing after this one: retry this transaction',
                     quote_literal(p_stream_id), v_current
@@ -339,7 +355,6 @@ BEGIN
                 RAISE NOTICE 'aura.append_events: the % events for stream % were recorded before with the same type and data: answered as a duplicate, nothing written',
                     v_count, quote_literal(p_stream_id);
             END IF;
-            UPDATE aura.streams s SET version = v_current WHERE s.stream_id = p_stream_id;
             RETURN QUERY
                 SELECT r.event_id, r.version, r.global_position, true
                 FROM aura.recorded_for_batch(p_stream_id, p_events) AS r;
@@ -354,7 +369,7 @@ BEGIN
         RAISE EXCEPTION 'idempotency conflict on stream %: %', quote_literal(p_stream_id),
             CASE WHEN v_recorded < v_count
                  THEN format('%s of %s events in the batch were recorded before', v_recorded, v_count)
-                 ELSE format('%s recorded events have the same keys but other type or data',
+                 ELSE format('%s recorded events have the same keys (or event ids) but another stream, type or data',
                              v_count - v_matching) END
             USING ERRCODE = 'AU002',
                   DETAIL = json_build_object('stream_id', p_stream_id, 'recorded', v_recorded,

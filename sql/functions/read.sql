@@ -73,5 +73,6 @@ $$;
 CREATE OR REPLACE FUNCTION aura.stream_version(p_stream_id text) RETURNS bigint
 LANGUAGE sql STABLE
 AS $$
-    SELECT coalesce((SELECT s.version FROM aura.streams s WHERE s.stream_id = p_stream_id), 0)
+    SELECT coalesce((SELECT e.version FROM aura.events e WHERE e.stream_id = p_stream_id
+                     ORDER BY e.version DESC LIMIT 1), 0)
 $$;

@@ -11,12 +11,13 @@ CREATE TABLE aura.events (
     data             jsonb       NOT NULL,
     metadata         jsonb       NOT NULL DEFAULT '{}'::jsonb,
     idempotency_key  text        NOT NULL,
-    -- aura.idempotency_hash(stream_id, idempotency_key), see docs/event-store.md
-    idempotency_hash bytea       NOT NULL,
+    -- aura.idempotency_hash(stream_id, idempotency_key) for an event
+    -- appended with a key of its own; NULL for one whose key is its event id
+    -- (the unique event_id deduplicates those). See docs/event-store.md.
+    idempotency_hash bytea,
     recorded_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT events_event_id_key UNIQUE (event_id),
     CONSTRAINT events_stream_version_key UNIQUE (stream_id, version),
-    CONSTRAINT events_idempotency_hash_key UNIQUE (idempotency_hash),
     CONSTRAINT events_stream_id_valid
         CHECK (char_length(stream_id) BETWEEN 1 AND 200 AND stream_id !~ '[[:cntrl:]]'),
     CONSTRAINT events_type_valid
@@ -24,10 +25,18 @@ CREATE TABLE aura.events (
     CONSTRAINT events_idempotency_key_valid
         CHECK (char_length(idempotency_key) BETWEEN 1 AND 255 AND idempotency_key !~ '[[:cntrl:]]'),
     CONSTRAINT events_idempotency_hash_length CHECK (octet_length(idempotency_hash) = 32),
+    CONSTRAINT events_idempotency_hash_for_keys
+        CHECK (idempotency_hash IS NOT NULL OR idempotency_key = event_id::text),
     CONSTRAINT events_version_positive CHECK (version >= 1),
     CONSTRAINT events_data_is_object CHECK (jsonb_typeof(data) = 'object'),
     CONSTRAINT events_metadata_is_object CHECK (jsonb_typeof(metadata) = 'object')
 );
+
+-- Explicit idempotency keys, one per stream. Only events that bring a key
+-- are in it: most events are identified by their id alone, and a hash of
+-- random bytes costs an insert at a random place of a large index.
+CREATE UNIQUE INDEX events_idempotency_hash_key ON aura.events (idempotency_hash)
+    WHERE idempotency_hash IS NOT NULL;
 
 -- Commit-order reads: WHERE (transaction_id, global_position) > (...) ORDER BY both.
 CREATE INDEX events_commit_order_idx ON aura.events (transaction_id, global_position);

@@ -1,5 +1,4 @@
--- The database itself refuses to change or remove recorded events, and to
--- remove streams (their version rows guard every append).
+-- The database itself refuses to change or remove recorded events.
 CREATE OR REPLACE FUNCTION aura.refuse_mutation() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -15,13 +14,4 @@ CREATE TRIGGER events_refuse_update_delete
 
 CREATE TRIGGER events_refuse_truncate
     BEFORE TRUNCATE ON aura.events
-    FOR EACH STATEMENT EXECUTE FUNCTION aura.refuse_mutation();
-
--- aura.append_events updates stream versions; nothing removes a stream.
-CREATE TRIGGER streams_refuse_delete
-    BEFORE DELETE ON aura.streams
-    FOR EACH STATEMENT EXECUTE FUNCTION aura.refuse_mutation();
-
-CREATE TRIGGER streams_refuse_truncate
-    BEFORE TRUNCATE ON aura.streams
     FOR EACH STATEMENT EXECUTE FUNCTION aura.refuse_mutation();

@@ -84,8 +84,10 @@ def test_event_id_repeated_in_a_batch_is_refused(store: EventStore) -> None:
         for key in ("a", "b")
     ]  # fmt: skip
     with store.pool.connection() as conn:
-        with pytest.raises(psycopg.errors.UniqueViolation, match="events_event_id_key"):
+        with pytest.raises(psycopg.Error, match="event ids repeat within the batch") as info:
             call_append(conn, "s", batch)
+        assert info.value.sqlstate == "AU003"
+        conn.rollback()
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (0,)
 
 
@@ -140,18 +142,25 @@ def test_a_session_cannot_raise_the_limits_above_the_databases(store: EventStore
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (10_002,)
 
 
-def test_append_from_sql_defaults_key_to_event_id_and_hashes_it(store: EventStore) -> None:
+def test_append_from_sql_defaults_key_to_event_id_and_hashes_only_own_keys(
+    store: EventStore,
+) -> None:
+    """An event without a key of its own is keyed and deduplicated by its
+    id (no hash stored); one with a key stores sha256(stream:key)."""
     with store.pool.connection() as conn:
-        ((event_id, version, _position, duplicate),) = call_append(
-            conn, "s-1", [{"type": "T", "data": {}}], "no_stream"
+        (keyless, keyed) = call_append(
+            conn,
+            "s-1",
+            [{"type": "T", "data": {}}, {"type": "T", "data": {}, "idempotency_key": "k"}],
+            "no_stream",
         )
-        assert (version, duplicate) == (1, False)
-        key, digest = conn.execute(
-            "SELECT idempotency_key, idempotency_hash FROM aura.events WHERE event_id = %s",
-            (event_id,),
-        ).fetchone() or (None, None)
-    assert key == str(event_id)
-    assert bytes(digest) == hashlib.sha256(f"s-1:{event_id}".encode()).digest()
+        assert (keyless[1], keyless[3], keyed[1]) == (1, False, 2)
+        rows = conn.execute(
+            "SELECT idempotency_key, idempotency_hash FROM aura.events ORDER BY version"
+        ).fetchall()
+    assert rows[0] == (str(keyless[0]), None)
+    assert rows[1][0] == "k"
+    assert bytes(rows[1][1]) == hashlib.sha256(b"s-1:k").digest()
 
 
 @pytest.mark.parametrize(

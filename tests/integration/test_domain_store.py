@@ -418,17 +418,19 @@ def permanent_fault(fault: str, dsn: str, stream_id: str) -> Iterator[dict[str, 
         if fault == "lock_timeout":
             # 55P03, an OperationalError: a limit the caller set, not a lost connection
             blocker = stack.enter_context(psycopg.connect(dsn))
-            blocker.execute(
-                "SELECT 1 FROM aura.streams WHERE stream_id = %s FOR UPDATE", [stream_id]
+            blocker.execute(  # the stream's append lock (aura.append_events)
+                "SELECT pg_advisory_xact_lock(1635087475, hashtext(%s))", [stream_id]
             )
             yield {"options": "-c lock_timeout=100"}
         elif fault == "read_only":
             # 25006: pointed at a server (or role) that cannot write
             yield {"options": "-c default_transaction_read_only=on"}
         else:
-            # 42P01: the schema is not what the code expects
+            # 42883: the schema is not what the code expects (reads still work)
             with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("ALTER TABLE aura.streams RENAME TO streams_elsewhere")
+                conn.execute(
+                    "ALTER FUNCTION aura.event_problem(jsonb, bigint) RENAME TO elsewhere"
+                )
             yield {}
 
 
@@ -437,7 +439,7 @@ def permanent_fault(fault: str, dsn: str, stream_id: str) -> Iterator[dict[str, 
     [
         ("lock_timeout", errors.LockNotAvailable),
         ("read_only", errors.ReadOnlySqlTransaction),
-        ("undefined_table", errors.UndefinedTable),
+        ("undefined_function", errors.UndefinedFunction),
     ],
 )
 def test_a_permanent_error_is_raised_at_once_without_resends(

@@ -240,14 +240,24 @@ def test_events_table_refuses_update_delete_truncate(store: EventStore) -> None:
 
 
 @sync_only
-def test_streams_cannot_be_removed(store: EventStore) -> None:
-    store.append("s", event(1))
+def test_streams_are_read_from_the_log_and_cannot_be_changed(store: EventStore) -> None:
+    """aura.streams is a view of the log: a stream's version is its last
+    event's, and nothing can change or remove it but the log itself."""
+    store.append("s", [event(1), event(2)])
+    store.append("t", event(3))
     with store.pool.connection() as conn:
-        for statement in ("DELETE FROM aura.streams", "TRUNCATE aura.streams CASCADE"):
-            with pytest.raises(psycopg.Error, match="append-only") as info, conn.transaction():
+        rows = conn.execute("SELECT stream_id, version FROM aura.streams ORDER BY 1").fetchall()
+        assert rows == [("s", 2), ("t", 1)]
+        for statement in (
+            "DELETE FROM aura.streams",
+            "TRUNCATE aura.streams",
+            "UPDATE aura.streams SET version = 9",
+            "INSERT INTO aura.streams (stream_id, version) VALUES ('u', 1)",
+        ):
+            with pytest.raises(psycopg.Error) as info, conn.transaction():
                 conn.execute(statement)  # type: ignore[arg-type]
-            assert info.value.sqlstate == "AU004"
-    assert store.stream_version("s") == 1
+            assert info.value.sqlstate in ("55000", "42809"), statement  # not updatable
+    assert store.stream_version("s") == 2
 
 
 def test_payload_limit_is_configurable(driver: StoreDriver, dsn: str) -> None:

@@ -68,12 +68,12 @@ def test_without_retry_the_failure_reaches_the_caller(driver: StoreDriver, dsn: 
 def test_an_append_killed_while_it_waits_for_its_stream_is_recorded_once(
     driver: StoreDriver, dsn: str
 ) -> None:
-    """The first attempt is killed while it waits for the stream's version
-    row (locked by another session); the retry waits again, and commits
-    once the row is free."""
+    """The first attempt is killed while it waits for the stream's append
+    lock (held by another session); the retry waits again, and commits
+    once the lock is free."""
     with connect_store(driver, dsn) as store, psycopg.connect(dsn) as blocker:
         store.append("locked", [NewEvent("A", {})])
-        blocker.execute("SELECT 1 FROM aura.streams WHERE stream_id = 'locked' FOR UPDATE")
+        blocker.execute("SELECT pg_advisory_xact_lock(1635087475, hashtext('locked'))")
         event = NewEvent("B", {"n": 1})
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(store.append, "locked", [event], 1, retry=FAST)
@@ -87,7 +87,7 @@ def test_an_append_killed_while_it_waits_for_its_stream_is_recorded_once(
                 assert time.monotonic() < deadline, "the append never waited for the lock"
                 time.sleep(0.02)
             assert terminate_store_connections(dsn) == 1
-            time.sleep(0.3)  # the second attempt is waiting for the row now
+            time.sleep(0.3)  # the second attempt is waiting for the lock now
             assert not pending.done()
             blocker.commit()
             result = pending.result(timeout=30)
