@@ -169,21 +169,40 @@ async def test_a_message_held_by_a_crashed_consumer_comes_back_before_anything_n
     assert_imported_exactly_once(dsn, published)
 
 
-async def test_a_consumer_that_allows_parallel_deliveries_is_refused(
+async def test_a_consumer_with_another_window_is_adjusted_and_other_settings_are_refused(
     dsn: str, nats_url: str
 ) -> None:
+    # Before the window, a consumer allowing more than one unacknowledged
+    # message was refused; the importer keeps each aggregate's order itself
+    # now, and sets max_ack_pending to its window (consumers made by earlier
+    # versions have 1).
+    published = await publish_events(nats_url, STREAM, "old", messages=20, aggregates=3)
     nc = await nats.connect(nats_url, allow_reconnect=False)
     try:
-        await nc.jetstream().add_consumer(
+        js = nc.jetstream()
+        await js.add_consumer(
             STREAM,
             config=ConsumerConfig(
-                durable_name="parallel", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100
+                durable_name="parallel", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1
             ),
+        )
+        await js.add_consumer(
+            STREAM,
+            config=ConsumerConfig(durable_name="acks-all", ack_policy=AckPolicy.ALL),
         )
     finally:
         await nc.close()
-    with pytest.raises(ImportConfigError, match="max_ack_pending is 100, not 1"):
-        await run_until_end(dsn, nats_url, consumer="parallel")
+    stats = await run_until_end(dsn, nats_url, consumer="parallel", window=64)
+    assert stats.appended == 20
+    assert_imported_exactly_once(dsn, published)
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().consumer_info(STREAM, "parallel")
+    finally:
+        await nc.close()
+    assert info.config.max_ack_pending == 64
+    with pytest.raises(ImportConfigError, match="ack policy"):
+        await run_until_end(dsn, nats_url, consumer="acks-all")
     with pytest.raises(ImportConfigError, match="subject filter"):
         await run_until_end(dsn, nats_url, consumer="parallel", subject="old.a")
     with pytest.raises(ImportConfigError, match="no stream 'MISSING'"):
