@@ -83,9 +83,9 @@ DEFAULT_FETCH_TIMEOUT: Final = 1.0
 DEFAULT_LAG_INTERVAL: Final = 10.0
 DEFAULT_NATS_CONNECT_TIMEOUT: Final = 10.0
 # Messages delivered and not acknowledged at once (the consumer's max_ack_pending).
-DEFAULT_WINDOW: Final = 1000
+DEFAULT_WINDOW: Final = 4000
 # Appends (one aggregate each) in flight at once; the pool has one connection more.
-DEFAULT_CONCURRENT_APPENDS: Final = 4
+DEFAULT_CONCURRENT_APPENDS: Final = 8
 # Messages of one aggregate appended in one batch at most.
 MAX_APPEND_BATCH: Final = 200
 
@@ -695,7 +695,11 @@ class NatsImporter:
                     # At the end of the stream (--until-end), the window is
                     # emptied before the lag is read again.
                     draining = until_end and at_head and self._held and not self._barrier
-                    if room > 0 and not self._abandoned and not draining:
+                    # One fetch for many messages: a window that has room
+                    # for a quarter of itself, or that holds nothing (or
+                    # nothing it may append).
+                    worth = room >= max(1, self.window // 4) or not jobs
+                    if room > 0 and worth and not self._abandoned and not draining:
                         fetch = asyncio.create_task(self._fetch(subscription, room))
                 self._dispatch(jobs, stop)
                 if stop.is_set() and fetch is None and not jobs:

@@ -8,6 +8,7 @@ The SQL is in ``sql/queries/importer.sql``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ PreparedMessage = tuple[str, NewEvent] | str
 """The stream id and event to append, or why the message is rejected."""
 
 
+@functools.lru_cache(maxsize=16)  # one stream life per import: the same instant each time
 def instant_text(moment: datetime) -> str:
     """A creation time as it appears in keys and metadata: UTC, microseconds."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
