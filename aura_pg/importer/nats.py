@@ -83,9 +83,9 @@ DEFAULT_FETCH_TIMEOUT: Final = 1.0
 DEFAULT_LAG_INTERVAL: Final = 10.0
 DEFAULT_NATS_CONNECT_TIMEOUT: Final = 10.0
 # Messages delivered and not acknowledged at once (the consumer's max_ack_pending).
-DEFAULT_WINDOW: Final = 4000
+DEFAULT_WINDOW: Final = 8000
 # Appends (one aggregate each) in flight at once; the pool has one connection more.
-DEFAULT_CONCURRENT_APPENDS: Final = 8
+DEFAULT_CONCURRENT_APPENDS: Final = 4
 # Messages of one aggregate appended in one batch at most.
 MAX_APPEND_BATCH: Final = 200
 
