@@ -692,6 +692,12 @@ class NatsImporter:
                             log.warning("NATS: cannot read the consumer's lag: %s", exc)
                         at_head = False
                     room = self.window - len(self._held)
+                    if self._barrier:
+                        # What the barrier waits for must be fetched, even
+                        # into a full window (a consumer that allows more
+                        # than the window: its max_ack_pending could not be
+                        # set); JetStream's limit bounds it.
+                        room = max(room, 1)
                     # At the end of the stream (--until-end), the window is
                     # emptied before the lag is read again.
                     draining = until_end and at_head and self._held and not self._barrier
