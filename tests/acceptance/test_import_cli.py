@@ -90,8 +90,13 @@ def test_killed_and_restarted_beside_a_live_publisher_imports_each_message_once_
     port = free_port()
     common = ["--dsn", dsn, "--server", nats_url, "--stream", STREAM, "--ack-wait", "2"]
     began = time.monotonic()
+    # The first importer takes one message at a time (--window 1, the
+    # importer before the window), so that it is still behind the publisher
+    # when killed; the default window keeps up with it. The restart uses
+    # the default window: it widens the consumer's max_ack_pending, and
+    # waits (the barrier) for the message the killed importer held.
     first = start_import(
-        *common, "--fetch-timeout", "0.2", "--lag-interval", "0.5",
+        *common, "--fetch-timeout", "0.2", "--lag-interval", "0.5", "--window", "1",
         "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
     )  # fmt: skip
     try:
