@@ -23,7 +23,7 @@ from aura_pg.cli._daemon import (
     observed,
 )
 from aura_pg.cli.settings import ImportSettings, flags_given, nats_name
-from aura_pg.config import ConfigurationError, positive_seconds
+from aura_pg.config import ConfigurationError, positive_count, positive_seconds
 from aura_pg.errors import AuraPgError
 from aura_pg.importer import (
     EventModelMapping,
@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "nats",
         help="import a NATS JetStream stream",
         description="Import a NATS JetStream stream through a durable pull consumer, "
-        "exactly once and in stream order, alongside the system that writes it; "
+        "exactly once and in each aggregate's publish order, alongside the system that writes it; "
         "see docs/import.md. Every option has an AURA_PG_IMPORT_* variable "
         "(e.g. AURA_PG_IMPORT_SERVER); a flag wins over it.",
     )
@@ -104,6 +104,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ):
         default = defaults[flag[2:].replace("-", "_")].default
         n.add_argument(flag, type=seconds, metavar="SECONDS", help=f"{text} (default {default})")
+    n.add_argument(
+        "--window",
+        type=argtype(positive_count),
+        metavar="N",
+        help="messages delivered and not yet acknowledged at once; each aggregate's "
+        f"order is kept whatever the window (default {defaults['window'].default})",
+    )
     add_logging_options(n)
     n.set_defaults(handler=run, prog=PROG)
 
@@ -146,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         ack_wait=settings.ack_wait,
         fetch_timeout=settings.fetch_timeout,
         lag_interval=settings.lag_interval,
+        window=settings.window,
     )
 
     async def work(stop: asyncio.Event) -> ImportStats:
