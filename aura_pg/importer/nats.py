@@ -28,10 +28,12 @@ the consumer counts a delivered, unacknowledged message this importer does
 not hold: at the start (if the consumer has any), and after a gap in the
 delivery sequence (deliveries seen elsewhere or lost); the window keeps
 filling meanwhile, and once every unacknowledged message is in it, its
-queues are sorted by stream sequence and appending resumes. Running two
-importers on one consumer at once is not supported (each would hold
-appends whenever the other holds messages). docs/import.md is the operator
-guide.
+queues are sorted by stream sequence and appending resumes.
+
+One importer per consumer: a second one started on the same consumer
+stands by (a session advisory lock in the database, held for the run on a
+connection of its own) and takes over when the first one's session ends,
+a kill included. docs/import.md is the operator guide.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
+import psycopg
 from prometheus_client import Counter, Gauge
 
 from aura_pg._runtime import wait
@@ -86,6 +89,8 @@ DEFAULT_NATS_CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_WINDOW: Final = 8000
 # Appends (one aggregate each) in flight at once; the pool has one connection more.
 DEFAULT_CONCURRENT_APPENDS: Final = 4
+STANDBY_INTERVAL: Final = 0.5
+"""How often a standing-by importer tries to take its consumer over."""
 # Messages of one aggregate appended in one batch at most.
 MAX_APPEND_BATCH: Final = 200
 
@@ -201,6 +206,7 @@ class NatsImporter:
         self._rejects: deque[_Held] = deque()
         self._barrier = False
         self._abandoned = False
+        self._holder: psycopg.AsyncConnection[Any] | None = None
         self._next_delivery = 1
         self._lag = IMPORT_LAG.labels(SOURCE_NATS, stream)
         self._counters = {
@@ -597,6 +603,19 @@ class NatsImporter:
             else:
                 self._lanes.pop(job.lane, None)
 
+    async def _check_holding(self) -> None:
+        """End the run when the session holding the consumer is gone: its
+        lock went with it, and a standby may be importing already."""
+        assert self._holder is not None
+        assert self._store is not None
+        try:
+            await self._store.still_holding(self._holder)
+        except psycopg.Error as exc:
+            raise SourceUnavailable(
+                f"lost the database session holding consumer {self.consumer} ({exc}): "
+                "another importer may take over; restart this one to stand by"
+            ) from exc
+
     async def _keep_in_progress(self) -> None:
         """Tell JetStream the messages in the window are still being worked
         on, so that a slow append (a database outage) or a long barrier does
@@ -638,6 +657,41 @@ class NatsImporter:
         has nothing left: no pending and no unacknowledged message."""
         stop = stop if stop is not None else asyncio.Event()
         assert self._jetstream is not None
+        holder = await self._hold_consumer(stop)
+        if holder is None:
+            return self.stats  # stopped while standing by
+        try:
+            return await self._run_holding(holder, stop, until_end)
+        finally:
+            with contextlib.suppress(Exception):
+                await holder.close()
+
+    async def _hold_consumer(self, stop: asyncio.Event) -> psycopg.AsyncConnection[Any] | None:
+        """Wait until this importer is the only one on its consumer (another
+        one's appends cannot be ordered with ours); None if stopped first."""
+        assert self._store is not None
+        told = False
+        while True:
+            holder = await self._store.hold(SOURCE_NATS, self.stream, self.consumer)
+            if holder is not None:
+                if told:
+                    log.info("consumer %s is free: this importer takes over", self.consumer)
+                return holder
+            if not told:
+                log.warning(
+                    "another importer is importing through consumer %s: standing by",
+                    self.consumer,
+                )
+                told = True
+            await wait(stop, STANDBY_INTERVAL)
+            if stop.is_set():
+                return None
+
+    async def _run_holding(
+        self, holder: psycopg.AsyncConnection[Any], stop: asyncio.Event, until_end: bool
+    ) -> ImportStats:
+        assert self._jetstream is not None
+        self._holder = holder
         await self.ensure_consumer()
         # After the consumer: it dies with its stream, so the messages it
         # delivers belong to the life whose creation time is read here (a
@@ -680,6 +734,7 @@ class NatsImporter:
             while True:
                 if not stop.is_set() and fetch is None:
                     if time.monotonic() >= next_report:
+                        await self._check_holding()
                         await self._report_lag()
                         next_report = time.monotonic() + self.lag_interval
                     if self._barrier:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -108,9 +108,13 @@ class ImportStore:
     """The event store an import appends to, with its dead letters and the
     stream lives it has seen. Open with :meth:`connect`."""
 
-    def __init__(self, store: AsyncEventStore, retry: AppendRetry) -> None:
+    def __init__(
+        self, store: AsyncEventStore, retry: AppendRetry, conninfo: str | None = None
+    ) -> None:
         self.store = store
         self.retry = retry
+        self.conninfo = conninfo
+        """Where ``hold`` opens its own session (None: no holding)."""
 
     @classmethod
     async def connect(cls, dsn: str, retry: AppendRetry, pool_size: int = 2) -> ImportStore:
@@ -135,7 +139,32 @@ class ImportStore:
         store = await AsyncEventStore.connect(
             dsn, min_size=1, max_size=pool_size, timeout=DEFAULT_DB_TIMEOUT, kwargs=extra
         )
-        return cls(store, retry)
+        return cls(store, retry, make_conninfo(dsn, **extra))
+
+    async def hold(
+        self, source: str, stream: str, consumer: str
+    ) -> psycopg.AsyncConnection[Any] | None:
+        """The session holding ``consumer`` for this importer (keep it open
+        for the whole run), or None: another importer holds it."""
+        if self.conninfo is None:
+            raise ValueError("this ImportStore was made without a connection string")
+        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        try:
+            params = {"source": source, "stream": stream, "consumer": consumer}
+            row = await (await conn.execute(_QUERIES["hold_consumer"], params)).fetchone()
+        except BaseException:
+            await conn.close()
+            raise
+        if row is None or not row[0]:
+            await conn.close()
+            return None
+        return conn
+
+    @staticmethod
+    async def still_holding(conn: psycopg.AsyncConnection[Any]) -> None:
+        """Raise (a psycopg error) when the holding session is gone: the
+        lock went with it, and another importer may have taken over."""
+        await conn.execute(_QUERIES["still_holding"])
 
     async def close(self) -> None:
         await self.store.close()

@@ -209,6 +209,38 @@ def test_killed_twice_with_a_window_in_flight_each_message_once_in_order(
     assert len(dead_letters(dsn)) == len(published.rejected)
 
 
+def test_a_second_importer_on_the_consumer_stands_by_and_takes_over(
+    dsn: str, nats_url: str
+) -> None:
+    """Two importers started on one consumer: the second stands by (the
+    database lock the first holds) instead of appending beside it, and takes
+    over when the first is killed. Every message lands once, in order."""
+    published = asyncio.run(publish_events(nats_url, STREAM, "old", messages=3000, aggregates=100))
+    common = ["--dsn", dsn, "--server", nats_url, "--stream", STREAM, "--ack-wait", "2"]
+    common += ["--fetch-timeout", "0.2"]
+    first = start_import(*common, "--window", "1")  # slow: still busy when the second starts
+    second: subprocess.Popen[str] | None = None
+    try:
+        wait_for_sync(lambda: event_count(dsn) >= 300, 60, "300 events imported")
+        second = start_import(*common, "--until-end")
+        time.sleep(2)
+        assert second.poll() is None
+        assert event_count(dsn) < published.logical, "the first finished too early"
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=20)
+        _, stderr = second.communicate(timeout=120)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.communicate(timeout=20)
+    assert second.returncode == 0, stderr
+    assert "another importer is importing through consumer aura-import-OLD: standing by" in stderr
+    assert "consumer aura-import-OLD is free: this importer takes over" in stderr
+    assert stderr.index("standing by") < stderr.index("takes over")
+    assert_imported_exactly_once(dsn, published)
+
+
 def test_until_end_summary_and_sigterm(dsn: str, nats_url: str) -> None:
     messages = [
         (f"old.agg-{i % 3}", json.dumps(event_body(i, f"agg-{i % 3}", i // 3 + 1)).encode())
