@@ -96,7 +96,7 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1"
   # The package with every extra the tests and load/ use, and the
   # development tools: tests, linters and benchmarks (group "dev").
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[binary,nats,chaos,testing]" \
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[binary,nats,webhook,chaos,testing]" \
     --group "$ROOT/pyproject.toml:dev"
   touch "$stamp"
 fi

@@ -1,15 +1,17 @@
-"""The HTTP webhook sink of the relay: one POST per message over its own
-connection, with a reader for just enough HTTP/1.1 to judge the answer."""
+"""The HTTP webhook sink of the relay: one POST per message through an
+``httpx.AsyncClient`` whose keep-alive pool reuses the connection to each
+receiver (issue 23; before, a new connection per message)."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from aura_pg.outbox.sinks import (
+    APPLICATION_NAME,
     DEFAULT_PUBLISH_TIMEOUT,
     DeliveryError,
     OutboxMessage,
@@ -17,8 +19,19 @@ from aura_pg.outbox.sinks import (
     without_headers,
 )
 
+if TYPE_CHECKING:
+    import httpx
+
 # The relay keeps the start of an error answer's body in last_error.
 _ERROR_BODY_BYTES: Final = 200
+# The body of an answer is read up to this many bytes so that the
+# connection can carry the next POST; a longer body closes the connection.
+_DRAIN_BYTES: Final = 64 * 1024
+# Idle keep-alive connections are dropped after this many seconds: shorter
+# than common servers' idle timeouts (5 s and up), so a POST seldom meets a
+# connection the receiver is closing.
+KEEPALIVE_EXPIRY: Final = 2.0
+DEFAULT_MAX_CONNECTIONS: Final = 10
 
 
 def check_webhook_url(url: str) -> str:
@@ -43,79 +56,22 @@ def check_webhook_url(url: str) -> str:
     return url
 
 
-class _BadAnswer(Exception):
-    """The receiver's answer is not HTTP/1.x as the sink reads it."""
-
-
-# Limits on an answer (as http.client's): the length of one status or
-# header line, and the number of header lines.
-_MAX_LINE: Final = 65536
-_MAX_HEADERS: Final = 100
-
-
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
-    try:
-        return await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        raise _BadAnswer(f"a line of the answer is longer than {_MAX_LINE} bytes") from None
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
-    """Status, reason and headers (names in lower case) of the final answer,
-    after any interim (1xx) ones."""
-    while True:
-        line = (await _read_line(reader)).rstrip(b"\r\n")
-        version, _, rest = line.partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise _BadAnswer(f"not an HTTP/1.x status line: {line[:80]!r}")
-        headers: dict[str, str] = {}
-        for _ in range(_MAX_HEADERS + 1):
-            header = (await _read_line(reader)).rstrip(b"\r\n")
-            if not header:
-                break
-            name, _, value = header.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        else:
-            raise _BadAnswer(f"more than {_MAX_HEADERS} header lines")
-        status = int(code)
-        if not 100 <= status < 200 or status == 101:
-            return status, reason.decode("latin-1").strip(), headers
-
-
-async def _read_body_start(
-    reader: asyncio.StreamReader, status: int, headers: Mapping[str, str], limit: int
-) -> bytes:
-    """Up to ``limit`` bytes of the body (the relay keeps the start of an
-    error's body; the connection is closed after)."""
-    if status in (204, 304):
-        return b""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = b""
-        while len(body) < limit:
-            size_line = (await _read_line(reader)).split(b";")[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise _BadAnswer(f"bad chunk size {size_line[:20]!r}") from None
-            if size == 0:
-                break
-            body += await reader.readexactly(min(size, limit - len(body)))
-            if len(body) < limit:
-                await reader.readexactly(2)  # the chunk's CRLF
-        return body
-    length = headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise _BadAnswer(f"bad Content-Length {length[:20]!r}")
-        return await reader.readexactly(min(int(length), limit))
-    body = b""
-    while len(body) < limit:  # no length: the body ends when the connection does
-        chunk = await reader.read(limit - len(body))
-        if not chunk:
+def _cause(exc: BaseException) -> str:
+    """The name and text of the deepest OSError under an httpx error (what
+    the receiver did: ``ConnectionRefusedError: ...``, not anyio's "All
+    connection attempts failed"), else of ``exc`` itself."""
+    found: BaseException = exc
+    inner: BaseException | None = exc
+    for _ in range(20):  # a chain, not a cycle
+        if inner is None:
             break
-        body += chunk
-    return body
+        if isinstance(inner, OSError):
+            found = inner
+        if isinstance(inner, BaseExceptionGroup) and inner.exceptions:
+            inner = inner.exceptions[0]
+        else:
+            inner = inner.__cause__ or inner.__context__
+    return f"{type(found).__name__}: {found}"
 
 
 class WebhookSink:
@@ -123,12 +79,20 @@ class WebhookSink:
     ``Idempotency-Key: <message_id>`` and the row's headers. A 2xx answer is
     delivered; any other answer is a failed attempt; no complete answer
     within ``timeout`` (refused, slow, malformed) also pauses that webhook.
-    Redirects are not followed.
+    Redirects are not followed, cookies are not kept, proxy settings of the
+    environment are not used.
+
+    Connections are kept alive and reused (``httpx.AsyncClient``, at most
+    ``max_connections`` in all; idle ones close after ``KEEPALIVE_EXPIRY``
+    seconds). A POST that meets a connection the receiver has just closed
+    (no answer at all) is sent once more on a new one: the receiver
+    deduplicates by ``Idempotency-Key``, as for any redelivery.
 
     ``timeout`` bounds the whole exchange (connect, TLS, send, status,
-    headers, the start of the body), not each socket operation: a receiver
-    that trickles its answer cannot hold a batch open. The exchange runs on
-    the event loop (no thread), so a stop can cancel it at once.
+    headers, the body), not each socket operation: a receiver that trickles
+    its answer cannot hold a batch open. The exchange runs on the event loop
+    (no thread), so a stop can cancel it at once; a cancelled exchange
+    closes its connection.
     """
 
     # Set by the sink; a row's headers cannot replace them.
@@ -141,71 +105,98 @@ class WebhookSink:
         name: str = "webhook",
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not urls:
             raise ValueError("WebhookSink needs at least one NAME=URL")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections!r}")
         self._urls = {topic: check_webhook_url(url) for topic, url in urls.items()}
         self.name = name
         self.topics: frozenset[str] | None = frozenset(self._urls)
         self.timeout = timeout
+        self.max_connections = max_connections
         self._ssl_context = ssl_context
+        self._client: httpx.AsyncClient | None = None
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            # Certificate and host name checks, as http.client's default.
+            # The system's certificates, host name checks (not certifi's bundle).
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
 
-    def _request(self, url: str, message: OutboxMessage) -> bytes:
-        parts = urlsplit(url)
-        assert parts.hostname is not None  # checked in __init__
-        default_port = 443 if parts.scheme == "https" else 80
-        host = parts.hostname.encode("idna").decode("ascii")
-        if ":" in host:
-            host = f"[{host}]"
-        if parts.port is not None and parts.port != default_port:
-            host = f"{host}:{parts.port}"
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(
+                verify=self._tls(),
+                follow_redirects=False,
+                trust_env=False,
+                # The deadline is over the whole exchange (publish), not per operation.
+                timeout=httpx.Timeout(None),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_connections,
+                    keepalive_expiry=KEEPALIVE_EXPIRY,
+                ),
+                headers={"User-Agent": APPLICATION_NAME, "Accept-Encoding": "identity"},
+            )
+        return self._client
+
+    def _headers(self, message: OutboxMessage) -> list[tuple[bytes, bytes]]:
+        # Values in UTF-8 (checked for control characters when the row was read).
         headers = {
-            "Host": host,
-            "Accept-Encoding": "identity",
             **without_headers(message.headers, [*self._RESERVED, "Idempotency-Key"]),
             "Content-Type": "application/json",
             "Idempotency-Key": str(message.message_id),
-            "Content-Length": str(len(message.payload)),
-            # One request per connection: no reuse, and a body without a
-            # length ends with the connection.
-            "Connection": "close",
         }
-        lines = [f"POST {target} HTTP/1.1".encode("ascii")]
-        # Values in UTF-8 (checked for control characters when the row was read).
-        lines += [f"{key}: {value}".encode() for key, value in headers.items()]
-        return b"\r\n".join(lines) + b"\r\n\r\n" + message.payload
+        return [(key.encode("ascii"), value.encode()) for key, value in headers.items()]
 
     async def _exchange(self, url: str, message: OutboxMessage) -> tuple[int, str, bytes]:
-        parts = urlsplit(url)
-        assert parts.hostname is not None
-        tls = parts.scheme == "https"
-        reader, writer = await asyncio.open_connection(
-            parts.hostname,
-            parts.port or (443 if tls else 80),
-            ssl=self._tls() if tls else None,
-            server_hostname=parts.hostname if tls else None,
-            limit=_MAX_LINE,
-        )
-        try:
-            writer.write(self._request(url, message))
-            await writer.drain()
-            status, reason, headers = await _read_head(reader)
-            body = await _read_body_start(reader, status, headers, _ERROR_BODY_BYTES)
-            return status, reason, body
-        finally:
-            # At once, also when cancelled: no TLS close_notify, no lingering.
-            writer.transport.abort()
+        import httpx
+
+        client = self._http()
+        for attempt in (1, 2):
+            request = client.build_request(
+                "POST", url, content=message.payload, headers=self._headers(message)
+            )
+            try:
+                response = await client.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                # A kept-alive connection the receiver closed; a new one once.
+                if attempt == 2:
+                    raise
+                continue
+            try:
+                body = b""
+                read = 0
+                # Read (most of) the body so that the connection can be reused;
+                # keep its start for last_error.
+                async for chunk in response.aiter_raw():
+                    if len(body) < _ERROR_BODY_BYTES:
+                        body += chunk[: _ERROR_BODY_BYTES - len(body)]
+                    read += len(chunk)
+                    if read >= _DRAIN_BYTES:
+                        break
+                return response.status_code, response.reason_phrase, body
+            finally:
+                # Back to the pool when read in full; else (also when
+                # cancelled) the connection is closed.
+                await response.aclose()
+                client.cookies.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def publish(self, message: OutboxMessage) -> None:
+        try:
+            import httpx
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise SinkUnavailable(
+                "the webhook sink needs httpx: pip install 'aura-pg[webhook]'"
+            ) from exc
+
         url = self._urls.get(message.topic)
         if url is None:
             raise DeliveryError(f"no webhook named {message.topic!r} is configured")
@@ -217,12 +208,16 @@ class WebhookSink:
             raise SinkUnavailable(
                 f"{where}: timed out: no complete answer within {self.timeout:g} s"
             ) from None
-        except asyncio.IncompleteReadError:
-            raise SinkUnavailable(f"{where}: the connection closed mid-answer") from None
-        except (OSError, _BadAnswer) as exc:
-            raise SinkUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+        except (httpx.TransportError, OSError) as exc:
+            raise SinkUnavailable(f"{where}: {_cause(exc)}") from exc
         if not 200 <= status < 300:
             text = body.decode("utf-8", "replace")
             raise DeliveryError(
                 f"webhook {message.topic!r} answered HTTP {status} {reason}: {text!r}"
             )
+
+    async def close(self) -> None:
+        """Close the kept-alive connections (the relay calls it when it stops)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()

@@ -693,3 +693,85 @@ async def test_stop_abandons_a_publish_after_the_shutdown_timeout(
     assert stats == RelayStats(batches=1)  # claimed; nothing recorded
     assert [(row["status"], row["attempts"]) for row in outbox(dsn)] == [("pending", 0)] * 2
     assert drip_server.requests == 1
+
+
+# -- kept-alive webhook connections (issue 23) ------------------------------
+
+
+class KeepAliveReceiver:
+    """An HTTP/1.1 receiver that keeps connections open (answers 204) and
+    records the client port of each POST: one port, one connection."""
+
+    def __init__(self) -> None:
+        ports: list[int] = []
+        self.ports = ports
+        self.close_after_answer = False
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                ports.append(self.client_address[1])
+                self.send_response(204)
+                self.end_headers()
+                # As a server whose idle timeout ends a kept-alive connection.
+                self.close_connection = receiver.close_after_answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def message(topic: str, n: int) -> OutboxMessage:
+    return OutboxMessage(
+        id=n, sink="webhook", topic=topic, message_id=uuid.uuid4(),
+        payload=b'{"n": %d}' % n, headers={}, attempts=0,
+    )  # fmt: skip
+
+
+async def test_webhook_posts_reuse_one_kept_alive_connection() -> None:
+    receiver = KeepAliveReceiver()
+    sink = WebhookSink({"a": receiver.url("/a"), "b": receiver.url("/b")})
+    try:
+        for n in range(5):
+            await sink.publish(message("a" if n % 2 else "b", n))
+        # Both names are on one origin: one connection for the five POSTs.
+        assert len(receiver.ports) == 5
+        assert len(set(receiver.ports)) == 1
+        await sink.close()
+        await sink.publish(message("a", 5))  # a new pool after close
+        assert len(set(receiver.ports)) == 2
+    finally:
+        await sink.close()
+        receiver.close()
+
+
+async def test_a_kept_alive_connection_the_receiver_closed_is_replaced() -> None:
+    """The receiver closes each connection after its answer: the next POST
+    goes out on a new connection and is delivered, nothing fails."""
+    receiver = KeepAliveReceiver()
+    receiver.close_after_answer = True
+    sink = WebhookSink({"a": receiver.url("/a")})
+    try:
+        for n in range(4):
+            await sink.publish(message("a", n))
+            await asyncio.sleep(0.05)
+        assert len(receiver.ports) == 4
+        assert len(set(receiver.ports)) == 4
+    finally:
+        await sink.close()
+        receiver.close()

@@ -100,9 +100,9 @@ def test_installing_the_package_installs_no_dev_tool_and_no_chaos_toolkit(
     assert always & (DEV_TOOLS | CHAOS_TOOLKIT) == set()
 
 
-def test_the_extras_are_binary_nats_chaos_and_testing(wheel: zipfile.ZipFile) -> None:
+def test_the_extras_are_binary_nats_webhook_chaos_and_testing(wheel: zipfile.ZipFile) -> None:
     required, extras = requirements(wheel)
-    assert extras == {"binary", "nats", "chaos", "testing"}
+    assert extras == {"binary", "nats", "webhook", "chaos", "testing"}
     by_extra = {
         extra: {
             normalized(r.name)
@@ -114,6 +114,7 @@ def test_the_extras_are_binary_nats_chaos_and_testing(wheel: zipfile.ZipFile) ->
     assert by_extra == {
         "binary": {"psycopg"},
         "nats": {"nats-py"},
+        "webhook": {"httpx", "sniffio"},
         "chaos": CHAOS_TOOLKIT,
         "testing": {"pytest", "pytest-postgresql", "pytest-asyncio"},
     }
@@ -142,6 +143,6 @@ def test_dev_tools_are_dependency_groups_and_dev_includes_them_all() -> None:
 
 def test_the_install_script_installs_every_extra_and_the_dev_group() -> None:
     script = (REPO_ROOT / "scripts" / "install-system.sh").read_text()
-    assert '-e "$ROOT[binary,nats,chaos,testing]"' in script
+    assert '-e "$ROOT[binary,nats,webhook,chaos,testing]"' in script
     assert '--group "$ROOT/pyproject.toml:dev"' in script
     assert '--upgrade "pip>=25.1"' in script  # pip learnt --group in 25.1
