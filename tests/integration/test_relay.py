@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -775,3 +776,49 @@ async def test_a_kept_alive_connection_the_receiver_closed_is_replaced() -> None
     finally:
         await sink.close()
         receiver.close()
+
+
+# -- the stream docker-compose.yml creates (issue 23) -----------------------
+
+
+async def test_the_compose_stream_job_creates_a_stream_the_relay_can_publish_to(
+    dsn: str,
+) -> None:
+    """deploy/nats/create_stream.py with the arguments docker-compose.yml
+    gives it: run twice (idempotent), then the relay delivers to it."""
+    import importlib.util
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "create_stream", root / "deploy" / "nats" / "create_stream.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["nats-stream"][
+        "command"
+    ]
+    stream = args[args.index("--stream") + 1]
+    subjects = args[args.index("--subjects") + 1 :]
+    assert stream == STREAM
+
+    server = NatsServer()
+    try:
+        server.start()
+        first = await module.create_stream(server.url, stream, subjects, 10.0)
+        again = await module.create_stream(server.url, stream, subjects, 10.0)
+        assert (first, again) == (
+            "stream AURA created: subjects aura.>",
+            "stream AURA up to date: subjects aura.>",
+        )
+        add_route(dsn, "decisions", "nats", "aura.decisions.v2")
+        [event_id] = append(dsn, "APPROVED")
+        async with relay(dsn, NatsSink([server.url])) as r:
+            assert await r.run_once() == RelayStats(batches=1, delivered=1)
+        assert [(subject, msg_id) for subject, msg_id, _ in await server.stored()] == [
+            ("aura.decisions.v2", event_id)
+        ]
+    finally:
+        server.stop()

@@ -1,9 +1,13 @@
-"""The monitoring configuration under deploy/ and docker-compose.yml.
+"""The monitoring configuration under deploy/, docker-compose.yml and the
+Dockerfile.
 
 promtool checks and unit-tests the alert rules, docker-compose validates the
 stack, and every metric a dashboard or a rule queries must be one aura-pg
 exports (aura_pg.observability.names), so that a renamed metric cannot leave
-a panel or an alert silently empty.
+a panel or an alert silently empty. The parsed compose file and Dockerfile
+are checked for what a first start needs (issue 23): a database healthcheck
+over TCP, migrate retried, daemons checked on /health, one image, the NATS
+stream created, a non-root image with a HEALTHCHECK and a pinned base.
 """
 
 from __future__ import annotations
@@ -414,3 +418,131 @@ def test_compose_mounts_match_the_configuration() -> None:
         environment = services[service]["environment"]
         assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
         assert environment["OTEL_SERVICE_NAME"]
+
+
+# --- a stack that starts cleanly (issue 23) ---------------------------------
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+OUTBOX_DOC = REPO_ROOT / "docs" / "outbox.md"
+CREATE_STREAM = DEPLOY / "nats" / "create_stream.py"
+# The services that run the aura-pg image, and the daemons among them with
+# their metrics port.
+AURA_PG_SERVICES = ("migrate", "projector", "nats-stream", "relay", "aura-pg")
+DAEMON_PORTS = {"projector": 9187, "relay": 9188}
+
+
+def _services() -> dict[str, Any]:
+    services: dict[str, Any] = _load_yaml(COMPOSE_FILE)["services"]
+    return services
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+def test_compose_database_is_healthy_only_when_it_answers_over_tcp() -> None:
+    """The image's init-time server listens on the Unix socket only: a
+    pg_isready without -h reports it ready before the real server is."""
+    check = _services()["postgres"]["healthcheck"]
+    test = check["test"]
+    assert test[0] == "CMD"
+    assert test[1] == "pg_isready"
+    assert test[test.index("-h") + 1] == "127.0.0.1"
+    assert _seconds(check["start_period"]) >= 30
+
+
+def test_compose_builds_one_image_and_shares_it_by_name() -> None:
+    services = _services()
+    built = {name for name, service in services.items() if "build" in service}
+    assert built == {"migrate"}
+    image = services["migrate"]["image"]
+    for name in AURA_PG_SERVICES:
+        assert services[name]["image"] == image, name
+        if name != "migrate":
+            # Never pulled: the image is the one migrate builds.
+            assert services[name]["pull_policy"] == "never", name
+
+
+def test_compose_migrate_restarts_until_it_succeeds_and_the_daemons_wait_for_it() -> None:
+    services = _services()
+    assert services["migrate"]["restart"] == "on-failure"
+    for name in DAEMON_PORTS:
+        assert services[name]["depends_on"]["migrate"] == {
+            "condition": "service_completed_successfully"
+        }
+        assert services[name]["restart"] == "unless-stopped"
+
+
+def test_compose_daemons_are_checked_on_their_health_endpoint() -> None:
+    services = _services()
+    for name, port in DAEMON_PORTS.items():
+        command = services[name]["command"]
+        assert command[command.index("--metrics-port") + 1] == str(port), name
+        check = services[name]["healthcheck"]
+        assert check["test"][0] == "CMD", name
+        assert f"http://127.0.0.1:{port}/health" in " ".join(check["test"]), name
+        assert _seconds(check["start_period"]) > 0, name
+    for name in ("migrate", "nats-stream", "aura-pg"):  # one-shot: no endpoint
+        assert services[name]["healthcheck"] == {"disable": True}, name
+
+
+def test_compose_creates_the_stream_the_relay_publishes_to() -> None:
+    services = _services()
+    job = services["nats-stream"]
+    assert job["entrypoint"] == ["python", "/deploy/nats/create_stream.py"]
+    assert "./deploy/nats:/deploy/nats:ro" in job["volumes"]
+    assert job["restart"] == "on-failure"
+    args = job["command"]
+    relay = services["relay"]
+    relay_server = relay["command"][relay["command"].index("--nats-server") + 1]
+    assert args[args.index("--server") + 1] == relay_server
+    assert relay["depends_on"]["nats-stream"] == {"condition": "service_completed_successfully"}
+    # The stream of docs/outbox.md (`nats stream add AURA --subjects 'aura.>' ...`).
+    match = re.search(r"nats stream add (\S+) --subjects '([^']+)'", OUTBOX_DOC.read_text())
+    assert match, "docs/outbox.md no longer shows the stream"
+    assert args[args.index("--stream") + 1] == match.group(1)
+    assert args[args.index("--subjects") + 1 :] == [match.group(2)]
+    assert CREATE_STREAM.is_file()
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_dockerfile_pins_the_base_image() -> None:
+    (base,) = [args for instruction, args in _dockerfile() if instruction == "FROM"]
+    name, _, tag = base.partition("@")[0].partition(":")
+    assert name == "python"
+    # An exact Python release (x.y.z) on a named Debian release, or a digest.
+    assert re.fullmatch(r"\d+\.\d+\.\d+-slim-[a-z]+", tag) or "@sha256:" in base, base
+
+
+def test_dockerfile_runs_as_a_non_root_user_and_checks_health() -> None:
+    instructions = _dockerfile()
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users, "no USER: the image would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), user
+    (check,) = [args for instruction, args in instructions if instruction == "HEALTHCHECK"]
+    assert "/health" in check
+    assert "AURA_PG_METRICS_PORT" in check
+    # USER comes after the installation (which needs root) and before the entrypoint.
+    order = [instruction for instruction, _ in instructions]
+    assert order.index("RUN") < len(order) - 1 - order[::-1].index("USER")
+    assert order[-1] == "ENTRYPOINT"
+
+
+def test_dockerfile_installs_the_sinks_the_stack_uses() -> None:
+    runs = " ".join(args for instruction, args in _dockerfile() if instruction == "RUN")
+    match = re.search(r'pip install "\.\[([^\]]*)\]"', runs)
+    assert match, runs
+    assert {"binary", "nats", "webhook"} <= set(match.group(1).split(","))
