@@ -84,8 +84,9 @@ class WebhookSink:
 
     Connections are kept alive and reused (``httpx.AsyncClient``, at most
     ``max_connections`` in all; idle ones close after ``KEEPALIVE_EXPIRY``
-    seconds). A POST that meets a connection the receiver has just closed
-    (no answer at all) is sent once more on a new one: the receiver
+    seconds). A POST that fails before its status line arrives (sent on a
+    connection the receiver has just closed, a reset, or an answer that is
+    not HTTP) is sent once more, on a new connection: the receiver
     deduplicates by ``Idempotency-Key``, as for any redelivery.
 
     ``timeout`` bounds the whole exchange (connect, TLS, send, status,
