@@ -1,0 +1,81 @@
+"""The store's connection pools: psycopg_pool's, reconnecting quickly.
+
+When a pooled connection breaks, psycopg_pool replaces it in the
+background: it connects at once and, while that fails, again after about
+1 s, 2 s, 4 s and so on (``AttemptWithBackoff``: 1 s, doubling, 10%
+jitter, until ``reconnect_timeout``), and a request for a connection waits
+meanwhile. After a Postgres restart or a network partition, writers so came
+back 1 to 2 s (and after longer outages up to twice the outage) after the
+server answered again. Nothing public configures those delays.
+
+:class:`QuickReconnectPool` and :class:`AsyncQuickReconnectPool` start the
+same background attempts with a schedule of their own:
+``RECONNECT_FIRST_DELAY``, doubling, never more than ``RECONNECT_MAX_DELAY``
+(both with psycopg_pool's 10% jitter), so a pool has a connection again at
+most about ``RECONNECT_MAX_DELAY`` after the server accepts one. A refused
+or rejected connection attempt is cheap for the server (no backend starts
+for a refused TCP connect; a starting server rejects at once), so attempts
+a few times a second per missing connection cost nothing measurable; giving
+up after ``reconnect_timeout`` is psycopg_pool's, unchanged. Everything else
+(checkout, return, growing, ``check()``) is psycopg_pool's own: in normal
+operation these pools do exactly what theirs do.
+
+The hook is psycopg_pool's ``_add_connection(attempt, growing)``, which
+takes the attempt state to continue or None to start one (the same in
+psycopg_pool 3.2 and 3.3); the pools pass a fresh attempt of their own
+schedule where psycopg_pool would create its own. A test
+(tests/integration/store/test_pool_reconnect.py) proves the schedule is in
+effect, so a psycopg_pool release that changed the hook would fail it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
+
+RECONNECT_FIRST_DELAY: Final = 0.05
+"""Seconds before the second attempt to replace a connection."""
+RECONNECT_MAX_DELAY: Final = 0.25
+"""The longest wait between attempts to replace a connection."""
+
+
+class QuickAttempt(AttemptWithBackoff):
+    """psycopg_pool's reconnection attempt state with a short schedule:
+    ``RECONNECT_FIRST_DELAY`` doubling up to ``RECONNECT_MAX_DELAY`` (each
+    with 10% jitter), until ``timeout`` seconds after the first failure."""
+
+    INITIAL_DELAY = RECONNECT_FIRST_DELAY
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        if self.delay > RECONNECT_MAX_DELAY:
+            jitter = self.DELAY_JITTER
+            self.delay = min(
+                self.delay,
+                ConnectionPool._jitter(RECONNECT_MAX_DELAY, -jitter, jitter),
+            )
+
+
+class QuickReconnectPool(ConnectionPool[Any]):
+    """``psycopg_pool.ConnectionPool`` whose lost connections are replaced
+    at most about ``RECONNECT_MAX_DELAY`` after the server answers again."""
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        if attempt is None:
+            attempt = QuickAttempt(timeout=self.reconnect_timeout)
+        super()._add_connection(attempt, growing=growing)
+
+
+class AsyncQuickReconnectPool(AsyncConnectionPool[Any]):
+    """``psycopg_pool.AsyncConnectionPool`` whose lost connections are
+    replaced at most about ``RECONNECT_MAX_DELAY`` after the server answers
+    again."""
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        if attempt is None:
+            attempt = QuickAttempt(timeout=self.reconnect_timeout)
+        await super()._add_connection(attempt, growing=growing)
