@@ -21,8 +21,9 @@ up after ``reconnect_timeout`` is psycopg_pool's, unchanged. Everything else
 operation these pools do exactly what theirs do.
 
 The hook is psycopg_pool's ``_add_connection(attempt, growing)``, which
-takes the attempt state to continue or None to start one (the same in
-psycopg_pool 3.2 and 3.3); the pools pass a fresh attempt of their own
+takes the attempt state to continue or None to start one (the same from
+psycopg_pool 3.2.1, where ``AttemptWithBackoff`` got its name, to 3.3); the
+pools pass a fresh attempt of their own
 schedule where psycopg_pool would create its own. A test
 (tests/integration/store/test_pool_reconnect.py) proves the schedule is in
 effect, so a psycopg_pool release that changed the hook would fail it.
