@@ -4,7 +4,9 @@ A store's pool replaces a lost connection in the background. psycopg_pool's
 own schedule waits about 1 s, then 2 s, 4 s... between attempts, so after a
 partition of a few seconds a writer waited up to seconds more although the
 server answered; the store's pools (aura_pg.store.pool) try again within
-``RECONNECT_MAX_DELAY``. A partition through a TCP proxy, both drivers.
+``RECONNECT_MAX_DELAY``. And idle connections cut with a broken one are
+checked and replaced, not handed out to a retrying append one by one. A
+partition and cut connections through a TCP proxy, both drivers.
 """
 
 from __future__ import annotations
@@ -101,3 +103,24 @@ def test_appends_resume_soon_after_a_partition_ends(
         assert recorded_copies(dsn, event) == 1
         after = store.append(stream, [NewEvent("After", {})], retry=RIDE_OUT)
         assert after.events[0].version == 3
+
+
+def test_idle_connections_cut_with_the_first_are_not_handed_out_one_by_one(
+    driver: StoreDriver, dsn: str, proxy: LatencyProxy
+) -> None:
+    # Ten idle connections, all cut at once (a failover, a dropped NAT
+    # table): psycopg_pool would hand them out in turn, and the default
+    # AppendRetry's eight attempts would all meet a dead one. The first
+    # comes back broken, the pool checks the others in the background.
+    stream = f"stale-{uuid.uuid4()}"
+    with driver.connect(proxy.dsn(dsn), min_size=10, max_size=10, timeout=30) as store:
+        store.pool.wait(timeout=30)
+        store.append(stream, [NewEvent("Before", {})])
+        assert proxy.sever() >= 10
+        event = NewEvent("After", {})
+        began = time.monotonic()
+        result = store.append(stream, [event], retry=AppendRetry())
+        took = time.monotonic() - began
+        assert took < RESUMED_WITHIN, f"the append took {took:.2f} s"
+        assert result.events[0].version == 2
+        assert recorded_copies(dsn, event) == 1
