@@ -10,7 +10,10 @@ in one process on one server:
   alternative not taken (an empty query on every checkout).
 
 It prints the median and p95 latency of an append and appends/s per pool,
-and quick/psycopg_pool and check/psycopg_pool (1.00: no difference).
+and quick/psycopg_pool and check/psycopg_pool (1.00: no difference). Then,
+since an append's own noise hides anything below a few percent, the pool's
+own share: microseconds per checkout and return of a connection, no
+statement, for psycopg_pool's pool and the quick one (``--checkouts``).
 
     python load/bench_pool_check.py                  # a throw-away cluster
     python load/bench_pool_check.py --commit durable # a WAL flush per append
@@ -53,6 +56,15 @@ POOLS: dict[str, Callable[[str], ConnectionPool[Any]]] = {
 }
 
 
+def checkout_cost(pool: ConnectionPool[Any], checkouts: int) -> float:
+    """Microseconds per checkout and return of a connection."""
+    began = time.perf_counter()
+    for _ in range(checkouts):
+        with pool.connection():
+            pass
+    return (time.perf_counter() - began) / checkouts * 1e6
+
+
 def measure(store: EventStore, appends: int) -> list[float]:
     """Seconds of each of ``appends`` single-event appends, each to a
     stream of its own as most commands are."""
@@ -80,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", help="an existing, migrated database (default: a temp cluster)")
     parser.add_argument("--appends", type=int, default=2000, help="appends per pool and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkouts", type=int, default=20_000, help="per pool and round")
     parser.add_argument(
         "--commit", choices=["async", "durable"], default="async",
         help="the temp cluster's commits (async: no WAL flush per append, so a "
@@ -98,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                     samples[name] += measure(store, args.appends)
                 finally:
                     pool.close()
+        checkouts: dict[str, list[float]] = {"psycopg_pool": [], "quick": []}
+        pools = {name: POOLS[name](dsn) for name in checkouts}
+        for pool in pools.values():
+            pool.open(wait=True)
+        try:
+            for _ in range(args.rounds):
+                for name, pool in pools.items():
+                    checkouts[name].append(checkout_cost(pool, args.checkouts))
+        finally:
+            for pool in pools.values():
+                pool.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
     print(f"{'pool':<14}{'p50 ms':>9}{'p95 ms':>9}{'appends/s':>11}{'p50 vs psycopg_pool':>21}")
     for name, values in samples.items():
@@ -106,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         rate = len(values) / sum(values)
         ratio = medians[name] / medians["psycopg_pool"]
         print(f"{name:<14}{medians[name] * 1e3:>9.3f}{p95 * 1e3:>9.3f}{rate:>11.0f}{ratio:>21.2f}")
+    for name, costs in checkouts.items():
+        print(
+            f"{name:<14} checkout and return: {statistics.median(costs):.2f} us "
+            f"(median of {args.rounds} rounds of {args.checkouts:,})"
+        )
     return 0
 
 
