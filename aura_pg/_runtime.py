@@ -68,6 +68,13 @@ class Backoff:
         return ceiling * (1 - self.jitter) + uniform(0, ceiling * self.jitter)
 
 
+OUTAGE_BACKOFF: Final = Backoff(base=0.1, cap=0.5)
+"""The waits between attempts to reach a database that went away (a
+restart, a partition): short, so a daemon is back within about half a
+second of the server answering again. An attempt that fails is cheap for
+the server (a refused connect, or a starting server's refusal)."""
+
+
 # -- which failures are worth another try ---------------------------------------
 
 

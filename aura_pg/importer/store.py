@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from aura_pg._resources import named_queries
-from aura_pg._runtime import Backoff, can_resend, wait
+from aura_pg._runtime import OUTAGE_BACKOFF, can_resend, wait
 from aura_pg.errors import EventValidationError, IdempotencyConflict, MigrationError
 from aura_pg.importer.errors import RejectedMessage
 from aura_pg.importer.mapping import ImportedEvent, MessageMapping, SourceMessage
@@ -38,8 +38,9 @@ SOURCE_NATS: Final = "nats"
 APPLICATION_NAME: Final = "aura-pg import"
 DEFAULT_DB_TIMEOUT: Final = 10.0
 # Waits between attempts once AppendRetry gave up on a database outage: the
-# importer holds the message and tries again until the database is back.
-_OUTAGE_BACKOFF: Final = Backoff(base=0.5, cap=30.0)
+# importer holds the message and tries again until the database is back,
+# at most about half a second after it is.
+_OUTAGE_BACKOFF: Final = OUTAGE_BACKOFF
 _MAX_REASON_LENGTH: Final = 2000
 
 PreparedMessage = tuple[str, NewEvent] | str

@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from aura_pg._resources import named_queries
-from aura_pg._runtime import Backoff, wait
+from aura_pg._runtime import OUTAGE_BACKOFF, Backoff, wait
 from aura_pg.observability import metrics
 from aura_pg.outbox.sinks import (
     APPLICATION_NAME,
@@ -133,7 +133,7 @@ class Relay:
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
         self.backoff = backoff or Backoff(DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX)
-        self.reconnect_backoff = reconnect_backoff or Backoff(base=0.5, cap=30.0)
+        self.reconnect_backoff = reconnect_backoff or OUTAGE_BACKOFF
         self.shutdown_timeout = shutdown_timeout
         # Set shutdown_timeout after a stop: the batch in flight gives up.
         self._give_up = asyncio.Event()

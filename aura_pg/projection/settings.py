@@ -36,7 +36,10 @@ class ProjectorSettings:
     owner: str = field(default_factory=default_owner)
     statement_timeout_ms: int = 60_000
     lock_timeout_ms: int = 10_000
-    reconnect_max_delay: float = 10.0
+    # At most this long between attempts to reconnect: a daemon resumes
+    # within about this long of the server answering again (an attempt
+    # that fails costs the server nothing).
+    reconnect_max_delay: float = 0.5
     # How often the listener proves its connection alive when no
     # notification comes.
     listen_keepalive: float = 5.0

@@ -33,6 +33,7 @@ from aura_pg.models import (
 )
 from aura_pg.observability.appends import observed_append, register_append_metrics
 from aura_pg.store import operations as ops
+from aura_pg.store.pool import AsyncQuickReconnectPool, QuickReconnectPool
 from aura_pg.store.retry import AppendRetry
 from aura_pg.store.validation import DEFAULT_MAX_PAYLOAD_BYTES, as_batch, check_payload_limit
 
@@ -89,7 +90,7 @@ class EventStore:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         **pool_kwargs: Any,
     ) -> Self:
-        pool: ConnectionPool[Any] = ConnectionPool(
+        pool: ConnectionPool[Any] = QuickReconnectPool(
             conninfo,
             min_size=min_size,
             max_size=max_size,
@@ -254,7 +255,7 @@ class AsyncEventStore:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         **pool_kwargs: Any,
     ) -> Self:
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[Any] = AsyncQuickReconnectPool(
             conninfo,
             min_size=min_size,
             max_size=max_size,
