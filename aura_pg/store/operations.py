@@ -256,15 +256,29 @@ def append_many(
 def _append_chunks(chunks: list[list[_Staged]]) -> Operation:
     results: list[AppendResult] = []
     for chunk in chunks:
+        token = uuid.uuid4()
         yield from _run(
             Copy(
                 (_QUERIES["bulk_staging"], _QUERIES["bulk_truncate"]),
                 _QUERIES["bulk_copy"],
-                ("int4", "text", "text", "text"),
-                [(n, s.stream_id, s.expected, s.events) for n, s in enumerate(chunk)],
+                ("uuid", "int4", "text", "text", "text"),
+                [(token, n, s.stream_id, s.expected, s.events) for n, s in enumerate(chunk)],
             )
         )
-        rows = yield from _run(Statement(_QUERIES["append_many"], {}))
+        try:
+            rows = yield from _run(
+                Statement(_QUERIES["append_many"], {"token": token, "streams": len(chunk)})
+            )
+        except EventValidationError as exc:
+            if "needs at least one stream" in str(exc):
+                # Only when the staged rows were not all there: another
+                # client shared the session (a transaction-mode pooler).
+                raise AuraPgError(
+                    "append_many found its staged batches incomplete: it needs a database "
+                    "session of its own across its statements (not a transaction-mode "
+                    "pooler); nothing of this chunk was written"
+                ) from exc
+            raise
         by_stream: dict[str, list[tuple[Any, ...]]] = {}
         for row in rows:
             by_stream.setdefault(row[0], []).append(row)

@@ -307,3 +307,34 @@ def test_the_function_checks_sequences(dsn: str) -> None:
                 )
             assert failed.value.sqlstate == "AU003", batch
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (0,)
+
+
+def test_only_this_calls_staged_rows_whole_are_appended(dsn: str) -> None:
+    """As if another client shared the session between the COPY and the
+    call (a transaction-mode pooler): rows of another token are never
+    appended, and a call missing some of its rows writes nothing."""
+    from aura_pg.errors import AuraPgError
+    from aura_pg.store import operations as ops
+
+    appends = [StreamAppend("x-1", events(1)), StreamAppend("x-2", events(1))]
+    with (
+        EventStore.connect(dsn, max_size=1) as store,
+        psycopg.connect(dsn, autocommit=True) as conn,
+    ):
+        operation = ops.append_many(appends, store.max_payload_bytes)
+        copy = next(operation)
+        assert isinstance(copy, ops.Copy)
+        store._copy(copy, conn)
+        # Another call's row, and one of this call's rows gone.
+        conn.execute(
+            "INSERT INTO pg_temp.aura_bulk_staging VALUES (gen_random_uuid(), 0, 'other', 'any',"
+            ' \'[{"type": "T", "data": {}}]\')'
+        )
+        conn.execute("DELETE FROM pg_temp.aura_bulk_staging WHERE stream_id = 'x-2'")
+        statement = operation.send([])
+        assert isinstance(statement, ops.Statement)
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(statement.sql, statement.params)
+        with pytest.raises(AuraPgError, match="staged batches incomplete"):
+            operation.throw(refused.value)
+    assert query(dsn, "SELECT count(*) FROM aura.events") == [(0,)]
