@@ -15,10 +15,10 @@ from contextlib import nullcontext
 
 import psycopg
 
-from aura_pg import config, jsonl
+from aura_pg import jsonl
 from aura_pg._runtime import serve_until_signal
 from aura_pg.cli import exit_codes
-from aura_pg.cli._argtypes import argtype, positive_count
+from aura_pg.cli._argtypes import argtype
 from aura_pg.cli._connection import add_connection_options, connection, preflight
 from aura_pg.cli._daemon import (
     add_logging_options,
@@ -27,7 +27,7 @@ from aura_pg.cli._daemon import (
     observed,
 )
 from aura_pg.cli.settings import ImportSettings, flags_given, nats_name
-from aura_pg.config import ConfigurationError, positive_seconds
+from aura_pg.config import ConfigurationError, positive_count, positive_seconds
 from aura_pg.errors import AuraPgError
 from aura_pg.importer import (
     EventModelMapping,
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "nats",
         help="import a NATS JetStream stream",
         description="Import a NATS JetStream stream through a durable pull consumer, "
-        "exactly once and in stream order, alongside the system that writes it; "
+        "exactly once and in each aggregate's publish order, alongside the system that writes it; "
         "see docs/import.md. Every option has an AURA_PG_IMPORT_* variable "
         "(e.g. AURA_PG_IMPORT_SERVER); a flag wins over it.",
     )
@@ -111,6 +111,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ):
         default = defaults[flag[2:].replace("-", "_")].default
         n.add_argument(flag, type=seconds, metavar="SECONDS", help=f"{text} (default {default})")
+    n.add_argument(
+        "--window",
+        type=argtype(positive_count),
+        metavar="N",
+        help="messages delivered and not yet acknowledged at once; each aggregate's "
+        f"order is kept whatever the window (default {defaults['window'].default})",
+    )
     add_logging_options(n)
     n.set_defaults(handler=run, prog=PROG)
 
@@ -127,7 +134,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     j.add_argument("file", metavar="FILE", help="the JSONL file ('-' for standard input)")
     j.add_argument(
         "--chunk-events",
-        type=positive_count,
+        type=argtype(positive_count),
         default=DEFAULT_CHUNK_EVENTS,
         metavar="N",
         help=f"events per transaction (default {DEFAULT_CHUNK_EVENTS})",
@@ -146,7 +153,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def chunk_streams(text: object) -> int:
-    count = config.positive_count(text)
+    count = positive_count(text)
     if count > MAX_BULK_STREAMS:
         raise ValueError(f"must be at most {MAX_BULK_STREAMS}")
     return count
@@ -221,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         ack_wait=settings.ack_wait,
         fetch_timeout=settings.fetch_timeout,
         lag_interval=settings.lag_interval,
+        window=settings.window,
     )
 
     async def work(stop: asyncio.Event) -> ImportStats:

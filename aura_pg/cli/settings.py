@@ -129,3 +129,4 @@ class ImportSettings(CommandSettings):
     ack_wait: PositiveSeconds = nats_import.DEFAULT_ACK_WAIT
     fetch_timeout: PositiveSeconds = nats_import.DEFAULT_FETCH_TIMEOUT
     lag_interval: PositiveSeconds = nats_import.DEFAULT_LAG_INTERVAL
+    window: PositiveCount = nats_import.DEFAULT_WINDOW

@@ -8,13 +8,14 @@ The SQL is in ``sql/queries/importer.sql``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -31,6 +32,8 @@ log = logging.getLogger("aura_pg.importer")
 
 _QUERIES: Final = named_queries("queries/importer.sql")
 
+T = TypeVar("T")
+
 SOURCE_NATS: Final = "nats"
 APPLICATION_NAME: Final = "aura-pg import"
 DEFAULT_DB_TIMEOUT: Final = 10.0
@@ -43,6 +46,7 @@ PreparedMessage = tuple[str, NewEvent] | str
 """The stream id and event to append, or why the message is rejected."""
 
 
+@functools.lru_cache(maxsize=16)  # one stream life per import: the same instant each time
 def instant_text(moment: datetime) -> str:
     """A creation time as it appears in keys and metadata: UTC, microseconds."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -104,14 +108,19 @@ class ImportStore:
     """The event store an import appends to, with its dead letters and the
     stream lives it has seen. Open with :meth:`connect`."""
 
-    def __init__(self, store: AsyncEventStore, retry: AppendRetry) -> None:
+    def __init__(
+        self, store: AsyncEventStore, retry: AppendRetry, conninfo: str | None = None
+    ) -> None:
         self.store = store
         self.retry = retry
+        self.conninfo = conninfo
+        """Where ``hold`` opens its own session (None: no holding)."""
 
     @classmethod
-    async def connect(cls, dsn: str, retry: AppendRetry) -> ImportStore:
-        """A pool on ``dsn`` once the import's tables are there (else
-        MigrationError); a database that cannot be reached raises at once."""
+    async def connect(cls, dsn: str, retry: AppendRetry, pool_size: int = 2) -> ImportStore:
+        """A pool of up to ``pool_size`` connections on ``dsn`` once the
+        import's tables are there (else MigrationError); a database that
+        cannot be reached raises at once."""
         given = conninfo_to_dict(dsn)
         extra: dict[str, Any] = {}
         if "application_name" not in given:
@@ -128,9 +137,34 @@ class ImportStore:
                 "run `aura-pg migrate` (migrations 0008 and 0009)"
             )
         store = await AsyncEventStore.connect(
-            dsn, min_size=1, max_size=2, timeout=DEFAULT_DB_TIMEOUT, kwargs=extra
+            dsn, min_size=1, max_size=pool_size, timeout=DEFAULT_DB_TIMEOUT, kwargs=extra
         )
-        return cls(store, retry)
+        return cls(store, retry, make_conninfo(dsn, **extra))
+
+    async def hold(
+        self, source: str, stream: str, consumer: str
+    ) -> psycopg.AsyncConnection[Any] | None:
+        """The session holding ``consumer`` for this importer (keep it open
+        for the whole run), or None: another importer holds it."""
+        if self.conninfo is None:
+            raise ValueError("this ImportStore was made without a connection string")
+        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        try:
+            params = {"source": source, "stream": stream, "consumer": consumer}
+            row = await (await conn.execute(_QUERIES["hold_consumer"], params)).fetchone()
+        except BaseException:
+            await conn.close()
+            raise
+        if row is None or not row[0]:
+            await conn.close()
+            return None
+        return conn
+
+    @staticmethod
+    async def still_holding(conn: psycopg.AsyncConnection[Any]) -> None:
+        """Raise (a psycopg error) when the holding session is gone: the
+        lock went with it, and another importer may have taken over."""
+        await conn.execute(_QUERIES["still_holding"])
 
     async def close(self) -> None:
         await self.store.close()
@@ -172,39 +206,25 @@ class ImportStore:
             )
             return await cursor.fetchone() is not None
 
-    async def record(
-        self, message: SourceMessage, prepared: PreparedMessage, stop: asyncio.Event | None = None
-    ) -> str | None:
-        """Append the prepared event (or dead-letter the message): its
-        outcome, or None when ``stop`` was set while the database was
-        unavailable (nothing to acknowledge then). Raises on database
-        errors after which the same append cannot simply be sent again."""
+    async def _until_done(
+        self, attempt: Callable[[], Awaitable[T]], what: str, stop: asyncio.Event | None
+    ) -> T | None:
+        """``attempt()``'s result, tried again with backoff for as long as the
+        database is unavailable; None when ``stop`` was set meanwhile. Raises
+        the database errors after which the same statement cannot simply be
+        sent again, and whatever else ``attempt`` raises."""
         failures = 0
         while True:
             try:
-                if isinstance(prepared, str):
-                    new = await self.dead_letter(message, prepared)
-                    if new:
-                        log.warning(
-                            "stream %s sequence %s dead-lettered: %s",
-                            message.stream, message.sequence, prepared,
-                        )  # fmt: skip
-                    return "rejected" if new else "duplicate"
-                stream_id, event = prepared
-                # The same NewEvent (the same event id and key) on every
-                # attempt: an attempt that committed unseen is a duplicate.
-                result = await self.store.append(stream_id, event, ANY, retry=self.retry)
-                return "duplicate" if result.duplicate else "appended"
-            except (EventValidationError, IdempotencyConflict) as exc:
-                prepared = f"the store refused the event: {exc}"
+                return await attempt()
             except psycopg.Error as exc:
                 if not can_resend(exc):
                     raise
                 failures += 1
                 delay = _OUTAGE_BACKOFF.delay(failures)
                 log.warning(
-                    "stream %s sequence %s: database unavailable (%s); trying again in %.3g s",
-                    message.stream, message.sequence, str(exc).strip().splitlines()[0]
+                    "%s: database unavailable (%s); trying again in %.3g s",
+                    what, str(exc).strip().splitlines()[0]
                     if str(exc).strip() else type(exc).__name__, delay,
                 )  # fmt: skip
                 if stop is not None:
@@ -213,3 +233,74 @@ class ImportStore:
                         return None
                 else:
                     await asyncio.sleep(delay)
+
+    async def record(
+        self, message: SourceMessage, prepared: PreparedMessage, stop: asyncio.Event | None = None
+    ) -> str | None:
+        """Append the prepared event (or dead-letter the message): its
+        outcome, or None when ``stop`` was set while the database was
+        unavailable (nothing to acknowledge then). Raises on database
+        errors after which the same append cannot simply be sent again."""
+        what = f"stream {message.stream} sequence {message.sequence}"
+        if not isinstance(prepared, str):
+            stream_id, event = prepared
+            try:
+                # The same NewEvent (the same event id and key) on every
+                # attempt: an attempt that committed unseen is a duplicate.
+                result = await self._until_done(
+                    lambda: self.store.append(stream_id, event, ANY, retry=self.retry), what, stop
+                )
+            except (EventValidationError, IdempotencyConflict) as exc:
+                prepared = f"the store refused the event: {exc}"
+            else:
+                if result is None:
+                    return None
+                return "duplicate" if result.duplicate else "appended"
+        reason = prepared
+        new = await self._until_done(lambda: self.dead_letter(message, reason), what, stop)
+        if new is None:
+            return None
+        if new:
+            log.warning("%s dead-lettered: %s", what, reason)
+        return "rejected" if new else "duplicate"
+
+    async def record_many(
+        self,
+        stream_id: str,
+        batch: Sequence[tuple[SourceMessage, NewEvent]],
+        stop: asyncio.Event | None = None,
+    ) -> list[str | None]:
+        """Append the events of consecutive messages of one stream, in
+        order: one append for all of them, or, when the store refuses that
+        batch (a key recorded before, a key twice in the batch, an event it
+        refuses), one :meth:`record` per message, so that each message gets
+        its own outcome (appended, duplicate, or dead-lettered when refused)
+        exactly as if it came alone. The outcomes in batch order; None for
+        the messages not handled because ``stop`` was set while the database
+        was unavailable (always a suffix: nothing is recorded after a
+        message left unrecorded)."""
+        if len(batch) > 1:
+            first, last = batch[0][0], batch[-1][0]
+            what = (
+                f"stream {first.stream} sequences {first.sequence}..{last.sequence} "
+                f"({len(batch)} messages)"
+            )
+            events = [event for _, event in batch]
+            try:
+                result = await self._until_done(
+                    lambda: self.store.append(stream_id, events, ANY, retry=self.retry), what, stop
+                )
+            except (EventValidationError, IdempotencyConflict):
+                pass  # one message at a time, below
+            else:
+                if result is None:
+                    return [None] * len(batch)
+                outcome = "duplicate" if result.duplicate else "appended"
+                return [outcome] * len(batch)
+        outcomes: list[str | None] = []
+        for message, event in batch:
+            if outcomes and outcomes[-1] is None:
+                outcomes.append(None)
+            else:
+                outcomes.append(await self.record(message, (stream_id, event), stop))
+        return outcomes

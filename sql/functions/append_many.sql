@@ -81,8 +81,18 @@ BEGIN
             v_max_streams, v_count
             USING ERRCODE = 'AU003';
     END IF;
-    v_max_bytes := least(v_max_bytes, aura.database_setting('aura.max_payload_bytes', 1048576));
-    v_max_events := least(v_max_events, aura.database_setting('aura.max_batch_events', 10000));
+    -- The ceilings, as aura.append_events reads them: the values set for
+    -- the whole database (ALTER DATABASE ... SET), else the defaults.
+    SELECT least(v_max_bytes, coalesce(max(pg_catalog.substr(cfg, 24)::bigint)
+                   FILTER (WHERE pg_catalog.starts_with(cfg, 'aura.max_payload_bytes=')), 1048576)),
+           least(v_max_events, coalesce(max(pg_catalog.substr(cfg, 23)::bigint)
+                   FILTER (WHERE pg_catalog.starts_with(cfg, 'aura.max_batch_events=')), 10000))
+      INTO v_max_bytes, v_max_events
+      FROM pg_catalog.pg_db_role_setting s
+      CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS cfg
+     WHERE s.setrole = 0
+       AND s.setdatabase = (SELECT d.oid FROM pg_catalog.pg_database d
+                            WHERE d.datname = pg_catalog.current_database());
 
     -- The arguments of each stream, first problem first.
     SELECT s.ord, s.sid,

@@ -42,3 +42,14 @@ WHERE source = %(source)s AND stream = %(stream)s AND created = %(created)s;
 -- lives): the importer checks before it reads a message.
 SELECT to_regclass('aura.import_dead_letters') IS NOT NULL
    AND to_regclass('aura.import_stream_lives') IS NOT NULL;
+
+-- name: hold_consumer
+-- One importer at a time per consumer: the others stand by. A session lock
+-- (class 'auri'), held on a connection of its own for the whole run and
+-- released when that session ends, whatever ends it (a kill included).
+SELECT pg_try_advisory_lock(1635086953,
+                            hashtext(%(source)s || ':' || %(stream)s || ':' || %(consumer)s));
+
+-- name: still_holding
+-- The holder's session is alive (it still holds the lock).
+SELECT 1;

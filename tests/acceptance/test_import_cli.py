@@ -90,8 +90,13 @@ def test_killed_and_restarted_beside_a_live_publisher_imports_each_message_once_
     port = free_port()
     common = ["--dsn", dsn, "--server", nats_url, "--stream", STREAM, "--ack-wait", "2"]
     began = time.monotonic()
+    # The first importer takes one message at a time (--window 1, the
+    # importer before the window), so that it is still behind the publisher
+    # when killed; the default window keeps up with it. The restart uses
+    # the default window: it widens the consumer's max_ack_pending, and
+    # waits (the barrier) for the message the killed importer held.
     first = start_import(
-        *common, "--fetch-timeout", "0.2", "--lag-interval", "0.5",
+        *common, "--fetch-timeout", "0.2", "--lag-interval", "0.5", "--window", "1",
         "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
     )  # fmt: skip
     try:
@@ -146,6 +151,94 @@ def test_killed_and_restarted_beside_a_live_publisher_imports_each_message_once_
         f"\n{published.stored} messages ({published.logical} events): imported with a kill "
         f"in {took:.1f} s; re-checked in {time.monotonic() - began - took:.1f} s"
     )
+
+
+def consumer_state(url: str, consumer: str) -> tuple[int, int]:
+    """The consumer's (unacknowledged messages, max_ack_pending)."""
+
+    async def read() -> tuple[int, int]:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            info = await nc.jetstream().consumer_info(STREAM, consumer)
+        finally:
+            await nc.close()
+        return info.num_ack_pending or 0, info.config.max_ack_pending or 0
+
+    return asyncio.run(read())
+
+
+def test_killed_twice_with_a_window_in_flight_each_message_once_in_order(
+    dsn: str, nats_url: str
+) -> None:
+    """A backlog of many aggregates interleaved, imported with a window of
+    messages in flight: SIGKILL twice while messages are delivered and not
+    acknowledged (some appended, some not), then a run to the end. Every
+    message lands once, each aggregate in publish order."""
+    published = asyncio.run(
+        publish_events(
+            nats_url, STREAM, "old", messages=6000, aggregates=300,
+            duplicate_msg_id_every=50, republish_every=40, reject_every=150,
+        )
+    )  # fmt: skip
+    common = ["--dsn", dsn, "--server", nats_url, "--stream", STREAM, "--ack-wait", "2"]
+    common += ["--fetch-timeout", "0.2", "--window", "300"]
+    in_flight_at_kill = []
+    for until in (1500, 3500):
+        running = start_import(*common)
+        try:
+            wait_for_sync(lambda: event_count(dsn) >= until, 120, f"{until} events imported")
+        finally:
+            running.send_signal(signal.SIGKILL)
+            running.communicate(timeout=20)
+        assert running.returncode == -signal.SIGKILL
+        unacknowledged, window = consumer_state(nats_url, "aura-import-OLD")
+        assert window == 300
+        in_flight_at_kill.append(unacknowledged)
+    assert event_count(dsn) < published.logical, "the import finished before the kills"
+    # Killed with messages delivered and not acknowledged: the next run
+    # waits for them (the barrier) before it appends anything newer.
+    assert max(in_flight_at_kill) > 1, in_flight_at_kill
+
+    done = run_import(*common, "--until-end")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["last_sequence"] == published.stored
+    assert summary["lag"] == 0
+    assert "appending resumes once JetStream has delivered them again" in done.stderr
+    assert_imported_exactly_once(dsn, published)
+    assert len(dead_letters(dsn)) == len(published.rejected)
+
+
+def test_a_second_importer_on_the_consumer_stands_by_and_takes_over(
+    dsn: str, nats_url: str
+) -> None:
+    """Two importers started on one consumer: the second stands by (the
+    database lock the first holds) instead of appending beside it, and takes
+    over when the first is killed. Every message lands once, in order."""
+    published = asyncio.run(publish_events(nats_url, STREAM, "old", messages=3000, aggregates=100))
+    common = ["--dsn", dsn, "--server", nats_url, "--stream", STREAM, "--ack-wait", "2"]
+    common += ["--fetch-timeout", "0.2"]
+    first = start_import(*common, "--window", "1")  # slow: still busy when the second starts
+    second: subprocess.Popen[str] | None = None
+    try:
+        wait_for_sync(lambda: event_count(dsn) >= 300, 60, "300 events imported")
+        second = start_import(*common, "--until-end")
+        time.sleep(2)
+        assert second.poll() is None
+        assert event_count(dsn) < published.logical, "the first finished too early"
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=20)
+        _, stderr = second.communicate(timeout=120)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.communicate(timeout=20)
+    assert second.returncode == 0, stderr
+    assert "another importer is importing through consumer aura-import-OLD: standing by" in stderr
+    assert "consumer aura-import-OLD is free: this importer takes over" in stderr
+    assert stderr.index("standing by") < stderr.index("takes over")
+    assert_imported_exactly_once(dsn, published)
 
 
 def test_until_end_summary_and_sigterm(dsn: str, nats_url: str) -> None:

@@ -428,9 +428,7 @@ def permanent_fault(fault: str, dsn: str, stream_id: str) -> Iterator[dict[str, 
         else:
             # 42883: the schema is not what the code expects (reads still work)
             with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(
-                    "ALTER FUNCTION aura.event_problem(jsonb, bigint) RENAME TO elsewhere"
-                )
+                conn.execute("ALTER FUNCTION aura.event_problem(jsonb, bigint) RENAME TO elsewhere")
             yield {}
 
 

@@ -7,6 +7,7 @@ terminated while it works."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -169,21 +170,40 @@ async def test_a_message_held_by_a_crashed_consumer_comes_back_before_anything_n
     assert_imported_exactly_once(dsn, published)
 
 
-async def test_a_consumer_that_allows_parallel_deliveries_is_refused(
+async def test_a_consumer_with_another_window_is_adjusted_and_other_settings_are_refused(
     dsn: str, nats_url: str
 ) -> None:
+    # Before the window, a consumer allowing more than one unacknowledged
+    # message was refused; the importer keeps each aggregate's order itself
+    # now, and sets max_ack_pending to its window (consumers made by earlier
+    # versions have 1).
+    published = await publish_events(nats_url, STREAM, "old", messages=20, aggregates=3)
     nc = await nats.connect(nats_url, allow_reconnect=False)
     try:
-        await nc.jetstream().add_consumer(
+        js = nc.jetstream()
+        await js.add_consumer(
             STREAM,
             config=ConsumerConfig(
-                durable_name="parallel", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100
+                durable_name="parallel", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1
             ),
+        )
+        await js.add_consumer(
+            STREAM,
+            config=ConsumerConfig(durable_name="acks-all", ack_policy=AckPolicy.ALL),
         )
     finally:
         await nc.close()
-    with pytest.raises(ImportConfigError, match="max_ack_pending is 100, not 1"):
-        await run_until_end(dsn, nats_url, consumer="parallel")
+    stats = await run_until_end(dsn, nats_url, consumer="parallel", window=64)
+    assert stats.appended == 20
+    assert_imported_exactly_once(dsn, published)
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().consumer_info(STREAM, "parallel")
+    finally:
+        await nc.close()
+    assert info.config.max_ack_pending == 64
+    with pytest.raises(ImportConfigError, match="ack policy"):
+        await run_until_end(dsn, nats_url, consumer="acks-all")
     with pytest.raises(ImportConfigError, match="subject filter"):
         await run_until_end(dsn, nats_url, consumer="parallel", subject="old.a")
     with pytest.raises(ImportConfigError, match="no stream 'MISSING'"):
@@ -568,3 +588,134 @@ def test_upgrading_from_0008_keeps_old_dead_letters_deduplicated(empty_dsn: str)
             "SELECT sequence, octet_length(content_hash) FROM aura.import_dead_letters"
         ).fetchall()
     assert rows == [(1, 32), (1, 32)]
+
+
+# -- the window: many messages in flight ------------------------------------
+
+
+def transactions_by_stream(dsn: str) -> tuple[dict[str, list[int]], list[str]]:
+    """Per stream, the writing transaction of each event (version order);
+    and the stream of each event in log order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, transaction_id::text::bigint FROM aura.events"
+            " ORDER BY global_position"
+        ).fetchall()
+    by_stream: dict[str, list[int]] = {}
+    for stream_id, transaction in rows:
+        by_stream.setdefault(stream_id, []).append(transaction)
+    return by_stream, [stream_id for stream_id, _ in rows]
+
+
+async def test_each_aggregate_keeps_its_order_with_many_messages_in_flight(
+    dsn: str, nats_url: str
+) -> None:
+    published = await publish_events(
+        nats_url, STREAM, "old", messages=3000, aggregates=150,
+        duplicate_msg_id_every=35, republish_every=25, reject_every=70,
+    )  # fmt: skip
+    stats = await run_until_end(dsn, nats_url, window=600, concurrent_appends=6)
+
+    assert (stats.appended, stats.duplicates, stats.rejected) == (
+        published.logical,
+        published.republished,
+        len(published.rejected),
+    )
+    assert stats.last_sequence == published.stored
+    assert stats.lag == 0
+    assert_imported_exactly_once(dsn, published)
+    # In flight together: several events of one aggregate in one append
+    # (one transaction), and the aggregates' appends interleaved in the log.
+    by_stream, log_order = transactions_by_stream(dsn)
+    batched = sum(len(t) - len(set(t)) for t in by_stream.values())
+    assert batched > 100, batched
+    switches = sum(1 for a, b in itertools.pairwise(log_order) if a != b)
+    assert switches > 150, switches
+    # The consumer allows the window.
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().consumer_info(STREAM, "aura-import-OLD")
+    finally:
+        await nc.close()
+    assert info.config.max_ack_pending == 600
+
+
+async def test_a_failed_append_is_not_acknowledged_and_comes_back_in_order(
+    dsn: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database error that is not transient stops the import: the message
+    whose append failed, and every later message of its aggregate, are not
+    acknowledged; the next run gets them again (after the ack wait, behind
+    the barrier) and the log ends up whole and in order."""
+    published = await publish_events(nats_url, STREAM, "old", messages=1200, aggregates=30)
+    failing = "agg-007"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.stream_id = 'agg-007'"
+            " AND (NEW.metadata->>'original_version')::int = 12 THEN"
+            " RAISE EXCEPTION 'refused by the test' USING ERRCODE = '42501'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse_one BEFORE INSERT ON aura.events"
+            " FOR EACH ROW EXECUTE FUNCTION public.refuse_one()"
+        )
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        await run_until_end(dsn, nats_url, ack_wait=1.0, window=300)
+    stored = stored_events(dsn).get(failing, [])
+    versions = [e["metadata"]["original_version"] for e in stored]
+    assert versions == list(range(1, len(versions) + 1))
+    assert len(versions) < 12
+    nc = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().consumer_info(STREAM, "aura-import-OLD")
+    finally:
+        await nc.close()
+    assert (info.num_ack_pending or 0) > 0
+    assert info.ack_floor.stream_seq < published.stored
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER refuse_one ON aura.events")
+    imported_before = sum(len(events) for events in stored_events(dsn).values())
+    with caplog.at_level("DEBUG", logger="aura_pg.importer"):
+        stats = await run_until_end(dsn, nats_url, ack_wait=1.0, window=300)
+    assert stats.appended == published.logical - imported_before
+    assert_imported_exactly_once(dsn, published)
+    # The message refused the first time was delivered again.
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (metadata->>'nats_sequence')::bigint FROM aura.events"
+            " WHERE stream_id = %s AND (metadata->>'original_version')::int = 12",
+            (failing,),
+        ).fetchone()
+    assert row is not None
+    assert f"sequence {row[0]} delivered 2 times: appended" in caplog.text
+    assert "appending resumes once JetStream has delivered them again" in caplog.text
+
+
+async def test_deliveries_taken_by_another_client_hold_the_appends_until_they_come_back(
+    dsn: str, nats_url: str
+) -> None:
+    """Messages of the consumer delivered elsewhere (a second client that
+    fetches and dies) leave a gap in the delivery sequence: the importer
+    stops appending until they are back, so no aggregate's later event
+    overtakes them."""
+    published = await publish_events(nats_url, STREAM, "old", messages=2000, aggregates=10)
+    running = importer(dsn, nats_url, ack_wait=1.0, window=40, concurrent_appends=2)
+    async with running:
+        task = asyncio.create_task(running.run(until_end=True))
+        while not task.done() and running.stats.appended < 200:
+            await asyncio.sleep(0.01)
+        nc = await nats.connect(nats_url, allow_reconnect=False)
+        try:
+            other = await nc.jetstream().pull_subscribe_bind(
+                durable="aura-import-OLD", stream=STREAM
+            )
+            taken = await other.fetch(5, timeout=2)
+        finally:
+            await nc.close()
+        stats = await asyncio.wait_for(task, 120)
+    assert len(taken) == 5
+    assert stats.appended == published.logical
+    assert_imported_exactly_once(dsn, published)

@@ -158,6 +158,7 @@ SAMPLES: dict[type[CommandSettings], dict[str, tuple[str, Any]]] = {
         "ack_wait": ("12", 12.0),
         "fetch_timeout": ("0.5", 0.5),
         "lag_interval": ("3", 3.0),
+        "window": ("64", 64),
     },
     LoggingSettings: {
         "log_level": ("DEBUG", "debug"),

@@ -338,3 +338,22 @@ def test_only_this_calls_staged_rows_whole_are_appended(dsn: str) -> None:
         with pytest.raises(AuraPgError, match="staged batches incomplete"):
             operation.throw(refused.value)
     assert query(dsn, "SELECT count(*) FROM aura.events") == [(0,)]
+
+
+def test_limits_apply_to_each_streams_batch(dsn: str) -> None:
+    """aura.max_batch_events and aura.max_payload_bytes as for aura.append_events:
+    a session may lower them, not lift them past the database's ceiling."""
+    three = '[{"type": "T", "data": {}}, {"type": "T", "data": {}}, {"type": "T", "data": {}}]'
+    call = "SELECT * FROM aura.append_many(ARRAY['s'], ARRAY['any'], ARRAY[%s::jsonb])"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET aura.max_batch_events = 2")
+        with pytest.raises(psycopg.Error, match="over the limit of 2") as refused:
+            conn.execute(call, (three,))
+        assert refused.value.sqlstate == "AU003"
+        conn.execute("SET aura.max_batch_events = 20000")
+        conn.execute("SET aura.max_payload_bytes = 10")
+        with pytest.raises(psycopg.Error, match="over the limit of 10") as too_big:
+            conn.execute(call, ('[{"type": "T", "data": {"x": "0123456789abcdef"}}]',))
+        assert too_big.value.sqlstate == "AU003"
+        conn.execute("RESET aura.max_payload_bytes")
+        assert len(conn.execute(call, (three,)).fetchall()) == 3
