@@ -31,6 +31,7 @@ from aura_pg.models import (
     NewEvent,
     Page,
     RecordedEvent,
+    StreamAppend,
     StreamState,
     uuid7,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "RecordedEvent",
     "Repository",
     "StaleCheckpoint",
+    "StreamAppend",
     "StreamOrderConflict",
     "StreamState",
     "UnknownProjection",

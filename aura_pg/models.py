@@ -6,7 +6,7 @@ import enum
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -171,6 +171,21 @@ class AppendResult:
     def version(self) -> int:
         """The stream version after the batch's last event."""
         return self.events[-1].version
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAppend:
+    """One stream's batch in ``append_many``: as the arguments of ``append``.
+
+    ``sequence`` (optional): each event's place in the commit order of the
+    whole call, ascending; without it the call's events are committed
+    stream by stream. ``aura-pg import jsonl`` keeps a file's order so.
+    """
+
+    stream_id: str
+    events: NewEvent | Iterable[NewEvent]
+    expected_version: ExpectedVersion = StreamState.ANY
+    sequence: Sequence[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ BEGIN;
 \ir roles/roles.sql
 \ir functions/read_model_grants.sql
 \ir roles/grants.sql
+\ir functions/append_many.sql
 \ir views/operator.sql
 \ir roles/read_model_roles.sql
 \ir tables/shadow_diffs.sql

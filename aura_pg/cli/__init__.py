@@ -18,6 +18,7 @@ from aura_pg.cli import (
     dlq,
     doctor,
     exit_codes,
+    export,
     importer,
     migrate,
     project,
@@ -35,7 +36,7 @@ from aura_pg.store.validation import encodable
 
 COMMANDS = (
     migrate, db, smoke, project, status, projections, dlq, stream, tail, demo, relay, importer,
-    doctor,
+    export, doctor,
 )  # fmt: skip
 
 

@@ -1,5 +1,7 @@
 """``aura-pg import nats``: import a NATS JetStream stream into the store
-(aura_pg.importer), exactly once; docs/import.md."""
+(aura_pg.importer), exactly once; docs/import.md. ``aura-pg import jsonl``:
+import an ``aura-pg export`` file through the bulk path (aura_pg.jsonl);
+docs/import-export.md."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import dataclasses
 import json
 import logging
 import sys
+from contextlib import nullcontext
 
 import psycopg
 
+from aura_pg import jsonl
 from aura_pg._runtime import serve_until_signal
 from aura_pg.cli import exit_codes
 from aura_pg.cli._argtypes import argtype
-from aura_pg.cli._connection import add_connection_options, connection
+from aura_pg.cli._connection import add_connection_options, connection, preflight
 from aura_pg.cli._daemon import (
     add_logging_options,
     configure_logging,
@@ -35,10 +39,13 @@ from aura_pg.importer import (
     load_callable,
 )
 from aura_pg.importer.nats import CONSUMER_PREFIX
+from aura_pg.store import EventStore
+from aura_pg.store.operations import DEFAULT_CHUNK_EVENTS, DEFAULT_CHUNK_STREAMS, MAX_BULK_STREAMS
 
 log = logging.getLogger("aura_pg.importer")
 
 PROG = "aura-pg import nats"
+JSONL_PROG = "aura-pg import jsonl"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,6 +120,74 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_logging_options(n)
     n.set_defaults(handler=run, prog=PROG)
+
+    j = sources.add_parser(
+        "jsonl",
+        help="import a JSON Lines file (aura-pg export), through the bulk path",
+        description="Import one event per line (the format of `aura-pg export`) in chunks "
+        "of consecutive lines, each one transaction, every event at its recorded version "
+        "and the file's commit order kept. Run again after an interruption, with the "
+        "same chunk options: committed chunks are found recorded and nothing is "
+        "imported twice. recorded_at is not imported (the target records its own time). "
+        "See docs/import-export.md.",
+    )
+    j.add_argument("file", metavar="FILE", help="the JSONL file ('-' for standard input)")
+    j.add_argument(
+        "--chunk-events",
+        type=argtype(positive_count),
+        default=DEFAULT_CHUNK_EVENTS,
+        metavar="N",
+        help=f"events per transaction (default {DEFAULT_CHUNK_EVENTS})",
+    )
+    j.add_argument(
+        "--chunk-streams",
+        type=argtype(chunk_streams),
+        default=DEFAULT_CHUNK_STREAMS,
+        metavar="N",
+        help=f"streams per transaction, one lock each (default {DEFAULT_CHUNK_STREAMS}, "
+        f"at most {MAX_BULK_STREAMS})",
+    )
+    j.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_connection_options(j)
+    j.set_defaults(handler=run_jsonl, prog=JSONL_PROG)
+
+
+def chunk_streams(text: object) -> int:
+    count = positive_count(text)
+    if count > MAX_BULK_STREAMS:
+        raise ValueError(f"must be at most {MAX_BULK_STREAMS}")
+    return count
+
+
+def run_jsonl(args: argparse.Namespace) -> int:
+    conninfo = connection(args)
+    preflight(conninfo)
+
+    def progress(line: int, summary: jsonl.ImportSummary) -> None:
+        if not args.quiet:
+            print(
+                f"{JSONL_PROG}: line {line}: {summary.appended} events imported, "
+                f"{summary.duplicates} found recorded",
+                file=sys.stderr,
+            )
+
+    try:
+        opened = open(args.file, encoding="utf-8") if args.file != "-" else None  # noqa: SIM115
+    except OSError as exc:
+        raise AuraPgError(f"cannot read {args.file}: {exc.strerror}") from None
+    with (
+        opened or nullcontext(sys.stdin) as lines,
+        EventStore.connect(conninfo.conninfo, max_size=1) as store,
+    ):
+        summary = jsonl.import_lines(
+            store,
+            lines,
+            chunk_events=args.chunk_events,
+            chunk_streams=args.chunk_streams,
+            progress=progress,
+        )
+    print(json.dumps(dataclasses.asdict(summary)))
+    return exit_codes.OK
 
 
 def mapping_of(settings: ImportSettings) -> MessageMapping:

@@ -30,6 +30,7 @@ from aura_pg.models import (
     NewEvent,
     Page,
     RecordedEvent,
+    StreamAppend,
 )
 from aura_pg.observability.appends import observed_append, register_append_metrics
 from aura_pg.store import operations as ops
@@ -115,16 +116,28 @@ class EventStore:
     ) -> None:
         self.close()
 
-    def _run(self, operation: ops.Operation, conn: psycopg.Connection[Any] | None) -> Any:
+    def _run(
+        self,
+        operation: ops.Operation,
+        conn: psycopg.Connection[Any] | None,
+        *,
+        commit: bool = False,
+    ) -> Any:
         instruction = next(operation)  # validates before a connection is taken
         while True:
             try:
                 if isinstance(instruction, ops.Pause):
                     time.sleep(instruction.seconds)
                     answer = None
+                elif isinstance(instruction, ops.Copy):
+                    answer = self._copy(instruction, conn)
                 else:
                     answer = self._execute(instruction, conn)
+                if commit and conn is not None:
+                    conn.commit()
             except psycopg.Error as exc:
+                if commit and conn is not None:
+                    conn.rollback()
                 instruction = operation.throw(exc)
                 continue
             try:
@@ -138,6 +151,53 @@ class EventStore:
         with _pool(self.pool).connection() as pooled:
             rows: ops.Rows = pooled.execute(statement.sql, statement.params).fetchall()
         return rows
+
+    @staticmethod
+    def _copy(copy: ops.Copy, conn: psycopg.Connection[Any] | None) -> ops.Rows:
+        if conn is None:  # a COPY stages rows for the statements after it
+            raise TypeError("a Copy runs on the connection the operation holds")
+        with conn.cursor() as cursor:
+            for statement in copy.prepare:
+                cursor.execute(statement)
+            with cursor.copy(copy.sql) as staging:
+                staging.set_types(list(copy.types))
+                for row in copy.rows:
+                    staging.write_row(row)
+        return []
+
+    def append_many(
+        self,
+        appends: Iterable[StreamAppend],
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+        chunk_streams: int = ops.DEFAULT_CHUNK_STREAMS,
+        chunk_events: int = ops.DEFAULT_CHUNK_EVENTS,
+    ) -> list[AppendResult]:
+        """Append a batch to each of many streams: the bulk path for large
+        loads; one ``AppendResult`` per stream, in call order. See the bulk
+        section of docs/event-store.md.
+
+        Each stream's batch is checked, answered as a duplicate or refused
+        exactly as by ``append``. The streams go in chunks of at most
+        ``chunk_streams`` streams and about ``chunk_events`` events, each
+        chunk one transaction (all or nothing); an error stops the call
+        after the chunks before it committed: resend the whole call, whose
+        committed chunks are then answered as duplicates. With ``conn=`` the
+        call runs in the caller's transaction and takes at most
+        ``chunk_streams`` streams."""
+        operation = ops.append_many(
+            appends,
+            self.max_payload_bytes,
+            chunk_streams,
+            chunk_events,
+            in_transaction=conn is not None,
+        )
+        if conn is not None:
+            return list(self._run(operation, conn))
+        with _pool(self.pool).connection() as pooled:
+            # Staging and appending are separate transactions: the append
+            # must take its stream locks before its transaction has an id.
+            return list(self._run(operation, pooled, commit=not pooled.autocommit))
 
     def append(
         self,
@@ -281,7 +341,11 @@ class AsyncEventStore:
         await self.close()
 
     async def _run(
-        self, operation: ops.Operation, conn: psycopg.AsyncConnection[Any] | None
+        self,
+        operation: ops.Operation,
+        conn: psycopg.AsyncConnection[Any] | None,
+        *,
+        commit: bool = False,
     ) -> Any:
         instruction = next(operation)  # validates before a connection is taken
         while True:
@@ -289,9 +353,15 @@ class AsyncEventStore:
                 if isinstance(instruction, ops.Pause):
                     await asyncio.sleep(instruction.seconds)
                     answer = None
+                elif isinstance(instruction, ops.Copy):
+                    answer = await self._copy(instruction, conn)
                 else:
                     answer = await self._execute(instruction, conn)
+                if commit and conn is not None:
+                    await conn.commit()
             except psycopg.Error as exc:
+                if commit and conn is not None:
+                    await conn.rollback()
                 instruction = operation.throw(exc)
                 continue
             try:
@@ -309,6 +379,40 @@ class AsyncEventStore:
             cursor = await pooled.execute(statement.sql, statement.params)
             rows: ops.Rows = await cursor.fetchall()
         return rows
+
+    @staticmethod
+    async def _copy(copy: ops.Copy, conn: psycopg.AsyncConnection[Any] | None) -> ops.Rows:
+        if conn is None:  # a COPY stages rows for the statements after it
+            raise TypeError("a Copy runs on the connection the operation holds")
+        async with conn.cursor() as cursor:
+            for statement in copy.prepare:
+                await cursor.execute(statement)
+            async with cursor.copy(copy.sql) as staging:
+                staging.set_types(list(copy.types))
+                for row in copy.rows:
+                    await staging.write_row(row)
+        return []
+
+    async def append_many(
+        self,
+        appends: Iterable[StreamAppend],
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+        chunk_streams: int = ops.DEFAULT_CHUNK_STREAMS,
+        chunk_events: int = ops.DEFAULT_CHUNK_EVENTS,
+    ) -> list[AppendResult]:
+        """``EventStore.append_many`` for asyncio."""
+        operation = ops.append_many(
+            appends,
+            self.max_payload_bytes,
+            chunk_streams,
+            chunk_events,
+            in_transaction=conn is not None,
+        )
+        if conn is not None:
+            return list(await self._run(operation, conn))
+        async with _pool(self.pool).connection() as pooled:
+            return list(await self._run(operation, pooled, commit=not pooled.autocommit))
 
     async def append(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, LiteralString
@@ -39,6 +40,7 @@ from aura_pg.models import (
     NewEvent,
     Page,
     RecordedEvent,
+    StreamAppend,
 )
 from aura_pg.store.retry import AppendRetry, wait_before_resending
 from aura_pg.store.validation import (
@@ -47,6 +49,7 @@ from aura_pg.store.validation import (
     MAX_VERSION,
     as_batch,
     check_limit,
+    check_sequence,
     check_stream_id,
     encode_batch,
     expected_from_text,
@@ -55,6 +58,15 @@ from aura_pg.store.validation import (
 )
 
 _QUERIES: Final = named_queries("queries/store.sql")
+_APPENDS: Final = (_QUERIES["append_events"], _QUERIES["append_many"])
+
+# aura.append_many's ceiling of streams per call (one advisory lock each).
+MAX_BULK_STREAMS: Final = 10_000
+# append_many's default chunks: each a transaction of at most this many
+# streams and (about) this many events. The server's lock table is shared:
+# max_locks_per_transaction * max_connections entries (6,400 by default).
+DEFAULT_CHUNK_STREAMS: Final = 1_000
+DEFAULT_CHUNK_EVENTS: Final = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +84,29 @@ class Pause:
     seconds: float
 
 
-Instruction = Statement | Pause
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Run ``prepare`` (statements without results), then COPY ``rows`` in
+    with ``sql`` (binary, columns of ``types``); send back no rows."""
+
+    prepare: tuple[LiteralString, ...]
+    sql: LiteralString
+    types: tuple[str, ...]
+    rows: Sequence[tuple[Any, ...]]
+
+
+Instruction = Statement | Pause | Copy
 Rows = list[tuple[Any, ...]]
 Operation = Generator[Instruction, Rows | None, Any]
 
 
-def _run(statement: Statement) -> Generator[Instruction, Rows | None, Rows]:
+def _run(statement: Statement | Copy) -> Generator[Instruction, Rows | None, Rows]:
     """The rows of one statement; a database error the store raises on
     purpose comes out typed, any other as it is."""
     try:
         rows = yield statement
     except psycopg.Error as exc:
-        typed = translate_error(exc, statement)
+        typed = translate_error(exc, statement) if isinstance(statement, Statement) else None
         if typed is None:
             raise
         raise typed from exc
@@ -150,6 +173,129 @@ def append(
         ),
         duplicate=duplicate,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    stream_id: str
+    batch: Sequence[NewEvent]
+    expected: str
+    events: str  # the batch as aura.append_events' JSON array
+
+
+def _positive(name: str, value: object, ceiling: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
+        raise ValueError(f"{name} must be an int from 1 to {ceiling}, not {value!r}")
+    return value
+
+
+def append_many(
+    appends: Iterable[StreamAppend],
+    max_payload_bytes: int,
+    chunk_streams: int = DEFAULT_CHUNK_STREAMS,
+    chunk_events: int = DEFAULT_CHUNK_EVENTS,
+    *,
+    in_transaction: bool = False,
+) -> Operation:
+    """Validate every stream's batch now (before any connection is taken),
+    then append them in chunks: each chunk is one COPY into the session's
+    staging table and one call of aura.append_many, a transaction of its
+    own unless ``in_transaction`` (the caller's), when the whole call is
+    one chunk at most."""
+    _positive("chunk_streams", chunk_streams, MAX_BULK_STREAMS)
+    _positive("chunk_events", chunk_events, 2**31 - 1)
+    if isinstance(appends, StreamAppend):
+        appends = (appends,)
+    staged: list[_Staged] = []
+    streams: set[str] = set()
+    ids: set[uuid.UUID] = set()
+    for index, item in enumerate(appends, start=1):
+        if not isinstance(item, StreamAppend):
+            raise EventValidationError(
+                f"append {index} must be a StreamAppend, not {type(item).__name__}"
+            )
+        stream_id = check_stream_id(item.stream_id)
+        if stream_id in streams:
+            raise EventValidationError(
+                f"stream {stream_id!r} appears more than once: give each stream one batch"
+            )
+        streams.add(stream_id)
+        batch = as_batch(item.events)
+        expected = expected_version_param(item.expected_version)
+        try:
+            sequence = check_sequence(item.sequence, len(batch))
+            text = encode_batch(batch, max_payload_bytes, sequence=sequence)
+        except EventValidationError as exc:
+            raise EventValidationError(f"stream {stream_id!r}: {exc}") from None
+        for event in batch:
+            if event.event_id in ids:
+                raise EventValidationError(
+                    f"event id {event.event_id} repeats within the call (stream {stream_id!r})"
+                )
+            ids.add(event.event_id)
+        staged.append(_Staged(stream_id, batch, expected, text))
+    if in_transaction and len(staged) > chunk_streams:
+        raise EventValidationError(
+            f"{len(staged)} streams in one transaction, over chunk_streams={chunk_streams}: "
+            "without conn= the store splits the call into transactions of that many"
+        )
+    chunks: list[list[_Staged]] = []
+    size = 0
+    for one in staged:
+        if not chunks or (
+            not in_transaction
+            and (len(chunks[-1]) >= chunk_streams or size + len(one.batch) > chunk_events)
+        ):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(one)
+        size += len(one.batch)
+    return _append_chunks(chunks)
+
+
+def _append_chunks(chunks: list[list[_Staged]]) -> Operation:
+    results: list[AppendResult] = []
+    for chunk in chunks:
+        token = uuid.uuid4()
+        yield from _run(
+            Copy(
+                (_QUERIES["bulk_staging"], _QUERIES["bulk_truncate"]),
+                _QUERIES["bulk_copy"],
+                ("uuid", "int4", "text", "text", "text"),
+                [(token, n, s.stream_id, s.expected, s.events) for n, s in enumerate(chunk)],
+            )
+        )
+        try:
+            rows = yield from _run(
+                Statement(_QUERIES["append_many"], {"token": token, "streams": len(chunk)})
+            )
+        except EventValidationError as exc:
+            if "needs at least one stream" in str(exc):
+                # Only when the staged rows were not all there: another
+                # client shared the session (a transaction-mode pooler).
+                raise AuraPgError(
+                    "append_many found its staged batches incomplete: it needs a database "
+                    "session of its own across its statements (not a transaction-mode "
+                    "pooler); nothing of this chunk was written"
+                ) from exc
+            raise
+        by_stream: dict[str, list[tuple[Any, ...]]] = {}
+        for row in rows:
+            by_stream.setdefault(row[0], []).append(row)
+        for item in chunk:
+            recorded = sorted(by_stream[item.stream_id], key=lambda row: row[1])
+            duplicate = bool(recorded[0][3])
+            results.append(
+                AppendResult(
+                    stream_id=item.stream_id,
+                    events=tuple(
+                        AppendedEvent(row[4] if duplicate else event.event_id, row[1], row[2])
+                        for event, row in zip(item.batch, recorded, strict=True)
+                    ),
+                    duplicate=duplicate,
+                )
+            )
+    return results
 
 
 def _recorded(row: Sequence[Any]) -> RecordedEvent:
@@ -243,7 +389,7 @@ def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | N
             expected_from_text(str(detail.get("expected", "any"))),
             int(detail.get("actual", -1)),
         )
-    if state == "40001" and statement.sql == _QUERIES["append_events"]:
+    if state == "40001" and statement.sql in _APPENDS:
         detail = json.loads(diag.message_detail or "{}")
         if detail.get("reason") == "stream_order":
             return StreamOrderConflict(
@@ -259,7 +405,7 @@ def translate_error(exc: psycopg.Error, statement: Statement) -> AuraPgError | N
         )
     if state in ("AU003", "23514", "22P05", "22P02"):
         return EventValidationError(diag.message_primary or str(exc))
-    if state in ("22003", "54001") and statement.sql == _QUERIES["append_events"]:
+    if state in ("22003", "54001") and statement.sql in _APPENDS:
         # The batch's JSON: a number beyond numeric's range, or nesting
         # deeper than the server's stack (only reachable from raw JSON, or
         # with Python's int digit limit lifted).

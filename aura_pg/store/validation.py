@@ -139,12 +139,18 @@ def _check_payload_text(what: str, value: dict[str, Any], max_bytes: int) -> Non
 
 
 def encode_batch(
-    events: Sequence[NewEvent], max_payload_bytes: int, traceparent: str | None = None
+    events: Sequence[NewEvent],
+    max_payload_bytes: int,
+    traceparent: str | None = None,
+    sequence: Sequence[int] | None = None,
 ) -> str:
     """Validate a batch and encode it as the JSON array aura.append_events takes.
 
     ``traceparent`` (the appending span's W3C trace context) goes into each
     event's metadata, unless the event carries one of its own.
+
+    ``sequence`` (aura.append_many only) gives each event its place in the
+    call's commit order.
 
     The batch is serialised once; payloads are examined one by one only when
     that fails or the batch is big enough that one of them could be too large.
@@ -193,6 +199,8 @@ def encode_batch(
         }
         if event.idempotency_key is not None:
             item["idempotency_key"] = key
+        if sequence is not None:
+            item["sequence"] = sequence[index - 1]
         items.append(item)
     try:
         text = _dumps(items)
@@ -213,6 +221,30 @@ def encode_batch(
     if not text:
         raise EventValidationError("the batch is not JSON-serialisable")
     return text
+
+
+MAX_SEQUENCE: Final = 10**18 - 1
+
+
+def check_sequence(sequence: object, events: int) -> list[int] | None:
+    """A ``StreamAppend.sequence``: one int per event, ascending, 0 to 10**18 - 1."""
+    if sequence is None:
+        return None
+    if isinstance(sequence, str | bytes) or not isinstance(sequence, Iterable):
+        raise EventValidationError("sequence must be a sequence of ints, one per event")
+    numbers = list(sequence)
+    if len(numbers) != events:
+        raise EventValidationError(f"sequence has {len(numbers)} numbers for {events} events")
+    previous = -1
+    for number in numbers:
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise EventValidationError(f"sequence must hold ints, not {type(number).__name__}")
+        if not previous < number <= MAX_SEQUENCE:
+            raise EventValidationError(
+                f"sequence must ascend from 0 to {MAX_SEQUENCE}: {number} after {previous}"
+            )
+        previous = number
+    return numbers
 
 
 def expected_version_param(expected: ExpectedVersion) -> str:

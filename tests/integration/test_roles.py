@@ -17,7 +17,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from aura_pg import EventStore, NewEvent, migrate
+from aura_pg import EventStore, NewEvent, StreamAppend, migrate
 from aura_pg._resources import named_queries
 from aura_pg.errors import MigrationError
 from aura_pg.observability import metrics
@@ -79,17 +79,24 @@ READ_MODEL_WRITES = [
     "SELECT tally_set.forget_stream('s-1')",
 ]
 
+BULK_APPEND = (
+    "SELECT * FROM aura.append_many(ARRAY['b-1'], ARRAY['any'],"
+    ' ARRAY[\'[{"type": "T", "data": {}}]\'::jsonb])'
+)
+
 DENIED: dict[str, list[str]] = {
     "writer": WRITES_OF_THE_LOG + DDL_ON_THE_LOG + PROJECTION_WRITES + READ_MODEL_WRITES
     + ["SELECT count(*) FROM tally_set.streams"],
     "reader": WRITES_OF_THE_LOG + DDL_ON_THE_LOG + PROJECTION_WRITES + READ_MODEL_WRITES
     + [
         "SELECT * FROM aura.append_events('r-1', '[{\"type\": \"T\", \"data\": {}}]')",
+        BULK_APPEND,
         "SELECT count(*) FROM aura.events",
         "SELECT count(*) FROM aura.projection_checkpoints",
     ],
     "projector": WRITES_OF_THE_LOG + DDL_ON_THE_LOG + [
         "SELECT * FROM aura.append_events('p-1', '[{\"type\": \"T\", \"data\": {}}]')",
+        BULK_APPEND,
         "SELECT aura.add_outbox_route('sneaky', 'webhook', 't')",
     ],
 }  # fmt: skip
@@ -177,6 +184,18 @@ async def test_writer_appends_and_reads_through_the_store(read_model: Logins, ds
         assert conn.execute("SELECT count(*) FROM aura.events").fetchone() == (8,)
         assert conn.execute("SELECT count(*) FROM aura.read_all('0', 0, NULL)").fetchone() == (8,)
         assert conn.execute("SELECT current_user").fetchone() == (read_model.users["writer"],)
+
+
+async def test_writer_bulk_appends_through_the_store(read_model: Logins, dsn: str) -> None:
+    """The staging table is the writer's own (TEMP on the database), the
+    append runs as the owner."""
+    with EventStore.connect(read_model.dsns["writer"]) as store:
+        appends = [StreamAppend(f"bulk-{n}", [NewEvent("A", {"n": n})]) for n in range(3)]
+        results = store.append_many(appends)
+        assert [r.version for r in results] == [1, 1, 1]
+        assert all(r.duplicate for r in store.append_many(appends))
+    bulk = query(dsn, "SELECT count(*) FROM aura.events WHERE left(stream_id, 5) = 'bulk-'")
+    assert bulk == [(3,)]
 
 
 @pytest.mark.parametrize("kind", ["writer", "reader", "projector"])

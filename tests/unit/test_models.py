@@ -50,10 +50,14 @@ def test_public_api_is_exported() -> None:
 
 def test_store_queries_are_loaded_by_name() -> None:
     queries = named_queries("queries/store.sql")
-    assert set(queries) == {"append_events", "read_all", "read_stream", "stream_version"}
-    for query in queries.values():
+    bulk = {"bulk_staging", "bulk_truncate", "bulk_copy", "append_many"}
+    assert set(queries) == {"append_events", "read_all", "read_stream", "stream_version", *bulk}
+    first_words = {"bulk_staging": "CREATE TEMPORARY TABLE IF NOT EXISTS aura_bulk_staging",
+                   "bulk_truncate": "TRUNCATE pg_temp.", "bulk_copy": "COPY pg_temp.",
+                   "append_many": "WITH"}  # fmt: skip
+    for name, query in queries.items():
         code = [line for line in query.splitlines() if not line.startswith("--")]
-        assert code[0].startswith("SELECT")
+        assert code[0].startswith(first_words.get(name, "SELECT"))
     assert not any(q.rstrip().endswith(";") for q in queries.values())
 
 
