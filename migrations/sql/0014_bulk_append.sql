@@ -70,6 +70,40 @@ DECLARE
     v_out_ids       uuid[];
     v_out_versions  bigint[];
     v_out_positions bigint[];
+    -- The insert of the streams at their expected version, in call order
+    -- ($1 stream ids, $2 batches, $3 heads, $4 at the expected version, $5
+    -- the payload limit), with its conflict clause (%s): nothing, or ON
+    -- CONFLICT DO NOTHING after a unique violation. Planned per call, which
+    -- is nothing beside a bulk insert.
+    v_insert constant text := $insert$
+        WITH inserted AS (
+            INSERT INTO aura.events AS e (event_id, stream_id, version, type, data, metadata,
+                                          idempotency_key, idempotency_hash)
+            SELECT ids.event_id, s.sid, s.head + b.ord, b.el->>'type', b.el->'data',
+                   coalesce(nullif(b.el->'metadata', 'null'::jsonb), '{}'::jsonb),
+                   ids.idempotency_key,
+                   CASE WHEN b.el->>'idempotency_key' IS NOT NULL
+                        THEN aura.idempotency_hash(s.sid, ids.idempotency_key) END
+            FROM unnest($1, $2, $3, $4) WITH ORDINALITY
+                     AS s(sid, ev, head, ok, sord)
+            CROSS JOIN LATERAL jsonb_array_elements(s.ev) WITH ORDINALITY AS b(el, ord)
+            CROSS JOIN LATERAL (
+                SELECT coalesce((b.el->>'event_id')::uuid, gen_random_uuid()) AS event_id) AS id
+            CROSS JOIN LATERAL (
+                SELECT id.event_id,
+                       coalesce(b.el->>'idempotency_key', id.event_id::text) AS idempotency_key
+            ) AS ids
+            WHERE s.ok
+              AND CASE WHEN aura.event_problem(b.el, $5) IS NULL THEN true
+                       ELSE aura.invalid_event(s.sid, b.ord, aura.event_problem(b.el, $5)) END
+            ORDER BY (b.el->>'sequence')::bigint, s.sord, b.ord
+            %s
+            RETURNING e.stream_id, e.event_id, e.version, e.global_position
+        )
+        SELECT array_agg(i.stream_id), array_agg(i.event_id), array_agg(i.version),
+               array_agg(i.global_position), count(*)
+          FROM inserted i
+$insert$;
 BEGIN
     IF v_count = 0 OR cardinality(p_expected_versions) IS DISTINCT FROM v_count
        OR cardinality(p_batches) IS DISTINCT FROM v_count THEN
@@ -206,62 +240,13 @@ BEGIN
     -- violation (a resend: a recorded key or event id) undoes it, and the
     -- INSERT runs again skipping recorded events, which are sorted out below.
     BEGIN
-        WITH inserted AS (
-            INSERT INTO aura.events AS e (event_id, stream_id, version, type, data, metadata,
-                                          idempotency_key, idempotency_hash)
-            SELECT ids.event_id, s.sid, s.head + b.ord, b.el->>'type', b.el->'data',
-                   coalesce(nullif(b.el->'metadata', 'null'::jsonb), '{}'::jsonb),
-                   ids.idempotency_key,
-                   CASE WHEN b.el->>'idempotency_key' IS NOT NULL
-                        THEN aura.idempotency_hash(s.sid, ids.idempotency_key) END
-            FROM unnest(p_stream_ids, p_batches, v_heads, v_ok) WITH ORDINALITY
-                     AS s(sid, ev, head, ok, sord)
-            CROSS JOIN LATERAL jsonb_array_elements(s.ev) WITH ORDINALITY AS b(el, ord)
-            CROSS JOIN LATERAL (
-                SELECT coalesce((b.el->>'event_id')::uuid, gen_random_uuid()) AS event_id) AS id
-            CROSS JOIN LATERAL (
-                SELECT id.event_id,
-                       coalesce(b.el->>'idempotency_key', id.event_id::text) AS idempotency_key
-            ) AS ids
-            WHERE s.ok
-              AND CASE WHEN aura.event_problem(b.el, v_max_bytes) IS NULL THEN true
-                       ELSE aura.invalid_event(s.sid, b.ord, aura.event_problem(b.el, v_max_bytes)) END
-            ORDER BY (b.el->>'sequence')::bigint, s.sord, b.ord
-            RETURNING e.stream_id, e.event_id, e.version, e.global_position
-        )
-        SELECT array_agg(i.stream_id), array_agg(i.event_id), array_agg(i.version),
-               array_agg(i.global_position), count(*)
-          INTO v_out_streams, v_out_ids, v_out_versions, v_out_positions, v_inserted
-          FROM inserted i;
+        EXECUTE format(v_insert, '')
+           INTO v_out_streams, v_out_ids, v_out_versions, v_out_positions, v_inserted
+          USING p_stream_ids, p_batches, v_heads, v_ok, v_max_bytes;
     EXCEPTION WHEN unique_violation THEN
-        WITH inserted AS (
-            INSERT INTO aura.events AS e (event_id, stream_id, version, type, data, metadata,
-                                          idempotency_key, idempotency_hash)
-            SELECT ids.event_id, s.sid, s.head + b.ord, b.el->>'type', b.el->'data',
-                   coalesce(nullif(b.el->'metadata', 'null'::jsonb), '{}'::jsonb),
-                   ids.idempotency_key,
-                   CASE WHEN b.el->>'idempotency_key' IS NOT NULL
-                        THEN aura.idempotency_hash(s.sid, ids.idempotency_key) END
-            FROM unnest(p_stream_ids, p_batches, v_heads, v_ok) WITH ORDINALITY
-                     AS s(sid, ev, head, ok, sord)
-            CROSS JOIN LATERAL jsonb_array_elements(s.ev) WITH ORDINALITY AS b(el, ord)
-            CROSS JOIN LATERAL (
-                SELECT coalesce((b.el->>'event_id')::uuid, gen_random_uuid()) AS event_id) AS id
-            CROSS JOIN LATERAL (
-                SELECT id.event_id,
-                       coalesce(b.el->>'idempotency_key', id.event_id::text) AS idempotency_key
-            ) AS ids
-            WHERE s.ok
-              AND CASE WHEN aura.event_problem(b.el, v_max_bytes) IS NULL THEN true
-                       ELSE aura.invalid_event(s.sid, b.ord, aura.event_problem(b.el, v_max_bytes)) END
-            ORDER BY (b.el->>'sequence')::bigint, s.sord, b.ord
-            ON CONFLICT DO NOTHING
-            RETURNING e.stream_id, e.event_id, e.version, e.global_position
-        )
-        SELECT array_agg(i.stream_id), array_agg(i.event_id), array_agg(i.version),
-               array_agg(i.global_position), count(*)
-          INTO v_out_streams, v_out_ids, v_out_versions, v_out_positions, v_inserted
-          FROM inserted i;
+        EXECUTE format(v_insert, 'ON CONFLICT DO NOTHING')
+           INTO v_out_streams, v_out_ids, v_out_versions, v_out_positions, v_inserted
+          USING p_stream_ids, p_batches, v_heads, v_ok, v_max_bytes;
     END;
     RETURN QUERY
         SELECT o.sid, o.id, o.version, o.pos, false
