@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from bench_append import percentile  # milliseconds, of sorted seconds
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -52,11 +53,6 @@ class Window:
     appends: int
     p50_ms: float
     p95_ms: float
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def writer_main(dsn: str, writer: int, started: float, until: float, results: Any) -> None:
@@ -118,8 +114,8 @@ def measure(dsn: str, writers: int, duration: float, window: float) -> dict[str,
                 Window(
                     edge,
                     len(latencies),
-                    percentile(latencies, 0.5) * 1000,
-                    percentile(latencies, 0.95) * 1000,
+                    percentile(sorted(latencies), 0.5),
+                    percentile(sorted(latencies), 0.95),
                 )
             )
         edge += window
@@ -131,8 +127,8 @@ def measure(dsn: str, writers: int, duration: float, window: float) -> dict[str,
         "duration": duration,
         "windows": [asdict(w) for w in windows],
         "autoanalyze_after_s": analyzed_at,
-        "first_minute_p95_ms": percentile(first, 0.95) * 1000,
-        "steady_p95_ms": percentile(steady, 0.95) * 1000 if steady else None,
+        "first_minute_p95_ms": percentile(sorted(first), 0.95),
+        "steady_p95_ms": percentile(sorted(steady), 0.95) if steady else None,
         "steady_from_s": steady_from,
     }
 
